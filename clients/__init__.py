@@ -1,0 +1,1 @@
+"""Flower ClientApp handlers (the federated layer; filled by the federated-simulation issue)."""

@@ -1,0 +1,174 @@
+"""Engine API shared by every distillation family.
+
+An engine is registered by name (``method=dm``), has a frozen config dataclass, and
+turns labelled real data into a :class:`~fedistill.data.SyntheticSet` via
+:meth:`Engine.distill`. Engines are pure library code: no Flower, no global RNG
+state, deterministic for a seed on CPU, and device-agnostic.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from abc import ABC, abstractmethod
+from collections.abc import Callable
+from functools import lru_cache
+from pathlib import Path
+from typing import Any, ClassVar
+
+import torch
+
+from fedistill.data.base import Split
+from fedistill.data.synthetic import SyntheticSet
+from fedistill.registry import Registry
+from fedistill.seeding import torch_generator
+
+__all__ = [
+    "ENGINES",
+    "Engine",
+    "Progress",
+    "build_engine",
+    "init_synthetic",
+    "real_branch_dtype",
+    "register_engine",
+    "resolve_device",
+]
+
+Progress = Callable[[int, int, dict[str, float]], None]
+"""``progress(step, total, metrics)``, called by engines every few iterations."""
+
+ENGINES: Registry[type[Engine]] = Registry("method")
+register_engine = ENGINES.register
+
+
+class Engine(ABC):
+    """Base class of distillation engines.
+
+    Subclasses set ``Config`` to a frozen dataclass of hyperparameters and
+    implement :meth:`distill`.
+    """
+
+    name: ClassVar[str] = ""
+    Config: ClassVar[type]
+
+    def __init__(self, config: Any = None, **overrides: Any) -> None:
+        base = config if config is not None else self.Config()
+        self.config = dataclasses.replace(base, **overrides) if overrides else base
+
+    @abstractmethod
+    def distill(
+        self,
+        data: Split,
+        ipc: int,
+        *,
+        init: str = "real",
+        device: str | torch.device = "cpu",
+        progress: Progress | None = None,
+        seed: int = 0,
+    ) -> SyntheticSet:
+        """Condense ``data`` into ``ipc`` synthetic images per class present in it.
+
+        Parameters
+        ----------
+        data
+            Real labelled images (a dataset's train split or one client's partition).
+        ipc
+            Images per class.
+        init
+            ``real`` (random real images of the class) or ``noise`` (standard normal).
+        device
+            ``cpu``, ``cuda`` or ``auto``.
+        progress
+            Optional callback ``progress(step, total, metrics)``.
+        seed
+            Drives the engine's random streams (init, network sampling, augmentation).
+        """
+
+
+def build_engine(name: str, **config: Any) -> Engine:
+    """Instantiate the engine registered as ``name`` with config overrides.
+
+    Raises
+    ------
+    UnknownNameError
+        For an unknown engine (the message lists the valid ones).
+    TypeError
+        For an unknown config key (the message lists the valid keys).
+    """
+    cls = ENGINES.get(name)
+    fields = {f.name for f in dataclasses.fields(cls.Config)}
+    unknown = sorted(set(config) - fields)
+    if unknown:
+        raise TypeError(f"method {name!r}: unknown option(s) {unknown}; valid options: {sorted(fields)}")
+    return cls(cls.Config(**config))
+
+
+def resolve_device(device: str | torch.device) -> torch.device:
+    """``auto`` -> CUDA when available, else CPU; anything else as given."""
+    if str(device) == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dev = torch.device(device)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError("device=cuda requested but CUDA is not available; use device=cpu or device=auto")
+    return dev
+
+
+@lru_cache(maxsize=1)
+def _cpu_has_fast_bf16() -> bool:
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
+def real_branch_dtype(device: torch.device, mode: str) -> torch.dtype | None:
+    """The dtype of no-grad real-data branches, or ``None`` for fp32.
+
+    Parameters
+    ----------
+    mode
+        ``fp32``, ``bf16`` or ``auto`` (bf16 where the hardware runs it fast:
+        CPUs with AVX512-BF16/AMX, CUDA GPUs with bf16 support).
+    """
+    if mode == "fp32":
+        return None
+    if mode == "bf16":
+        return torch.bfloat16
+    if mode != "auto":
+        raise ValueError(f"unknown real_dtype {mode!r}; valid: auto, bf16, fp32")
+    if device.type == "cuda":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else None
+    return torch.bfloat16 if _cpu_has_fast_bf16() else None
+
+
+def init_synthetic(
+    data: Split, ipc: int, *, init: str, seed: int, min_class_samples: int = 1
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Initial synthetic images, class-ordered, ``ipc`` per class present in ``data``.
+
+    Classes with fewer than ``min_class_samples`` real samples get no synthetic
+    images. With ``init="real"`` a class with fewer than ``ipc`` samples is topped
+    up with noise images, so every present class has exactly ``ipc`` rows.
+
+    Returns
+    -------
+    images, labels
+        ``[K' * ipc, C, H, W]`` float32 and ``[K' * ipc]`` int64.
+    """
+    if init not in ("real", "noise"):
+        raise ValueError(f"unknown init {init!r}; valid: real, noise")
+    if ipc < 1:
+        raise ValueError(f"ipc must be >= 1, got {ipc}")
+    g = torch_generator(seed, "synthetic-init")
+    counts = data.class_counts()
+    classes = [c for c in range(data.info.num_classes) if int(counts[c]) >= max(1, min_class_samples)]
+    if not classes:
+        raise ValueError(f"no class has at least {max(1, min_class_samples)} samples; nothing to distill")
+    images = torch.randn(len(classes) * ipc, *data.info.shape, generator=g)
+    if init == "real":
+        for i, c in enumerate(classes):
+            idx = torch.nonzero(data.labels == c).flatten()
+            take = idx[torch.randperm(len(idx), generator=g)[:ipc]]
+            images[i * ipc : i * ipc + len(take)] = data.images[take]
+    labels = torch.tensor(classes, dtype=torch.int64).repeat_interleave(ipc)
+    return images.contiguous(), labels

@@ -1,0 +1,1 @@
+"""Flower ServerApp and strategies (the federated layer; filled by the federated-simulation issue)."""
