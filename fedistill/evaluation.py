@@ -78,9 +78,8 @@ class ModelSpec:
 
     @property
     def label(self) -> str:
-        """Short display name, e.g. ``convnet(width=32)``."""
-        opts = ",".join(f"{k}={v}" for k, v in sorted(self.kwargs.items()))
-        return f"{self.name}({opts})" if opts else self.name
+        """Short display name, e.g. ``convnet-w32``."""
+        return f"{self.name}-w{self.kwargs['width']}" if "width" in self.kwargs else self.name
 
 
 def train_model(

@@ -57,8 +57,12 @@ class DMConfig:
         Real images per forward pass of the no-grad branch (exact; smaller is
         faster on CPU caches).
     compile
-        ``torch.compile`` the no-grad real branch: a one-off cost of 10-20 s that
-        roughly halves each iteration on CPU; worth it for long runs.
+        ``torch.compile`` the no-grad real branch (static shapes): a one-off cost of
+        10-20 s (less with a warm inductor cache) that makes each iteration about
+        1.7x faster at width 32 and 10x faster at width 128 in bf16 on CPU.
+        ``auto`` compiles on CPU when ``iterations >= compile_min_iterations``.
+    compile_min_iterations
+        Threshold of ``compile="auto"``.
     min_class_samples
         Classes with fewer real samples are not distilled.
     log_every
@@ -74,7 +78,8 @@ class DMConfig:
     dsa: bool = True
     real_dtype: str = "auto"
     real_chunk: int = 128
-    compile: bool = False
+    compile: bool | str = "auto"
+    compile_min_iterations: int = 200
     min_class_samples: int = 1
     log_every: int = 10
 
@@ -122,11 +127,17 @@ def real_class_means(
             x, g = real[i : i + chunk], groups[i : i + chunk]
             if dsa is not None:
                 x = dsa.apply(x, params, g)
-            emb = embed(x.to(dtype)).float()
+            # Standard strides: DSA ops (crop) can return permuted ones, which would
+            # make a compiled ``embed`` recompile on the next iteration.
+            emb = embed(x.to(dtype).clone(memory_format=torch.contiguous_format)).float()
             if sums.shape[1] != emb.shape[1]:
                 sums = torch.zeros(len(counts), emb.shape[1], device=real.device)
             sums.index_add_(0, g, emb)
     return sums / counts.unsqueeze(1)
+
+
+def _tensors(net: nn.Module) -> list[torch.Tensor]:
+    return [*net.parameters(), *net.buffers()]
 
 
 @register_engine("dm")
@@ -167,6 +178,15 @@ class DMEngine(Engine):
             syn = dsa.apply(syn, ctx["params"], ctx["syn_groups"])
         return real_mean, net.embed(syn)
 
+    def _compile(self, device: torch.device) -> bool:
+        """Whether to ``torch.compile`` the real branch (resolves ``compile="auto"``)."""
+        mode = self.config.compile
+        if isinstance(mode, bool):
+            return mode
+        if mode != "auto":
+            raise ValueError(f"unknown compile {mode!r}; valid: auto, True, False")
+        return device.type == "cpu" and self.config.iterations >= self.config.compile_min_iterations
+
     def distill(
         self,
         data: Split,
@@ -190,21 +210,23 @@ class DMEngine(Engine):
         net = build_model(cfg.model, data.info, **cfg.model_kwargs).to(dev).requires_grad_(False)
         real_dtype = real_branch_dtype(dev, cfg.real_dtype)
         real_net = net if real_dtype is None else copy.deepcopy(net).to(real_dtype)
+        # Refreshing the bf16 copy in place is cheaper than load_state_dict each iteration.
+        pairs = [] if real_net is net else list(zip(_tensors(real_net), _tensors(net), strict=True))
         ctx: dict[str, Any] = {
             "dsa": dsa,
             "num_classes": len(classes),
             "real_groups": sampler.groups,
             "syn_groups": torch.arange(len(classes), device=dev).repeat_interleave(ipc),
             "counts": sampler.counts,
-            "real_embed": torch.compile(real_net.embed, dynamic=None) if cfg.compile else real_net.embed,
+            "real_embed": torch.compile(real_net.embed, dynamic=False) if self._compile(dev) else real_net.embed,
             "real_dtype": real_dtype or torch.float32,
         }
         history: list[dict[str, float]] = []
         start = time.perf_counter()
         for it in range(cfg.iterations):
             reinitialize(net, derive_seed(seed, "dm-net", it))
-            if real_net is not net:
-                real_net.load_state_dict(net.state_dict())
+            for dst, src in pairs:
+                dst.copy_(src)
             ctx["params"] = dsa.sample(len(classes), aug_gen, image_size=data.info.image_size) if dsa else None
             ctx["iteration"] = it
             loss = self.embedding_loss(net, sampler.sample(), syn, ctx)

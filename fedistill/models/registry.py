@@ -33,12 +33,12 @@ def build_model(name: str, info: DatasetInfo, *, seed: int | None = None, **kwar
     """
     cls = MODELS.get(name)
     try:
-        model = cls(channels=info.channels, num_classes=info.num_classes, image_size=info.image_size, **kwargs)
+        # construction draws default inits; keep them off the global RNG when seeded
+        with torch.random.fork_rng(devices=[], enabled=seed is not None):
+            model = cls(channels=info.channels, num_classes=info.num_classes, image_size=info.image_size, **kwargs)
     except TypeError as exc:
         raise TypeError(f"model {name!r}: bad options {sorted(kwargs)} ({exc})") from exc
-    if seed is not None:
-        reinitialize(model, seed)
-    return model
+    return model if seed is None else reinitialize(model, seed)
 
 
 def reinitialize(model: nn.Module, seed: int) -> nn.Module:

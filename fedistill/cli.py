@@ -1,0 +1,92 @@
+"""Command-line entry point: ``fedistill <command> [hydra overrides]``.
+
+Commands are registered by name; each is a Hydra app over the config tree in
+``configs/`` (shipped inside the wheel as ``fedistill/_configs``). Heavy imports
+(torch, and Flower for the federated commands) happen lazily per command.
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+from fedistill.registry import Registry
+
+__all__ = ["COMMANDS", "config_dir", "main"]
+
+COMMANDS: Registry[tuple[str, Callable[[list[str]], int]]] = Registry("command")
+
+
+def config_dir() -> Path:
+    """The Hydra config tree: packaged copy first, then the source checkout's ``configs/``."""
+    here = Path(__file__).resolve().parent
+    for cand in (here / "_configs", here.parent / "configs"):
+        if (cand / "central.yaml").is_file():
+            return cand
+    raise FileNotFoundError(f"fedistill config tree not found in {here / '_configs'} or {here.parent / 'configs'}")
+
+
+def _hydra_app(config_name: str, task: Callable[[dict, Path], object], prog: str, args: list[str]) -> int:
+    import hydra
+    from hydra.core.hydra_config import HydraConfig
+    from omegaconf import DictConfig, OmegaConf
+
+    def job(cfg: DictConfig) -> None:
+        out = Path(HydraConfig.get().runtime.output_dir)
+        (out / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
+        task(OmegaConf.to_container(cfg, resolve=True), out)  # type: ignore[arg-type]
+
+    job.__module__ = f"fedistill.{config_name}"
+    app = hydra.main(config_path=str(config_dir()), config_name=config_name, version_base="1.3")(job)
+    saved = sys.argv
+    sys.argv = [prog, *args]
+    try:
+        app()
+    finally:
+        sys.argv = saved
+    return 0
+
+
+def _central(args: list[str]) -> int:
+    from fedistill.central import run_central
+
+    return _hydra_app("central", run_central, "fedistill central", args)
+
+
+def _evaluate(args: list[str]) -> int:
+    from fedistill.central import run_evaluate
+
+    paths = [a for a in args if "=" not in a and not a.startswith("-")]
+    if len(paths) != 1:
+        print("usage: fedistill evaluate PATH/TO/synthetic.safetensors [overrides...]", file=sys.stderr)
+        return 2
+    rest = [a for a in args if a is not paths[0]]
+    quoted = paths[0].replace("\\", "\\\\").replace("'", "\\'")
+    return _hydra_app("evaluate", run_evaluate, "fedistill evaluate", [f"synthetic_path='{quoted}'", *rest])
+
+
+COMMANDS.register("central")(("distill a dataset on one machine and evaluate it", _central))
+COMMANDS.register("evaluate")(("re-evaluate a saved synthetic.safetensors", _evaluate))
+
+
+def _usage() -> str:
+    lines = ["usage: fedistill <command> [hydra overrides...]   (fedistill <command> --help for options)", ""]
+    lines += [f"  {name:10s} {COMMANDS.get(name)[0]}" for name in COMMANDS.names()]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Dispatch ``fedistill <command> ...``; returns the exit code."""
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if not argv or argv[0] in ("-h", "--help", "help"):
+        print(_usage())
+        return 0
+    if argv[0] not in COMMANDS:
+        print(f"fedistill: unknown command {argv[0]!r}\n\n{_usage()}", file=sys.stderr)
+        return 2
+    return COMMANDS.get(argv[0])[1](argv[1:])
+
+
+if __name__ == "__main__":
+    sys.exit(main())

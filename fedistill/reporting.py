@@ -1,0 +1,124 @@
+"""Run directory, metrics, plots, progress bars and result tables.
+
+A run directory holds ``config.yaml``, ``metrics.jsonl`` (one JSON object per
+event, appended and flushed as it happens), ``summary.json`` (rewritten
+atomically as results arrive, so an interrupted run keeps what it finished),
+``synthetic.safetensors`` (+ ``.json``) and ``synthetic.png``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from fedistill.data.synthetic import SyntheticSet
+
+__all__ = ["RunDir", "progress_bars", "results_table", "save_grid"]
+
+
+def _atomic_write(path: Path, text: str) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+class RunDir:
+    """A run's output directory.
+
+    Parameters
+    ----------
+    path
+        Directory (created if missing). Existing results are never deleted.
+    """
+
+    def __init__(self, path: str | Path) -> None:
+        self.path = Path(path)
+        self.path.mkdir(parents=True, exist_ok=True)
+        self.summary: dict[str, Any] = {}
+        self._t0 = time.time()
+
+    def write_config(self, yaml_text: str) -> None:
+        """Write the resolved config as ``config.yaml``."""
+        _atomic_write(self.path / "config.yaml", yaml_text)
+
+    def log(self, event: str, **fields: Any) -> None:
+        """Append one event to ``metrics.jsonl`` (flushed immediately)."""
+        rec = {"event": event, "time": round(time.time() - self._t0, 3), **fields}
+        with open(self.path / "metrics.jsonl", "a") as f:
+            f.write(json.dumps(rec) + "\n")
+
+    def update_summary(self, **fields: Any) -> dict[str, Any]:
+        """Merge ``fields`` into ``summary.json`` and rewrite it atomically."""
+        self.summary.update(fields)
+        _atomic_write(self.path / "summary.json", json.dumps(self.summary, indent=2) + "\n")
+        return self.summary
+
+
+def save_grid(syn: SyntheticSet, path: str | Path, *, max_per_class: int = 10) -> Path:
+    """Save ``syn`` as a PNG grid, one row per class, de-normalized to ``[0, 1]``."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    path = Path(path)
+    info = syn.info
+    labels = syn.hard_labels
+    classes = sorted(set(labels.tolist()))
+    cols = max(1, min(max_per_class, max(int((labels == c).sum()) for c in classes)))
+    imgs = info.denormalize(syn.images.detach().float()).clamp(0, 1)
+    fig, axes = plt.subplots(len(classes), cols, figsize=(cols * 0.8, len(classes) * 0.8), squeeze=False)
+    for r, c in enumerate(classes):
+        idx = torch.nonzero(labels == c).flatten()[:cols].tolist()
+        for k in range(cols):
+            ax = axes[r][k]
+            ax.axis("off")
+            if k < len(idx):
+                img = imgs[idx[k]].permute(1, 2, 0).numpy()
+                ax.imshow(img.squeeze(-1) if img.shape[-1] == 1 else img, cmap="gray" if img.shape[-1] == 1 else None)
+        name = info.class_names[c] if c < len(info.class_names) else str(c)
+        axes[r][0].set_title(name, fontsize=6, loc="left")
+    fig.tight_layout(pad=0.2)
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
+
+
+@contextlib.contextmanager
+def progress_bars() -> Iterator[Any]:
+    """A :class:`rich.progress.Progress` (transient-free) for distillation and evaluation."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    with Progress(
+        TextColumn("{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TextColumn("{task.fields[info]}"),
+        TimeElapsedColumn(),
+    ) as bars:
+        yield bars
+
+
+def results_table(summary: dict[str, Any]) -> Any:
+    """A :class:`rich.table.Table` of the accuracies in ``summary``."""
+    from rich.table import Table
+
+    def fmt(r: dict[str, Any] | None) -> str:
+        return "-" if not r else f"{r['mean']:.2f} ± {r['std']:.2f}"
+
+    t = Table(title=f"{summary.get('method')} on {summary.get('dataset')}, ipc {summary.get('ipc')} (test acc %)")
+    for col in ("model", "synthetic", "hard labels", "random subset"):
+        t.add_column(col)
+    for label, res in summary.get("per_model", {}).items():
+        t.add_row(label, fmt(res.get("synthetic")), fmt(res.get("hard_label")), fmt(res.get("random_subset")))
+    whole = summary.get("baselines", {}).get("whole_dataset")
+    if whole:
+        t.caption = f"whole training set: {fmt(whole)}"
+    return t

@@ -1,0 +1,152 @@
+"""The CLI end to end on digits with a tiny budget: the run-directory contract."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from fedistill.cli import config_dir
+from fedistill.data import DATASETS, SyntheticSet
+from fedistill.engines import ENGINES, build_engine
+from fedistill.models import MODELS
+
+TINY = ["method.iterations=6", "method.batch_real=32", "model.width=16", "eval.epochs=3", "eval.runs=2", "device=cpu"]
+
+
+def fedistill(*args: str, cwd: Path, check: bool = True) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    proc = subprocess.run(
+        [sys.executable, "-m", "fedistill.cli", *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=600
+    )
+    if check and proc.returncode != 0:
+        raise AssertionError(f"fedistill {' '.join(args)} failed:\n{proc.stdout}\n{proc.stderr}")
+    return proc
+
+
+@pytest.fixture(scope="module")
+def central_run(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("central") / "run"
+    fedistill("central", *TINY, "ipc=2", f"hydra.run.dir={out}", cwd=out.parent)
+    return out
+
+
+def test_central_run_directory_contract(central_run):
+    files = {p.name for p in central_run.iterdir()}
+    assert {
+        "config.yaml",
+        "synthetic.safetensors",
+        "synthetic.json",
+        "synthetic.png",
+        "metrics.jsonl",
+        "summary.json",
+    } <= files
+    summary = json.loads((central_run / "summary.json").read_text())
+    assert summary["method"] == "dm" and summary["dataset"] == "digits" and summary["ipc"] == 2 and summary["seed"] == 0
+    assert set(summary["accuracy"]) >= {"mean", "std", "runs"} and len(summary["accuracy"]["runs"]) == 2
+    assert set(summary["baselines"]["random_subset"]) >= {"mean", "std"}
+    assert summary["distill_seconds"] > 0 and summary["status"] == "done"
+    syn = SyntheticSet.load(summary["synthetic_path"])
+    assert len(syn) == 20 and syn.metadata["method"] == "dm" and syn.metadata["ipc"] == 2
+    events = [json.loads(line) for line in (central_run / "metrics.jsonl").read_text().splitlines()]
+    losses = [e for e in events if e["event"] == "distill"]
+    assert losses and all("loss" in e and "seconds" in e for e in losses)
+    assert (central_run / "synthetic.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    cfg = yaml.safe_load((central_run / "config.yaml").read_text())
+    assert cfg["method"]["iterations"] == 6 and cfg["model"]["width"] == 16
+
+
+def test_evaluate_command_reevaluates_saved_set(central_run, tmp_path):
+    out = tmp_path / "ev"
+    fedistill(
+        "evaluate",
+        str(central_run / "synthetic.safetensors"),
+        "eval.epochs=2",
+        "eval.runs=1",
+        "model.width=16",
+        "device=cpu",
+        f"hydra.run.dir={out}",
+        cwd=tmp_path,
+    )
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["dataset"] == "digits" and len(summary["accuracy"]["runs"]) == 1
+    assert "random_subset" in summary["baselines"]
+
+
+def test_unknown_choice_lists_valid_names(tmp_path):
+    proc = fedistill("central", "method=nope", cwd=tmp_path, check=False)
+    assert proc.returncode != 0
+    assert "Available options in 'method'" in proc.stderr and "dm" in proc.stderr
+    proc = fedistill("central", "dataset=imagenet", cwd=tmp_path, check=False)
+    assert proc.returncode != 0 and "fashion_mnist" in proc.stderr
+
+
+def test_help_lists_groups(tmp_path):
+    out = fedistill("central", "--help", cwd=tmp_path).stdout
+    for group in ("dataset:", "method:", "model:", "eval:", "preset:"):
+        assert group in out
+    assert "digits" in out and "convnet" in out
+
+
+def test_multirun_sweep(tmp_path):
+    fedistill("central", "-m", *TINY, "eval.runs=1", "ipc=1,2", f"hydra.sweep.dir={tmp_path / 'sweep'}", cwd=tmp_path)
+    summaries = sorted((tmp_path / "sweep").glob("*/summary.json"))
+    assert [json.loads(p.read_text())["ipc"] for p in summaries] == [1, 2]
+
+
+def test_config_tree_matches_registries():
+    root = config_dir()
+    methods = {p.stem for p in (root / "method").glob("*.yaml")}
+    assert methods == set(ENGINES.names())
+    for name in methods:
+        opts = yaml.safe_load((root / "method" / f"{name}.yaml").read_text())
+        assert opts.pop("name") == name
+        build_engine(name, **opts)  # every option is a real config field
+    assert {yaml.safe_load(p.read_text())["name"] for p in (root / "model").glob("*.yaml")} <= set(MODELS.names())
+    assert {p.stem for p in (root / "dataset").glob("*.yaml")} == set(DATASETS.names())
+
+
+@pytest.mark.slow
+def test_wheel_ships_configs_and_packages(tmp_path):
+    """Built as a wheel and installed elsewhere, the CLI still finds its config tree."""
+    pytest.importorskip("hatchling")
+    repo = Path(__file__).resolve().parents[1]
+    subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "wheel",
+            "--no-deps",
+            "--no-build-isolation",
+            "-q",
+            "-w",
+            str(tmp_path / "wheel"),
+            str(repo),
+        ],
+        check=True,
+        capture_output=True,
+        timeout=300,
+    )
+    (wheel,) = (tmp_path / "wheel").glob("fedistill-*.whl")
+    target = tmp_path / "site"
+    subprocess.run(
+        [sys.executable, "-m", "pip", "install", "--no-deps", "-q", "--target", str(target), str(wheel)],
+        check=True,
+        capture_output=True,
+        timeout=300,
+    )
+    for pkg in ("fedistill", "strategies", "clients"):
+        assert (target / pkg / "__init__.py").is_file()
+    code = "from fedistill.cli import config_dir; print(config_dir())"
+    env = {**os.environ, "PYTHONPATH": str(target)}
+    out = subprocess.run(
+        [sys.executable, "-c", code], cwd=tmp_path, env=env, capture_output=True, text=True, check=True
+    )
+    assert Path(out.stdout.strip()) == target / "fedistill" / "_configs"
+    assert (target / "fedistill" / "_configs" / "method" / "dm.yaml").is_file()
