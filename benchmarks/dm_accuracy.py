@@ -26,7 +26,6 @@ import datetime
 import json
 import sys
 import time
-from pathlib import Path
 
 from _common import machine_info, results_path
 
@@ -37,9 +36,11 @@ from fedistill.evaluation import EvalRecipe, ModelSpec, evaluate_synthetic
 REFERENCE_ANCHOR = {"accuracy": 80.2, "std": 0.4, "seconds": 231.0, "real_init": 72.5}
 
 
-def run_one(data, *, ipc: int, iterations: int, width: int, epochs: int, runs: int, seed: int) -> dict:
+def run_one(
+    data, *, ipc: int, iterations: int, width: int, epochs: int, runs: int, seed: int, engine_opts: dict
+) -> dict:
     """Distill with DM and evaluate against the random subset; returns a result row."""
-    engine = build_engine("dm", iterations=iterations, batch_real=256, model_kwargs={"width": width})
+    engine = build_engine("dm", iterations=iterations, batch_real=256, model_kwargs={"width": width}, **engine_opts)
     start = time.perf_counter()
     syn = engine.distill(data.train, ipc, init="real", device="cpu", seed=seed)
     seconds = time.perf_counter() - start
@@ -73,10 +74,13 @@ def main() -> None:
     p.add_argument("--epochs", type=int, default=300)
     p.add_argument("--runs", type=int, default=3)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--real-dtype", default="auto", help="DM real branch: auto | bf16 | fp32")
+    p.add_argument("--dsa-groups", default="class", help="DM DSA groups: class | sample")
     args = p.parse_args()
     data = load_dataset("fashion_mnist")
     parts = args.parts.split(",")
     common = {"width": args.width, "epochs": args.epochs, "runs": args.runs, "seed": args.seed}
+    common["engine_opts"] = {"real_dtype": args.real_dtype, "dsa_groups": args.dsa_groups}
     rows = {}
     if "anchor" in parts:
         rows["anchor"] = [run_one(data, ipc=10, iterations=500, **common)]
@@ -93,7 +97,8 @@ def main() -> None:
         "",
         f"Machine: {machine_info()}",
         "",
-        f"Protocol: ConvNet width {args.width}, DM 256 real/class, DSA, lr_img 1, momentum 0.5, real init; "
+        f"Protocol: ConvNet width {args.width}, DM 256 real/class, DSA (groups: {args.dsa_groups}), lr_img 1, "
+        f"momentum 0.5, real init, real branch dtype {args.real_dtype}; "
         f"evaluation {args.epochs} epochs with DSA, {args.runs} runs, final-epoch test accuracy (%), "
         "random real subset under the same recipe and seeds.",
         "",
@@ -116,7 +121,7 @@ def main() -> None:
             f"{a['distill_seconds']} s ({ref['seconds'] / a['distill_seconds']:.2f}x faster); target: accuracy >= "
             f"{ref['accuracy']} in <= {ref['seconds'] / 2:.0f} s.",
         ]
-    md, js = results_path("dm_accuracy")
+    md, js = results_path("dm_accuracy"), results_path("dm_accuracy", ".json")
     md.write_text("\n".join(lines) + "\n")
     js.write_text(json.dumps({"command": sys.argv, "machine": machine_info(), "rows": rows}, indent=2) + "\n")
     print("\n".join(lines))

@@ -30,8 +30,6 @@ import datetime
 import gc
 import itertools
 import json
-import os
-import platform
 import statistics
 import subprocess
 import sys
@@ -39,6 +37,7 @@ import time
 from pathlib import Path
 
 import torch
+from _common import machine_info, results_path
 from torch import nn
 
 from fedistill.augment import DSA, DSAConfig
@@ -159,21 +158,6 @@ def measure_memory(variant: str, width: int, iters: int) -> float:
     return json.loads(out.strip().splitlines()[-1])["peak_mib"]
 
 
-def machine() -> str:
-    model = "unknown CPU"
-    try:
-        lscpu = subprocess.run(["lscpu"], capture_output=True, text=True).stdout
-        model = next(ln.split(":", 1)[1].strip() for ln in lscpu.splitlines() if ln.startswith("Model name"))
-    except (OSError, StopIteration):
-        pass
-    flags = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else ""
-    bf16 = "avx512_bf16" in flags or "amx_bf16" in flags
-    return (
-        f"{model}, {os.cpu_count()} cores, torch {torch.__version__}, {torch.get_num_threads()} threads, "
-        f"bf16 ISA: {'yes' if bf16 else 'no'}, Python {platform.python_version()}"
-    )
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--widths", default="32,128", help="comma-separated ConvNet widths")
@@ -234,12 +218,12 @@ def main() -> None:
         print(f"width {width}: {flops / 1e9:.1f} GFLOP/iteration; speedup {med_ref / med_fed:.2f}x", flush=True)
 
     today = datetime.date.today().isoformat()
-    out = Path(args.out or Path(__file__).parent / "results" / f"dm_speed-{today}.md")
+    out = Path(args.out) if args.out else results_path("dm_speed")
     cmd = " ".join([".venv/bin/python", "benchmarks/dm_speed.py", *sys.argv[1:]])
     lines = [
         f"# DM iteration speed, {today}",
         "",
-        f"Machine: {machine()}",
+        f"Machine: {machine_info()}",
         "",
         f"Command: `{cmd}`",
         "",

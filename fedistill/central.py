@@ -103,7 +103,7 @@ def run_central(cfg: dict[str, Any], out_dir: str | Path) -> dict[str, Any]:
         )
     distill_seconds = time.perf_counter() - start
     syn.metadata.pop("loss_history", None)
-    syn.metadata.update(dataset=bundle.info.name, distill_seconds=round(distill_seconds, 3))
+    syn.metadata.update(dataset=bundle.info.name, model=cfg["model"], distill_seconds=round(distill_seconds, 3))
     path = syn.save(run.path / "synthetic.safetensors")
     save_grid(syn, run.path / "synthetic.png")
     run.log("saved", path=str(path), images=len(syn), bytes=syn.nbytes())

@@ -33,8 +33,10 @@ def _hydra_app(config_name: str, task: Callable[[dict, Path], object], prog: str
     from omegaconf import DictConfig, OmegaConf
 
     def job(cfg: DictConfig) -> None:
+        from fedistill.reporting import RunDir
+
         out = Path(HydraConfig.get().runtime.output_dir)
-        (out / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
+        RunDir(out).write_config(OmegaConf.to_yaml(cfg, resolve=True))
         task(OmegaConf.to_container(cfg, resolve=True), out)  # type: ignore[arg-type]
 
     job.__module__ = f"fedistill.{config_name}"

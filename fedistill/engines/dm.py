@@ -51,6 +51,11 @@ class DMConfig:
         The embedding network (a registered model) and its options.
     dsa
         Siamese augmentation on both branches.
+    dsa_groups
+        ``class``: one random transform per class, shared by its real and synthetic
+        images; ``sample`` (as the reference code): every real image gets its own
+        transform and synthetic image ``j`` of a class shares real image ``j``'s.
+        Fashion-MNIST IPC 10 (width 32, 500 iterations): 79.7 (class) vs 78.9 (sample).
     real_dtype
         ``auto`` | ``bf16`` | ``fp32`` for the no-grad real branch.
     real_chunk
@@ -76,6 +81,7 @@ class DMConfig:
     model: str = "convnet"
     model_kwargs: dict[str, Any] = field(default_factory=dict)
     dsa: bool = True
+    dsa_groups: str = "class"
     real_dtype: str = "auto"
     real_chunk: int = 128
     compile: bool | str = "auto"
@@ -97,6 +103,8 @@ class RealSampler:
         self.generator = generator
         sizes = [min(batch, len(ix)) for ix in self.index]
         self.groups = torch.repeat_interleave(torch.arange(len(classes)), torch.tensor(sizes)).to(device)
+        #: each row's position within its class (row j of every class shares DSA params with synthetic image j)
+        self.positions = torch.cat([torch.arange(n) for n in sizes]).to(device)
         self.counts = torch.tensor(sizes, dtype=torch.float32, device=device)
 
     def sample(self) -> torch.Tensor:
@@ -115,18 +123,21 @@ def real_class_means(
     params: DSAParams | None,
     chunk: int,
     dtype: torch.dtype = torch.float32,
+    aug_groups: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Per-class mean of ``embed(real)``, without autograd.
 
     Runs in chunks of ``chunk`` images (a small working set is much faster on CPU,
     and exact: only sums are accumulated), feeds ``dtype`` inputs, accumulates in fp32.
+    ``groups`` are the classes of the rows; ``aug_groups`` (default ``groups``) their DSA groups.
     """
+    aug_groups = groups if aug_groups is None else aug_groups
     sums = torch.zeros(len(counts), 1, device=real.device)
     with torch.no_grad():
         for i in range(0, len(real), chunk):
             x, g = real[i : i + chunk], groups[i : i + chunk]
             if dsa is not None:
-                x = dsa.apply(x, params, g)
+                x = dsa.apply(x, params, aug_groups[i : i + chunk])
             # Standard strides: DSA ops (crop) can return permuted ones, which would
             # make a compiled ``embed`` recompile on the next iteration.
             emb = embed(x.to(dtype).clone(memory_format=torch.contiguous_format)).float()
@@ -173,10 +184,23 @@ class DMEngine(Engine):
             params=ctx["params"],
             chunk=self.config.real_chunk,
             dtype=ctx["real_dtype"],
+            aug_groups=ctx["real_aug_groups"],
         )
         if dsa is not None:
-            syn = dsa.apply(syn, ctx["params"], ctx["syn_groups"])
+            syn = dsa.apply(syn, ctx["params"], ctx["syn_aug_groups"])
         return real_mean, net.embed(syn)
+
+    def _aug_groups(
+        self, sampler: RealSampler, syn_groups: torch.Tensor, ipc: int
+    ) -> tuple[torch.Tensor, torch.Tensor, int]:
+        """DSA groups of real rows, synthetic rows, and their number (see ``DMConfig.dsa_groups``)."""
+        if self.config.dsa_groups == "class":
+            return sampler.groups, syn_groups, len(sampler.counts)
+        if self.config.dsa_groups != "sample":
+            raise ValueError(f"unknown dsa_groups {self.config.dsa_groups!r}; valid: sample, class")
+        width = max(int(sampler.counts.max()), ipc)
+        syn_pos = torch.arange(ipc, device=syn_groups.device).repeat(len(sampler.counts))
+        return sampler.groups * width + sampler.positions, syn_groups * width + syn_pos, len(sampler.counts) * width
 
     def _compile(self, device: torch.device) -> bool:
         """Whether to ``torch.compile`` the real branch (resolves ``compile="auto"``)."""
@@ -212,11 +236,15 @@ class DMEngine(Engine):
         real_net = net if real_dtype is None else copy.deepcopy(net).to(real_dtype)
         # Refreshing the bf16 copy in place is cheaper than load_state_dict each iteration.
         pairs = [] if real_net is net else list(zip(_tensors(real_net), _tensors(net), strict=True))
+        syn_groups = torch.arange(len(classes), device=dev).repeat_interleave(ipc)
+        real_aug, syn_aug, num_aug = self._aug_groups(sampler, syn_groups, ipc)
         ctx: dict[str, Any] = {
             "dsa": dsa,
             "num_classes": len(classes),
             "real_groups": sampler.groups,
-            "syn_groups": torch.arange(len(classes), device=dev).repeat_interleave(ipc),
+            "syn_groups": syn_groups,
+            "real_aug_groups": real_aug,
+            "syn_aug_groups": syn_aug,
             "counts": sampler.counts,
             "real_embed": torch.compile(real_net.embed, dynamic=False) if self._compile(dev) else real_net.embed,
             "real_dtype": real_dtype or torch.float32,
@@ -227,7 +255,7 @@ class DMEngine(Engine):
             reinitialize(net, derive_seed(seed, "dm-net", it))
             for dst, src in pairs:
                 dst.copy_(src)
-            ctx["params"] = dsa.sample(len(classes), aug_gen, image_size=data.info.image_size) if dsa else None
+            ctx["params"] = dsa.sample(num_aug, aug_gen, image_size=data.info.image_size) if dsa else None
             ctx["iteration"] = it
             loss = self.embedding_loss(net, sampler.sample(), syn, ctx)
             opt.zero_grad(set_to_none=True)
