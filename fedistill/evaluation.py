@@ -159,9 +159,12 @@ def summarize(values: list[float]) -> dict[str, Any]:
     return {"mean": round(statistics.fmean(vals), 4), "std": round(std, 4), "runs": vals}
 
 
+TrainingData = tuple[torch.Tensor, torch.Tensor] | Callable[[int], tuple[torch.Tensor, torch.Tensor]]
+"""``(images, targets)``, or a function ``run -> (images, targets)`` for data drawn per run."""
+
+
 def evaluate_images(
-    images: torch.Tensor,
-    targets: torch.Tensor | Callable[[int], tuple[torch.Tensor, torch.Tensor]],
+    data: TrainingData,
     bundle: DataBundle,
     *,
     spec: ModelSpec,
@@ -174,13 +177,14 @@ def evaluate_images(
 ) -> dict[str, Any]:
     """Train ``runs`` fresh models and report test (and validation) accuracy.
 
-    ``targets`` may be a function ``run -> (images, targets)`` for data that changes
-    per run (a fresh random subset per run). Run ``r`` always uses the seed stream
-    ``(seed, "eval", spec.name, r)``, so different training sets see identical seeds.
+    ``data`` is ``(images, targets)`` (targets: hard labels or soft-label rows) or a
+    function ``run -> (images, targets)`` for data drawn per run (a fresh random subset).
+    Run ``r`` always uses the seed stream ``(seed, "eval", spec.name, r)``, so different
+    training sets see identical seeds.
     """
     test, val = [], []
     for r in range(runs):
-        x, y = targets(r) if callable(targets) else (images, targets)
+        x, y = data(r) if callable(data) else data
         model = train_model(
             spec, bundle.info, x, y, recipe=recipe, seed=derive_seed(seed, "eval", spec.name, r), device=device
         )
@@ -193,20 +197,12 @@ def evaluate_images(
     return out
 
 
-def _whole_dataset(
-    bundle: DataBundle,
-    *,
-    spec: ModelSpec,
-    recipe: EvalRecipe,
-    runs: int,
-    seed: int,
-    device: torch.device,
-    cache_dir: Path | None,
-    progress: EvalProgress | None,
-) -> dict[str, Any]:
+def _whole_dataset(bundle: DataBundle, *, cache_dir: Path | None, **common: Any) -> dict[str, Any]:
+    """The whole-training-set baseline, cached on disk by what determines it."""
+    spec, recipe = common["spec"], common["recipe"]
     key = json.dumps(
         {"dataset": bundle.info.name, "n": len(bundle.train), "model": asdict(spec), "recipe": asdict(recipe)}
-        | {"runs": runs, "seed": seed},
+        | {"runs": common["runs"], "seed": common["seed"]},
         sort_keys=True,
     )
     path = None
@@ -214,18 +210,8 @@ def _whole_dataset(
         path = Path(cache_dir) / f"whole-{hashlib.sha256(key.encode()).hexdigest()[:16]}.json"
         if path.is_file():
             return json.loads(path.read_text())["result"]
-    res = evaluate_images(
-        bundle.train.images,
-        bundle.train.labels,
-        bundle,
-        spec=spec,
-        recipe=recipe,
-        runs=runs,
-        seed=seed,
-        device=device,
-        label=f"whole set {spec.label}",
-        progress=progress,
-    )
+    data = (bundle.train.images, bundle.train.labels)
+    res = evaluate_images(data, bundle, label=f"whole set {spec.label}", **common)
     if path is not None:
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(json.dumps({"key": json.loads(key), "result": res}, indent=2))
@@ -264,20 +250,17 @@ def evaluate_synthetic(
         common = {"spec": spec, "recipe": recipe, "runs": runs, "seed": seed, "device": device, "progress": progress}
         res: dict[str, Any] = {}
         if syn.soft_labels is not None:
-            res["synthetic"] = evaluate_images(
-                syn.images, syn.soft_labels, bundle, label=f"soft {spec.label}", **common
-            )
-            res["hard_label"] = evaluate_images(syn.images, hard, bundle, label=f"hard {spec.label}", **common)
+            soft = (syn.images, syn.soft_labels)
+            res["synthetic"] = evaluate_images(soft, bundle, label=f"soft {spec.label}", **common)
+            res["hard_label"] = evaluate_images((syn.images, hard), bundle, label=f"hard {spec.label}", **common)
         else:
-            res["synthetic"] = evaluate_images(syn.images, hard, bundle, label=f"synthetic {spec.label}", **common)
+            res["synthetic"] = evaluate_images((syn.images, hard), bundle, label=f"synthetic {spec.label}", **common)
 
         def subset(r: int) -> tuple[torch.Tensor, torch.Tensor]:
             s = random_subset(bundle.train, hard, seed=derive_seed(seed, "subset", r))
             return s.images, s.labels
 
-        res["random_subset"] = evaluate_images(
-            syn.images, subset, bundle, label=f"random subset {spec.label}", **common
-        )
+        res["random_subset"] = evaluate_images(subset, bundle, label=f"random subset {spec.label}", **common)
         per_model[spec.label] = res
     first = per_model[models[0].label]
     out: dict[str, Any] = {

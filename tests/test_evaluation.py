@@ -47,11 +47,15 @@ def test_soft_labels_reported_beside_hard_and_random(digits):
 
 
 def test_training_learns_something(digits):
-    """A model trained on 30 real images beats chance clearly (the trainer is not a no-op)."""
+    """A model trained on 50 real images beats chance (10%) clearly: the trainer is not a no-op.
+
+    Measured: 51.3% (ConvNet-32, 100 epochs without augmentation).
+    """
+    recipe = EvalRecipe(epochs=100, dsa=False)
     res = evaluate_synthetic(
-        _real_set(digits), digits, models=[SPEC], recipe=EvalRecipe(epochs=60, dsa=False), runs=1, seed=0
+        _real_set(digits, ipc=5), digits, models=[ModelSpec("convnet", {"width": 32})], recipe=recipe, runs=1, seed=0
     )
-    assert res["accuracy"]["mean"] > 40
+    assert res["accuracy"]["mean"] > 35
 
 
 def test_whole_dataset_baseline_is_cached(digits, tmp_path, monkeypatch):
