@@ -3,7 +3,8 @@
 For each candidate ``lr_img``: distill digits at IPC 10 (ConvNet width 128, default DM
 settings otherwise), train 3 fresh evaluators (300 epochs, DSA) and record the final-epoch
 *validation* accuracy, which alone picks the winner; test accuracy is printed for
-information only. The chosen value lives in ``configs/tuned/dm_digits.yaml``.
+information only. Result (benchmarks/results/dm_tune_digits-*.md): the reference lr of 1
+ties with 10 on validation, so the default stays at the reference value.
 
 Usage::
 
