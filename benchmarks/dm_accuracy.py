@@ -76,11 +76,16 @@ def main() -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--real-dtype", default="auto", help="DM real branch: auto | bf16 | fp32")
     p.add_argument("--dsa-groups", default="class", help="DM DSA groups: class | sample")
+    p.add_argument("--dsa-op-per-group", action="store_true", help="each DSA group draws its own op")
     args = p.parse_args()
     data = load_dataset("fashion_mnist")
     parts = args.parts.split(",")
     common = {"width": args.width, "epochs": args.epochs, "runs": args.runs, "seed": args.seed}
-    common["engine_opts"] = {"real_dtype": args.real_dtype, "dsa_groups": args.dsa_groups}
+    common["engine_opts"] = {
+        "real_dtype": args.real_dtype,
+        "dsa_groups": args.dsa_groups,
+        "dsa_op_per_group": args.dsa_op_per_group,
+    }
     rows = {}
     if "anchor" in parts:
         rows["anchor"] = [run_one(data, ipc=10, iterations=500, **common)]
@@ -97,7 +102,8 @@ def main() -> None:
         "",
         f"Machine: {machine_info()}",
         "",
-        f"Protocol: ConvNet width {args.width}, DM 256 real/class, DSA (groups: {args.dsa_groups}), lr_img 1, "
+        f"Protocol: ConvNet width {args.width}, DM 256 real/class, DSA (groups: {args.dsa_groups}, op per group: "
+        f"{args.dsa_op_per_group}), lr_img 1, "
         f"momentum 0.5, real init, real branch dtype {args.real_dtype}; "
         f"evaluation {args.epochs} epochs with DSA, {args.runs} runs, final-epoch test accuracy (%), "
         "random real subset under the same recipe and seeds.",

@@ -68,9 +68,27 @@ class DSA:
             raise ValueError(f"unknown DSA ops {sorted(unknown)}; valid: {sorted(_SAMPLERS)}")
 
     def sample(
-        self, num_groups: int, generator: torch.Generator, *, image_size: tuple[int, int], op: str | None = None
+        self,
+        num_groups: int,
+        generator: torch.Generator,
+        *,
+        image_size: tuple[int, int],
+        op: str | None = None,
+        op_per_group: bool = False,
     ) -> DSAParams:
-        """Draw the op (unless given) and its parameters for ``num_groups`` groups."""
+        """Draw the op (unless given) and its parameters for ``num_groups`` groups.
+
+        With ``op_per_group`` every group draws its own op (as the reference DM code
+        does per class); otherwise one op serves the whole call.
+        """
+        if op is None and op_per_group:
+            values = {
+                "op_index": torch.randint(len(self.ops), (num_groups,), generator=generator, device=generator.device)
+            }
+            for name in self.ops:
+                for key, v in _SAMPLERS[name](self.config, num_groups, generator, image_size).items():
+                    values[f"{name}.{key}"] = v
+            return DSAParams("mixed", values, num_groups)
         if op is None:
             op = self.ops[int(torch.randint(len(self.ops), (1,), generator=generator))]
         values = _SAMPLERS[op](self.config, num_groups, generator, image_size)
@@ -85,7 +103,19 @@ class DSA:
         else:
             g = groups.to(params.values[next(iter(params.values))].device)
             vals = {k: v[g].to(x.device) for k, v in params.values.items()}
+        if params.op == "mixed":
+            return self._apply_mixed(x, vals)
         return _APPLIERS[params.op](x, vals)
+
+    def _apply_mixed(self, x: torch.Tensor, vals: dict[str, torch.Tensor]) -> torch.Tensor:
+        """Every row gets the op its group drew (``op_index``), with that op's parameters."""
+        out = torch.empty_like(x)
+        for k, name in enumerate(self.ops):
+            rows = torch.nonzero(vals["op_index"] == k).flatten()
+            if len(rows):
+                sub = {key.split(".", 1)[1]: v[rows] for key, v in vals.items() if key.startswith(f"{name}.")}
+                out[rows] = _APPLIERS[name](x[rows], sub)
+        return out
 
     def __call__(self, x: torch.Tensor, generator: torch.Generator, groups: torch.Tensor | None = None) -> torch.Tensor:
         """Sample and apply in one step (one group per row unless ``groups`` is given)."""

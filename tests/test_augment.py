@@ -53,3 +53,16 @@ def test_no_flip_for_digits_and_determinism():
 def test_unknown_op_is_rejected():
     with pytest.raises(ValueError, match="unknown DSA ops"):
         DSA(DSAConfig(ops=("color", "warp")))
+
+
+def test_op_per_group_is_siamese_and_differentiable():
+    dsa = DSA()
+    params = dsa.sample(4, torch.Generator().manual_seed(3), image_size=(8, 8), op_per_group=True)
+    assert params.op == "mixed" and len(set(params.values["op_index"].tolist())) > 1
+    syn = torch.randn(4, 1, 8, 8, requires_grad=True)
+    real = torch.cat([syn.detach(), torch.randn(4, 1, 8, 8)])
+    groups = torch.arange(4)
+    out = dsa.apply(syn, params, groups)
+    assert torch.allclose(dsa.apply(real, params, torch.cat([groups, groups]))[:4], out, atol=1e-6)
+    out.sum().backward()
+    assert syn.grad.abs().sum() > 0
