@@ -26,6 +26,7 @@ import datetime
 import json
 import sys
 import time
+from pathlib import Path
 
 from _common import machine_info, results_path
 
@@ -76,6 +77,7 @@ def main() -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--real-dtype", default="auto", help="DM real branch: auto | bf16 | fp32")
     p.add_argument("--dsa-groups", default="class", help="DM DSA groups: class | sample")
+    p.add_argument("--out", default=None, help="markdown path (default benchmarks/results/dm_accuracy-DATE.md)")
     p.add_argument("--dsa-op-per-group", action="store_true", help="each DSA group draws its own op")
     args = p.parse_args()
     data = load_dataset("fashion_mnist")
@@ -127,7 +129,8 @@ def main() -> None:
             f"{a['distill_seconds']} s ({ref['seconds'] / a['distill_seconds']:.2f}x faster); target: accuracy >= "
             f"{ref['accuracy']} in <= {ref['seconds'] / 2:.0f} s.",
         ]
-    md, js = results_path("dm_accuracy"), results_path("dm_accuracy", ".json")
+    md = Path(args.out) if args.out else results_path("dm_accuracy")
+    js = md.with_suffix(".json")
     md.write_text("\n".join(lines) + "\n")
     js.write_text(json.dumps({"command": sys.argv, "machine": machine_info(), "rows": rows}, indent=2) + "\n")
     print("\n".join(lines))
