@@ -58,7 +58,7 @@ class DMConfig:
         Fashion-MNIST IPC 10 (width 32, 500 iterations): 79.7 (class) vs 78.9 (sample).
     dsa_op_per_group
         Every DSA group draws its own op (the reference code picks one per class);
-        otherwise one op per iteration for all classes.
+        otherwise one op per iteration for all classes. FMNIST anchor: 79.60 vs 79.66.
     real_dtype
         ``auto`` | ``bf16`` | ``fp32`` for the no-grad real branch.
     real_chunk
