@@ -206,7 +206,7 @@ class DMEngine(Engine):
         syn_pos = torch.arange(ipc, device=syn_groups.device).repeat(len(sampler.counts))
         return sampler.groups * width + sampler.positions, syn_groups * width + syn_pos, len(sampler.counts) * width
 
-    def _compile(self, device: torch.device) -> bool:
+    def compiles(self, device: torch.device) -> bool:
         """Whether to ``torch.compile`` the real branch (resolves ``compile="auto"``)."""
         mode = self.config.compile
         if isinstance(mode, bool):
@@ -250,7 +250,7 @@ class DMEngine(Engine):
             "real_aug_groups": real_aug,
             "syn_aug_groups": syn_aug,
             "counts": sampler.counts,
-            "real_embed": torch.compile(real_net.embed, dynamic=False) if self._compile(dev) else real_net.embed,
+            "real_embed": torch.compile(real_net.embed, dynamic=False) if self.compiles(dev) else real_net.embed,
             "real_dtype": real_dtype or torch.float32,
         }
         history: list[dict[str, float]] = []
