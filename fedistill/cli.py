@@ -11,7 +11,7 @@ import sys
 from collections.abc import Callable
 from pathlib import Path
 
-from fedistill.registry import Registry
+from fedistill.registry import Registry, UnknownNameError
 
 __all__ = ["COMMANDS", "config_dir", "main"]
 
@@ -33,11 +33,17 @@ def _hydra_app(config_name: str, task: Callable[[dict, Path], object], prog: str
     from omegaconf import DictConfig, OmegaConf
 
     def job(cfg: DictConfig) -> None:
+        from fedistill.data import DatasetFormatError, DatasetNotFoundError, SyntheticSetError
         from fedistill.reporting import RunDir
 
         out = Path(HydraConfig.get().runtime.output_dir)
         RunDir(out).write_config(OmegaConf.to_yaml(cfg, resolve=True))
-        task(OmegaConf.to_container(cfg, resolve=True), out)  # type: ignore[arg-type]
+        try:
+            task(OmegaConf.to_container(cfg, resolve=True), out)  # type: ignore[arg-type]
+        except (DatasetNotFoundError, DatasetFormatError, SyntheticSetError, UnknownNameError) as exc:
+            # input errors carry their own explanation and fix: no traceback
+            print(f"fedistill {config_name}: error: {exc}", file=sys.stderr)
+            raise SystemExit(1) from None
 
     job.__module__ = f"fedistill.{config_name}"
     app = hydra.main(config_path=str(config_dir()), config_name=config_name, version_base="1.3")(job)

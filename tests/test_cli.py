@@ -86,6 +86,15 @@ def test_unknown_choice_lists_valid_names(tmp_path):
     assert proc.returncode != 0 and "fashion_mnist" in proc.stderr
 
 
+def test_bad_input_is_one_clear_line(tmp_path):
+    proc = fedistill("evaluate", str(tmp_path / "missing.safetensors"), cwd=tmp_path, check=False)
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr
+    assert "missing.safetensors does not exist" in proc.stderr and "Fix:" in proc.stderr
+    proc = fedistill("central", "dataset=mnist", f"data.root={tmp_path}", cwd=tmp_path, check=False)
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr
+    assert "dataset 'mnist' not found" in proc.stderr and "data.root=DIR" in proc.stderr
+
+
 def test_help_lists_groups(tmp_path):
     out = fedistill("central", "--help", cwd=tmp_path).stdout
     for group in ("dataset:", "method:", "model:", "eval:", "preset:"):
