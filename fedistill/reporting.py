@@ -91,6 +91,33 @@ def save_grid(syn: SyntheticSet, path: str | Path, *, max_per_class: int = 10) -
     return path
 
 
+def save_partition_plot(hist: Any, path: str | Path, *, class_names: tuple[str, ...] = ()) -> Path:
+    """Stacked bars of per-partition class counts (``hist``: ``[partitions, classes]``)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    hist = np.asarray(hist)
+    n, k = hist.shape
+    fig, ax = plt.subplots(figsize=(max(4.0, min(0.12 * n + 2, 20.0)), 3.2))
+    bottom = np.zeros(n)
+    cmap = plt.get_cmap("tab20" if k > 10 else "tab10")
+    for c in range(k):
+        label = class_names[c] if c < len(class_names) else str(c)
+        ax.bar(np.arange(n), hist[:, c], bottom=bottom, color=cmap(c % cmap.N), width=0.9, label=label)
+        bottom += hist[:, c]
+    ax.set_xlabel("partition (client)")
+    ax.set_ylabel("samples")
+    ax.legend(fontsize=6, ncol=2, loc="upper right", frameon=False)
+    fig.tight_layout()
+    path = Path(path)
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
+
+
 @contextlib.contextmanager
 def progress_bars() -> Iterator[Any]:
     """A :class:`rich.progress.Progress` (transient-free) for distillation and evaluation."""
