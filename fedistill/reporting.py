@@ -29,6 +29,16 @@ def _atomic_write(path: Path, text: str) -> None:
     os.replace(tmp, path)
 
 
+def _pyplot() -> Any:
+    """``matplotlib.pyplot`` on the non-interactive Agg backend (imported lazily)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
 class RunDir:
     """A run's output directory.
 
@@ -63,10 +73,7 @@ class RunDir:
 
 def save_grid(syn: SyntheticSet, path: str | Path, *, max_per_class: int = 10) -> Path:
     """Save ``syn`` as a PNG grid, one row per class, de-normalized to ``[0, 1]``."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = _pyplot()
 
     path = Path(path)
     info = syn.info
@@ -93,10 +100,7 @@ def save_grid(syn: SyntheticSet, path: str | Path, *, max_per_class: int = 10) -
 
 def save_partition_plot(hist: Any, path: str | Path, *, class_names: tuple[str, ...] = ()) -> Path:
     """Stacked bars of per-partition class counts (``hist``: ``[partitions, classes]``)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = _pyplot()
     import numpy as np
 
     hist = np.asarray(hist)

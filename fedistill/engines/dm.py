@@ -264,7 +264,6 @@ class DMEngine(Engine):
                 if dsa
                 else None
             )
-            ctx["iteration"] = it
             loss = self.embedding_loss(net, sampler.sample(), syn, ctx)
             opt.zero_grad(set_to_none=True)
             loss.backward()
