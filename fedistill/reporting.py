@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import os
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -19,14 +18,9 @@ from typing import Any
 import torch
 
 from fedistill.data.synthetic import SyntheticSet
+from fedistill.io import atomic_write_text
 
 __all__ = ["RunDir", "progress_bars", "results_table", "save_grid"]
-
-
-def _atomic_write(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
 
 
 def _pyplot() -> Any:
@@ -56,7 +50,7 @@ class RunDir:
 
     def write_config(self, yaml_text: str) -> None:
         """Write the resolved config as ``config.yaml``."""
-        _atomic_write(self.path / "config.yaml", yaml_text)
+        atomic_write_text(self.path / "config.yaml", yaml_text)
 
     def log(self, event: str, **fields: Any) -> None:
         """Append one event to ``metrics.jsonl`` (flushed immediately)."""
@@ -67,7 +61,7 @@ class RunDir:
     def update_summary(self, **fields: Any) -> dict[str, Any]:
         """Merge ``fields`` into ``summary.json`` and rewrite it atomically."""
         self.summary.update(fields)
-        _atomic_write(self.path / "summary.json", json.dumps(self.summary, indent=2) + "\n")
+        atomic_write_text(self.path / "summary.json", json.dumps(self.summary, indent=2) + "\n")
         return self.summary
 
 

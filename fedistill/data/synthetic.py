@@ -8,7 +8,6 @@ sidecar ``.json`` file for people to read. Never pickle.
 from __future__ import annotations
 
 import json
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -167,24 +166,18 @@ class SyntheticSet:
         pathlib.Path
             The safetensors path.
         """
-        from safetensors.torch import save_file
+        from fedistill.io import atomic_save_tensors, atomic_write_text
 
         path = Path(path)
         self.validate(max_size=max(len(self), DEFAULT_MAX_SIZE))
-        tensors = {"images": self.images.detach().cpu().contiguous()}
+        tensors = {"images": self.images}
         if self.labels is not None:
-            tensors["labels"] = self.labels.detach().cpu().contiguous()
+            tensors["labels"] = self.labels
         if self.soft_labels is not None:
-            tensors["soft_labels"] = self.soft_labels.detach().cpu().contiguous()
-        header = json.dumps(self._header())
+            tensors["soft_labels"] = self.soft_labels
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(path.name + ".tmp")
-        save_file(tensors, str(tmp), metadata={"fedistill": header})
-        os.replace(tmp, path)
-        sidecar = path.with_suffix(".json")
-        tmp = sidecar.with_name(sidecar.name + ".tmp")
-        tmp.write_text(json.dumps(self._header(), indent=2) + "\n")
-        os.replace(tmp, sidecar)
+        atomic_save_tensors(path, tensors, metadata={"fedistill": json.dumps(self._header())})
+        atomic_write_text(path.with_suffix(".json"), json.dumps(self._header(), indent=2) + "\n")
         return path
 
     @classmethod
