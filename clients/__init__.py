@@ -1,1 +1,1 @@
-"""Flower ClientApp handlers (the federated layer; filled by the federated-simulation issue)."""
+"""Flower ClientApp of fedistill (``clients.app:app``)."""

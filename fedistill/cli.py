@@ -13,7 +13,7 @@ from pathlib import Path
 
 from fedistill.registry import Registry, UnknownNameError
 
-__all__ = ["COMMANDS", "config_dir", "main"]
+__all__ = ["COMMANDS", "compose_config", "config_dir", "main"]
 
 COMMANDS: Registry[tuple[str, Callable[[list[str]], int]]] = Registry("command")
 
@@ -34,13 +34,21 @@ def _hydra_app(config_name: str, task: Callable[[dict, Path], object], prog: str
 
     def job(cfg: DictConfig) -> None:
         from fedistill.data import DatasetFormatError, DatasetNotFoundError, SyntheticSetError
+        from fedistill.federated import FederationError, NodeDataError
         from fedistill.reporting import RunDir
 
         out = Path(HydraConfig.get().runtime.output_dir)
         RunDir(out).write_config(OmegaConf.to_yaml(cfg, resolve=True))
         try:
             task(OmegaConf.to_container(cfg, resolve=True), out)  # type: ignore[arg-type]
-        except (DatasetNotFoundError, DatasetFormatError, SyntheticSetError, UnknownNameError) as exc:
+        except (
+            DatasetNotFoundError,
+            DatasetFormatError,
+            SyntheticSetError,
+            UnknownNameError,
+            FederationError,
+            NodeDataError,
+        ) as exc:
             # input errors carry their own explanation and fix: no traceback
             print(f"fedistill {config_name}: error: {exc}", file=sys.stderr)
             raise SystemExit(1) from None
@@ -54,6 +62,16 @@ def _hydra_app(config_name: str, task: Callable[[dict, Path], object], prog: str
     finally:
         sys.argv = saved
     return 0
+
+
+def compose_config(config_name: str, overrides: list[str]) -> dict:
+    """Resolve a config of the tree with Hydra overrides, without running a job (for ServerApps)."""
+    from hydra import compose, initialize_config_dir
+    from omegaconf import OmegaConf
+
+    with initialize_config_dir(config_dir=str(config_dir()), version_base="1.3"):
+        cfg = compose(config_name=config_name, overrides=overrides)
+    return OmegaConf.to_container(cfg, resolve=True)  # type: ignore[return-value]
 
 
 def _central(args: list[str]) -> int:
@@ -74,6 +92,13 @@ def _evaluate(args: list[str]) -> int:
     return _hydra_app("evaluate", run_evaluate, "fedistill evaluate", [f"synthetic_path='{quoted}'", *rest])
 
 
+def _simulate(args: list[str]) -> int:
+    from strategies.simulation import run_simulate
+
+    return _hydra_app("simulate", run_simulate, "fedistill simulate", args)
+
+
+COMMANDS.register("simulate")(("federated distillation with Flower's simulation engine on Ray", _simulate))
 COMMANDS.register("central")(("distill a dataset on one machine and evaluate it", _central))
 COMMANDS.register("evaluate")(("re-evaluate a saved synthetic.safetensors", _evaluate))
 

@@ -37,6 +37,7 @@ __all__ = [
     "evaluate_synthetic",
     "random_subset",
     "summarize",
+    "test_metrics",
     "train_model",
 ]
 
@@ -58,6 +59,8 @@ class EvalRecipe:
         Per-image DSA augmentation during training.
     temperature
         KD temperature for soft labels.
+    lr_decay
+        Drop the lr x0.1 at half the epochs (off for short local training).
     """
 
     epochs: int = 300
@@ -67,6 +70,7 @@ class EvalRecipe:
     batch_size: int = 256
     dsa: bool = True
     temperature: float = 4.0
+    lr_decay: bool = True
 
 
 @dataclass(frozen=True)
@@ -91,8 +95,9 @@ def train_model(
     recipe: EvalRecipe,
     seed: int,
     device: torch.device,
+    init_state: dict[str, torch.Tensor] | None = None,
 ) -> nn.Module:
-    """Train a fresh ``spec`` model on ``images``.
+    """Train a fresh ``spec`` model on ``images`` (or continue from ``init_state``).
 
     Parameters
     ----------
@@ -101,10 +106,15 @@ def train_model(
         ``recipe.temperature``).
     seed
         Drives initialization, batch order and augmentation.
+    init_state
+        Start from these weights (a state dict) instead of a fresh initialization.
     """
     model = build_model(spec.name, info, seed=derive_seed(seed, "init"), **spec.kwargs).to(device)
+    if init_state is not None:
+        model.load_state_dict(init_state)
     opt = torch.optim.SGD(model.parameters(), lr=recipe.lr, momentum=recipe.momentum, weight_decay=recipe.weight_decay)
-    sched = torch.optim.lr_scheduler.MultiStepLR(opt, milestones=[max(1, recipe.epochs // 2)], gamma=0.1)
+    milestones = [max(1, recipe.epochs // 2)] if recipe.lr_decay else []
+    sched = torch.optim.lr_scheduler.MultiStepLR(opt, milestones=milestones, gamma=0.1)
     gen = torch_generator(seed, "batches")
     dsa = DSA(DSAConfig(flip=info.flip)) if recipe.dsa else None
     images, targets = images.to(device), targets.to(device)
@@ -131,14 +141,24 @@ def train_model(
 
 
 @torch.no_grad()
+def test_metrics(
+    model: nn.Module, split: Split, *, device: torch.device, batch_size: int = 1024
+) -> tuple[float, float]:
+    """Top-1 accuracy (fraction) and mean cross-entropy of ``model`` on ``split``."""
+    model.eval()
+    correct, loss = 0, 0.0
+    for i in range(0, len(split), batch_size):
+        x, y = split.images[i : i + batch_size].to(device), split.labels[i : i + batch_size].to(device)
+        out = model(x)
+        correct += int((out.argmax(1) == y).sum())
+        loss += float(F.cross_entropy(out, y, reduction="sum"))
+    n = max(1, len(split))
+    return correct / n, loss / n
+
+
 def accuracy(model: nn.Module, split: Split, *, device: torch.device, batch_size: int = 1024) -> float:
     """Top-1 accuracy (fraction) of ``model`` on ``split``."""
-    model.eval()
-    correct = 0
-    for i in range(0, len(split), batch_size):
-        x = split.images[i : i + batch_size].to(device)
-        correct += int((model(x).argmax(1).cpu() == split.labels[i : i + batch_size]).sum())
-    return correct / max(1, len(split))
+    return test_metrics(model, split, device=device, batch_size=batch_size)[0]
 
 
 def random_subset(train: Split, labels: torch.Tensor, *, seed: int) -> Split:

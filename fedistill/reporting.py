@@ -20,7 +20,7 @@ import torch
 from fedistill.data.synthetic import SyntheticSet
 from fedistill.io import atomic_write_text
 
-__all__ = ["RunDir", "progress_bars", "results_table", "save_grid"]
+__all__ = ["RunDir", "progress_bars", "results_table", "save_accuracy_plot", "save_grid", "save_partition_plot"]
 
 
 def _pyplot() -> Any:
@@ -147,3 +147,30 @@ def results_table(summary: dict[str, Any]) -> Any:
     if whole:
         t.caption = f"whole training set: {fmt(whole)}"
     return t
+
+
+def save_accuracy_plot(rounds: list[dict[str, Any]], path: str | Path, *, title: str = "") -> Path:
+    """Global-model accuracy against rounds and against cumulative uplink bytes.
+
+    ``rounds`` are ``metrics.jsonl`` round records (``round``, ``accuracy`` in %,
+    ``bytes_up_total``).
+    """
+    plt = _pyplot()
+    xs = [r["round"] for r in rounds]
+    acc = [r["accuracy"] for r in rounds]
+    up = [r["bytes_up_total"] / 1e6 for r in rounds]
+    fig, (a, b) = plt.subplots(1, 2, figsize=(8, 3.2))
+    a.plot(xs, acc, marker="o")
+    a.set_xlabel("round")
+    a.set_ylabel("test accuracy (%)")
+    b.plot(up, acc, marker="o")
+    b.set_xlabel("cumulative uplink (MB)")
+    for ax in (a, b):
+        ax.grid(alpha=0.3)
+    if title:
+        fig.suptitle(title, fontsize=9)
+    fig.tight_layout()
+    path = Path(path)
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path

@@ -1,1 +1,5 @@
-"""Flower ServerApp and strategies (the federated layer; filled by the federated-simulation issue)."""
+"""Flower ServerApp and server strategies of fedistill (``strategies.app:app``).
+
+Strategies register by name (``strategy=feddm``) in :data:`strategies.base.STRATEGIES`;
+importing :mod:`strategies.app` registers the built-in ones.
+"""

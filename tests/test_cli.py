@@ -120,6 +120,35 @@ def test_config_tree_matches_registries():
     assert {p.stem for p in (root / "dataset").glob("*.yaml")} == set(DATASETS.names())
 
 
+def test_simulate_config_tree_matches_registries():
+    from fedistill.data.partition import PARTITIONERS
+    from strategies.app import STRATEGIES
+
+    root = config_dir()
+    assert {p.stem for p in (root / "strategy").glob("*.yaml")} == set(STRATEGIES.names())
+    for path in (root / "strategy").glob("*.yaml"):
+        assert yaml.safe_load(path.read_text())["name"] == path.stem
+    schemes = {yaml.safe_load(p.read_text())["scheme"] for p in (root / "partition").glob("*.yaml")}
+    assert schemes == set(PARTITIONERS.names())
+
+
+def test_simulate_card_command_resolves():
+    """`fedistill simulate strategy=feddm clients=100 alpha=0.1` resolves to what it says."""
+    from fedistill.cli import compose_config
+
+    cfg = compose_config("simulate", ["strategy=feddm", "clients=100", "alpha=0.1"])
+    assert cfg["strategy"]["name"] == "feddm" and cfg["clients"] == 100
+    assert cfg["partition"] == {"scheme": "dirichlet", "alpha": 0.1}
+    assert cfg["rounds"] == cfg["strategy"]["rounds"]
+    assert compose_config("simulate", ["rounds=7"])["rounds"] == 7
+
+
+def test_simulate_unknown_strategy_lists_the_valid_ones(tmp_path):
+    proc = fedistill("simulate", "strategy=nope", f"hydra.run.dir={tmp_path / 'x'}", cwd=tmp_path, check=False)
+    assert proc.returncode != 0
+    assert "feddm" in proc.stderr and "oneshot" in proc.stderr
+
+
 @pytest.mark.slow
 def test_wheel_ships_configs_and_packages(tmp_path):
     """Built as a wheel and installed elsewhere, the CLI still finds its config tree."""

@@ -142,18 +142,21 @@ def real_branch_dtype(device: torch.device, mode: str) -> torch.dtype | None:
 
 
 def init_synthetic(
-    data: Split, ipc: int, *, init: str, seed: int, min_class_samples: int = 1
+    data: Split, ipc: int, *, init: str, seed: int, min_class_samples: int = 1, pad_small: bool = True
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Initial synthetic images, class-ordered, ``ipc`` per class present in ``data``.
 
     Classes with fewer than ``min_class_samples`` real samples get no synthetic
     images. With ``init="real"`` a class with fewer than ``ipc`` samples is topped
-    up with noise images, so every present class has exactly ``ipc`` rows.
+    up with noise images (``pad_small=True``), so every present class has exactly
+    ``ipc`` rows, or gets ``min(ipc, max(1, n // 2))`` rows (``pad_small=False``):
+    every synthetic image then summarizes at least two real ones where the class has
+    two, instead of starting as (and, its gradient being zero, staying) a verbatim copy.
 
     Returns
     -------
     images, labels
-        ``[K' * ipc, C, H, W]`` float32 and ``[K' * ipc]`` int64.
+        ``[R, C, H, W]`` float32 and ``[R]`` int64, ``R = K' * ipc`` when padded.
     """
     if init not in ("real", "noise"):
         raise ValueError(f"unknown init {init!r}; valid: real, noise")
@@ -165,10 +168,14 @@ def init_synthetic(
     if not classes:
         raise ValueError(f"no class has at least {max(1, min_class_samples)} samples; nothing to distill")
     images = torch.randn(len(classes) * ipc, *data.info.shape, generator=g)
+    keep = torch.ones(len(images), dtype=torch.bool)
     if init == "real":
         for i, c in enumerate(classes):
             idx = torch.nonzero(data.labels == c).flatten()
-            take = idx[torch.randperm(len(idx), generator=g)[:ipc]]
+            rows = ipc if pad_small or len(idx) >= 2 * ipc else max(1, len(idx) // 2)
+            take = idx[torch.randperm(len(idx), generator=g)[: min(ipc, rows)]]
             images[i * ipc : i * ipc + len(take)] = data.images[take]
+            if not pad_small:
+                keep[i * ipc + len(take) : (i + 1) * ipc] = False
     labels = torch.tensor(classes, dtype=torch.int64).repeat_interleave(ipc)
-    return images.contiguous(), labels
+    return images[keep].contiguous(), labels[keep]

@@ -73,6 +73,12 @@ class DMConfig:
         Threshold of ``compile="auto"``.
     min_class_samples
         Classes with fewer real samples are not distilled.
+    pad_small_classes
+        With ``init=real``, a class with fewer than ``2 * ipc`` real samples is padded
+        with noise images up to ``ipc`` (``True``) or gets ``max(1, n // 2)`` synthetic
+        images (``False``, the default): a noise image matched to a few samples' mean
+        adds label noise, and a class with no more real than synthetic images would be
+        sent as verbatim copies. This matters on small non-IID client partitions.
     log_every
         Report the loss every this many iterations.
     """
@@ -91,6 +97,7 @@ class DMConfig:
     compile: bool | str = "auto"
     compile_min_iterations: int = 200
     min_class_samples: int = 1
+    pad_small_classes: bool = False
     log_every: int = 10
 
 
@@ -171,7 +178,8 @@ class DMEngine(Engine):
         Subclasses override this to match more than the mean.
         """
         real_mean, syn_emb = self._embed_pair(net, real, syn, ctx)
-        syn_mean = syn_emb.view(ctx["num_classes"], -1, syn_emb.shape[1]).mean(1)
+        syn_mean = torch.zeros(ctx["num_classes"], syn_emb.shape[1], device=syn_emb.device)
+        syn_mean = syn_mean.index_add(0, ctx["syn_groups"], syn_emb) / ctx["syn_counts"].unsqueeze(1)
         return ((real_mean - syn_mean) ** 2).sum()
 
     def _embed_pair(
@@ -192,10 +200,18 @@ class DMEngine(Engine):
         )
         if dsa is not None:
             syn = dsa.apply(syn, ctx["params"], ctx["syn_aug_groups"])
-        return real_mean, net.embed(syn)
+        return real_mean, self.features(net)(syn)
+
+    def features(self, net: nn.Module) -> Callable[[torch.Tensor], torch.Tensor]:
+        """The per-image features whose class means are matched (DM: ``net.embed``)."""
+        return net.embed
+
+    def prepare_network(self, net: nn.Module, iteration: int, seed: int) -> None:
+        """Set ``net``'s weights for ``iteration`` (DM: a fresh random initialization)."""
+        reinitialize(net, derive_seed(seed, "dm-net", iteration))
 
     def _aug_groups(
-        self, sampler: RealSampler, syn_groups: torch.Tensor, ipc: int
+        self, sampler: RealSampler, syn_groups: torch.Tensor, syn_pos: torch.Tensor, ipc: int
     ) -> tuple[torch.Tensor, torch.Tensor, int]:
         """DSA groups of real rows, synthetic rows, and their number (see ``DMConfig.dsa_groups``)."""
         if self.config.dsa_groups == "class":
@@ -203,7 +219,6 @@ class DMEngine(Engine):
         if self.config.dsa_groups != "sample":
             raise ValueError(f"unknown dsa_groups {self.config.dsa_groups!r}; valid: sample, class")
         width = max(int(sampler.counts.max()), ipc)
-        syn_pos = torch.arange(ipc, device=syn_groups.device).repeat(len(sampler.counts))
         return sampler.groups * width + sampler.positions, syn_groups * width + syn_pos, len(sampler.counts) * width
 
     def compiles(self, device: torch.device) -> bool:
@@ -228,8 +243,11 @@ class DMEngine(Engine):
         """See :meth:`Engine.distill`."""
         cfg = self.config
         dev = resolve_device(device)
-        images, labels = init_synthetic(data, ipc, init=init, seed=seed, min_class_samples=cfg.min_class_samples)
-        classes = labels[::ipc].tolist()
+        images, labels = init_synthetic(
+            data, ipc, init=init, seed=seed, min_class_samples=cfg.min_class_samples, pad_small=cfg.pad_small_classes
+        )
+        classes, syn_counts = torch.unique_consecutive(labels, return_counts=True)
+        classes = classes.tolist()
         syn = images.to(dev).requires_grad_(True)
         opt = torch.optim.SGD([syn], lr=cfg.lr_img, momentum=cfg.momentum)
         sampler = RealSampler(data, classes, cfg.batch_real, dev, torch_generator(seed, "dm-real"))
@@ -240,23 +258,27 @@ class DMEngine(Engine):
         real_net = net if real_dtype is None else copy.deepcopy(net).to(real_dtype)
         # Refreshing the bf16 copy in place is cheaper than load_state_dict each iteration.
         pairs = [] if real_net is net else list(zip(_tensors(real_net), _tensors(net), strict=True))
-        syn_groups = torch.arange(len(classes), device=dev).repeat_interleave(ipc)
-        real_aug, syn_aug, num_aug = self._aug_groups(sampler, syn_groups, ipc)
+        syn_groups = torch.arange(len(classes), device=dev).repeat_interleave(syn_counts.to(dev))
+        syn_pos = torch.cat([torch.arange(int(n)) for n in syn_counts]).to(dev)
+        real_aug, syn_aug, num_aug = self._aug_groups(sampler, syn_groups, syn_pos, ipc)
         ctx: dict[str, Any] = {
             "dsa": dsa,
             "num_classes": len(classes),
             "real_groups": sampler.groups,
             "syn_groups": syn_groups,
+            "syn_counts": syn_counts.to(dev, torch.float32),
             "real_aug_groups": real_aug,
             "syn_aug_groups": syn_aug,
             "counts": sampler.counts,
-            "real_embed": torch.compile(real_net.embed, dynamic=False) if self.compiles(dev) else real_net.embed,
+            "real_embed": (
+                torch.compile(self.features(real_net), dynamic=False) if self.compiles(dev) else self.features(real_net)
+            ),
             "real_dtype": real_dtype or torch.float32,
         }
         history: list[dict[str, float]] = []
         start = time.perf_counter()
         for it in range(cfg.iterations):
-            reinitialize(net, derive_seed(seed, "dm-net", it))
+            self.prepare_network(net, it, seed)
             for dst, src in pairs:
                 dst.copy_(src)
             ctx["params"] = (

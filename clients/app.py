@@ -1,0 +1,104 @@
+"""The fedistill ClientApp: message handlers that move records and call the library.
+
+Handlers
+--------
+``query.info``
+    This node's ``partition-id`` (simulation) so the server can order and sample
+    clients deterministically; ``-1`` on a device with its own ``data-path``.
+``train.distill``
+    Distill this node's data with the engine named in the task; reply with the
+    synthetic set (ArrayRecord ``synthetic``), its metadata and metrics. Raw data
+    never leaves the node.
+``train.fit``
+    Local SGD from the global weights (the FedAvg baseline); reply with the weights.
+``evaluate``
+    Accuracy and loss of the global weights on this node's data.
+
+Any exception becomes an error reply whose reason names the problem; the server
+logs it and the round goes on.
+"""
+
+from __future__ import annotations
+
+import json
+import traceback
+from collections.abc import Callable
+
+from flwr.app import ConfigRecord, Context, Error, Message
+from flwr.clientapp import ClientApp
+
+from fedistill.federated import distill_task, encode_synthetic, evaluate_task, fit_task, node_split
+from strategies.records import metrics_record, read_json, read_tensors, reply, tensor_record
+
+__all__ = ["app"]
+
+app = ClientApp()
+
+CLIENT_ERROR = 1001
+"""Error code of a handler that raised (the reason carries the exception)."""
+
+
+def _guard(handler: Callable[[Message, Context], Message]) -> Callable[[Message, Context], Message]:
+    def wrapped(msg: Message, context: Context) -> Message:
+        try:
+            return handler(msg, context)
+        except Exception as err:  # one failing client must never kill a run: report why
+            where = traceback.extract_tb(err.__traceback__)[-1]
+            reason = f"{type(err).__name__}: {err} (at {where.filename.rsplit('/', 1)[-1]}:{where.lineno})"
+            return Message(Error(code=CLIENT_ERROR, reason=reason), reply_to=msg)
+
+    wrapped.__name__ = handler.__name__
+    wrapped.__doc__ = handler.__doc__
+    return wrapped
+
+
+def _partition_id(context: Context) -> int:
+    return int(context.node_config.get("partition-id", -1))
+
+
+@app.query("info")
+@_guard
+def info(msg: Message, context: Context) -> Message:
+    """Reply with this node's partition id."""
+    return reply(msg, metrics=metrics_record({"partition-id": _partition_id(context)}))
+
+
+@app.train("distill")
+@_guard
+def distill(msg: Message, context: Context) -> Message:
+    """Distill the node's data; reply with the synthetic set."""
+    task = read_json(msg)
+    split = node_split(context.node_config, task["data"])
+    base = read_tensors(msg.content.array_records["global"]) if "global" in msg.content.array_records else None
+    syn, metrics = distill_task(split, task, base_state=base)
+    tensors, meta = encode_synthetic(syn)
+    arrays = tensor_record(tensors)
+    metrics.update(bytes=arrays.count_bytes(), **{"partition-id": _partition_id(context)})
+    return reply(
+        msg,
+        synthetic=arrays,
+        meta=ConfigRecord({"json": json.dumps(meta, default=str)}),
+        metrics=metrics_record(metrics),
+    )
+
+
+@app.train("fit")
+@_guard
+def fit(msg: Message, context: Context) -> Message:
+    """Local SGD from the global weights; reply with the new weights."""
+    task = read_json(msg)
+    split = node_split(context.node_config, task["data"])
+    state, metrics = fit_task(split, read_tensors(msg.content.array_records["global"]), task)
+    metrics["partition-id"] = _partition_id(context)
+    return reply(msg, model=tensor_record(state), metrics=metrics_record(metrics))
+
+
+@app.evaluate()
+@_guard
+def evaluate(msg: Message, context: Context) -> Message:
+    """Evaluate the global weights on the node's data."""
+    task = read_json(msg)
+    split = node_split(context.node_config, task["data"])
+    metrics = evaluate_task(split, read_tensors(msg.content.array_records["global"]), task)
+    metrics["partition-id"] = _partition_id(context)
+    return reply(msg, metrics=metrics_record(metrics))

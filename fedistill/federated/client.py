@@ -1,0 +1,147 @@
+"""What a client does with a message, as plain functions (the ClientApp only moves records).
+
+A *task* is the JSON-able dict the server sends: ``method`` and ``method_options``
+(the engine and its config), ``ipc``, ``init``, ``seed`` (this client's, derived by
+the server), ``device``, ``threads``, ``model`` (``{"name", ...options}``), ``fit``
+(the local SGD recipe of FedAvg) and optionally ``fault`` (fault injection for tests
+and robustness studies, see :data:`FAULTS`).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import torch
+
+from fedistill.data.base import Split
+from fedistill.data.synthetic import SyntheticSet
+from fedistill.engines import build_engine, resolve_device
+from fedistill.evaluation import EvalRecipe, ModelSpec, test_metrics, train_model
+from fedistill.models import build_model
+from fedistill.registry import Registry
+
+__all__ = ["FAULTS", "distill_task", "evaluate_task", "fit_task", "model_spec"]
+
+FAULTS: Registry[Callable[[SyntheticSet], SyntheticSet]] = Registry("fault")
+"""Deliberate client misbehaviour: ``crash`` raises; the others corrupt the reply."""
+
+
+class InjectedFault(RuntimeError):
+    """Raised by the ``crash`` fault."""
+
+
+@FAULTS.register("crash")
+def _crash(syn: SyntheticSet) -> SyntheticSet:
+    raise InjectedFault("injected crash (fault=crash)")
+
+
+@FAULTS.register("nan")
+def _nan(syn: SyntheticSet) -> SyntheticSet:
+    syn.images[0, 0, 0, 0] = float("nan")
+    return syn
+
+
+@FAULTS.register("shape")
+def _shape(syn: SyntheticSet) -> SyntheticSet:
+    syn.images = syn.images[:, :, :-1, :].contiguous()
+    return syn
+
+
+@FAULTS.register("labels")
+def _labels(syn: SyntheticSet) -> SyntheticSet:
+    if syn.labels is not None:
+        syn.labels = syn.labels + syn.info.num_classes
+    return syn
+
+
+@FAULTS.register("oversize")
+def _oversize(syn: SyntheticSet) -> SyntheticSet:
+    syn.images = syn.images.repeat(4, 1, 1, 1)
+    syn.labels = None if syn.labels is None else syn.labels.repeat(4)
+    syn.soft_labels = None if syn.soft_labels is None else syn.soft_labels.repeat(4, 1)
+    return syn
+
+
+def model_spec(model: Mapping[str, Any]) -> ModelSpec:
+    """``{"name": "convnet", "width": 32}`` -> :class:`ModelSpec`."""
+    opts = dict(model)
+    return ModelSpec(opts.pop("name"), opts)
+
+
+def _setup(task: Mapping[str, Any]) -> torch.device:
+    torch.set_num_threads(max(1, int(task.get("threads", 1))))
+    return resolve_device(task.get("device", "cpu"))
+
+
+def distill_task(
+    split: Split, task: Mapping[str, Any], *, base_state: dict[str, torch.Tensor] | None = None
+) -> tuple[SyntheticSet, dict[str, Any]]:
+    """Distill this client's data with the task's engine.
+
+    Returns
+    -------
+    synthetic, metrics
+        The synthetic set and ``{"examples", "class_counts", "seconds", "rows"}``.
+    """
+    device = _setup(task)
+    start = time.perf_counter()
+    spec = model_spec(task["model"])
+    engine = build_engine(task["method"], model=spec.name, model_kwargs=spec.kwargs, **task.get("method_options", {}))
+    extra = {"base_state": base_state} if base_state is not None else {}
+    syn = engine.distill(
+        split, int(task["ipc"]), init=task.get("init", "real"), device=device, seed=int(task["seed"]), **extra
+    )
+    syn.metadata.pop("loss_history", None)
+    if task.get("fault"):
+        syn = FAULTS.get(task["fault"])(syn)
+    metrics = {
+        "examples": len(split),
+        "class_counts": split.class_counts().tolist(),
+        "seconds": round(time.perf_counter() - start, 3),
+        "rows": len(syn),
+    }
+    return syn, metrics
+
+
+def _recipe(task: Mapping[str, Any]) -> EvalRecipe:
+    return EvalRecipe(**{**{"dsa": False, "lr_decay": False}, **dict(task.get("fit", {}))})
+
+
+def fit_task(
+    split: Split, state: dict[str, torch.Tensor], task: Mapping[str, Any]
+) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """Local SGD from the global ``state`` on this client's data (the FedAvg baseline)."""
+    device = _setup(task)
+    if task.get("fault") == "crash":
+        FAULTS.get("crash")(None)  # type: ignore[arg-type]
+    start = time.perf_counter()
+    model = train_model(
+        model_spec(task["model"]),
+        split.info,
+        split.images,
+        split.labels,
+        recipe=_recipe(task),
+        seed=int(task["seed"]),
+        device=device,
+        init_state=state,
+    )
+    acc, loss = test_metrics(model, split, device=device)
+    new = {k: v.detach().cpu() for k, v in model.state_dict().items()}
+    return new, {
+        "examples": len(split),
+        "train_accuracy": acc,
+        "train_loss": loss,
+        "seconds": time.perf_counter() - start,
+    }
+
+
+def evaluate_task(split: Split, state: dict[str, torch.Tensor], task: Mapping[str, Any]) -> dict[str, Any]:
+    """Accuracy and loss of the global ``state`` on this client's data."""
+    device = _setup(task)
+    spec = model_spec(task["model"])
+    model = build_model(spec.name, split.info, **spec.kwargs).to(device)
+    model.load_state_dict(state)
+    acc, loss = test_metrics(model, split, device=device)
+    return {"examples": len(split), "accuracy": acc, "loss": loss}

@@ -1,0 +1,185 @@
+"""Server-side pieces: payload decoding and validation, merging, the global model.
+
+Every synthetic set a server receives goes through :func:`decode_synthetic`, which
+accepts only the expected arrays and runs :meth:`SyntheticSet.validate` against the
+*server's* dataset description and a per-client size cap. A rejected reply becomes a
+:class:`ClientFailure` with its reason; the round goes on.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from fedistill.data.base import DataBundle, DatasetInfo
+from fedistill.data.synthetic import SyntheticSet, SyntheticSetError
+from fedistill.evaluation import EvalRecipe, ModelSpec, test_metrics, train_model
+from fedistill.io import atomic_save_tensors
+from fedistill.models import build_model
+from fedistill.seeding import derive_seed
+
+__all__ = [
+    "PAYLOAD_KEYS",
+    "ClientFailure",
+    "FederationError",
+    "GlobalModel",
+    "decode_synthetic",
+    "encode_synthetic",
+    "merge_sets",
+    "weighted_average",
+]
+
+PAYLOAD_KEYS = ("images", "labels", "soft_labels")
+"""The only arrays a synthetic-set reply may carry."""
+
+
+class FederationError(RuntimeError):
+    """A federated run cannot go on (e.g. too few clients succeeded in a round)."""
+
+
+@dataclass(frozen=True)
+class ClientFailure:
+    """One client's failure in one round: who, what kind, and why."""
+
+    node: int
+    client: str
+    kind: str
+    reason: str
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-able form for ``metrics.jsonl``."""
+        return asdict(self)
+
+
+def encode_synthetic(syn: SyntheticSet) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """Arrays and metadata of a synthetic-set payload (no dataset info: the server has its own)."""
+    tensors = {"images": syn.images.detach().cpu().contiguous()}
+    if syn.labels is not None:
+        tensors["labels"] = syn.labels.detach().cpu().contiguous()
+    if syn.soft_labels is not None:
+        tensors["soft_labels"] = syn.soft_labels.detach().cpu().contiguous()
+    return tensors, dict(syn.metadata)
+
+
+def decode_synthetic(
+    tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, Any], info: DatasetInfo, *, max_size: int
+) -> SyntheticSet:
+    """Rebuild and validate a synthetic set received from a client.
+
+    Raises
+    ------
+    SyntheticSetError
+        Naming the offending field: unexpected or missing arrays, wrong shape or
+        dtype, non-finite values, labels out of range, more than ``max_size`` rows.
+    """
+    extra = sorted(set(tensors) - set(PAYLOAD_KEYS))
+    if extra:
+        raise SyntheticSetError("payload", f"unexpected arrays {extra}", f"send only {list(PAYLOAD_KEYS)}")
+    if "images" not in tensors:
+        raise SyntheticSetError("images", "missing from the payload")
+    syn = SyntheticSet(
+        tensors["images"], tensors.get("labels"), info, tensors.get("soft_labels"), metadata=dict(metadata)
+    )
+    return syn.validate(info, max_size=max_size)
+
+
+def merge_sets(parts: Sequence[tuple[str, SyntheticSet]], info: DatasetInfo) -> SyntheticSet:
+    """The union of client sets, ordered by client, with per-client provenance in its metadata.
+
+    Soft labels are kept only when every part has them (otherwise hard labels are used).
+    """
+    if not parts:
+        raise FederationError("no synthetic set to merge")
+    soft = all(s.soft_labels is not None for _, s in parts)
+    images, labels, softs, provenance, start = [], [], [], [], 0
+    for client, syn in parts:
+        images.append(syn.images)
+        labels.append(syn.hard_labels)
+        if soft:
+            softs.append(syn.soft_labels)
+        provenance.append(
+            {"client": client, "start": start, "stop": start + len(syn), "method": syn.metadata.get("method")}
+        )
+        start += len(syn)
+    methods = sorted({str(p["method"]) for p in provenance})
+    meta = {"method": methods[0] if len(methods) == 1 else methods, "clients": provenance}
+    return SyntheticSet(torch.cat(images), torch.cat(labels), info, torch.cat(softs) if soft else None, metadata=meta)
+
+
+def weighted_average(states: Sequence[Mapping[str, torch.Tensor]], weights: Sequence[float]) -> dict[str, torch.Tensor]:
+    """Weighted mean of state dicts (FedAvg); integer buffers are taken from the first state."""
+    total = float(sum(weights))
+    if not states or total <= 0:
+        raise FederationError("nothing to average: no client returned a model with a positive weight")
+    out: dict[str, torch.Tensor] = {}
+    for key, ref in states[0].items():
+        if ref.is_floating_point():
+            out[key] = sum(s[key].double() * (w / total) for s, w in zip(states, weights, strict=True)).to(ref.dtype)
+        else:
+            out[key] = ref.clone()
+    return out
+
+
+class GlobalModel:
+    """The server's model: trained on synthetic sets (or averaged), evaluated on the real test set.
+
+    Parameters
+    ----------
+    spec
+        Architecture.
+    bundle
+        The server's dataset (its test split is used for evaluation only).
+    recipe
+        Training recipe on synthetic data.
+    device, seed
+        Where to train; the seed drives initialization and each round's training stream.
+    continue_training
+        Start each round's training from the current weights (FedDM) rather than afresh.
+    """
+
+    def __init__(
+        self,
+        spec: ModelSpec,
+        bundle: DataBundle,
+        *,
+        recipe: EvalRecipe,
+        device: torch.device,
+        seed: int,
+        continue_training: bool = True,
+    ) -> None:
+        self.spec, self.bundle, self.recipe, self.device, self.seed = spec, bundle, recipe, device, seed
+        self.continue_training = continue_training
+        model = build_model(spec.name, bundle.info, seed=derive_seed(seed, "global-init"), **spec.kwargs)
+        self.state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+    def train_on(self, syn: SyntheticSet, *, round_: int) -> float:
+        """Train on ``syn`` (soft labels when present); returns seconds spent."""
+        start = time.perf_counter()
+        targets = syn.soft_labels if syn.soft_labels is not None else syn.hard_labels
+        model = train_model(
+            self.spec,
+            self.bundle.info,
+            syn.images,
+            targets,
+            recipe=self.recipe,
+            seed=derive_seed(self.seed, "global-train", round_),
+            device=self.device,
+            init_state=self.state if self.continue_training else None,
+        )
+        self.state = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
+        return time.perf_counter() - start
+
+    def evaluate(self) -> tuple[float, float]:
+        """Test accuracy (fraction) and loss of the current weights."""
+        model = build_model(self.spec.name, self.bundle.info, **self.spec.kwargs).to(self.device)
+        model.load_state_dict(self.state)
+        return test_metrics(model, self.bundle.test, device=self.device)
+
+    def save(self, path: str | Path) -> Path:
+        """Write the weights as safetensors (atomically)."""
+        return atomic_save_tensors(path, self.state, metadata={"model": self.spec.name})

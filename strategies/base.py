@@ -1,0 +1,257 @@
+"""The shared round loop of every fedistill strategy.
+
+A strategy is a small class over :class:`Strategy`: it says what a round sends
+(:meth:`Strategy.configure`), which replies it accepts (:meth:`Strategy.accept`)
+and how it updates the global model from them (:meth:`Strategy.update`). The base
+class does the rest: wait for the nodes, learn their partition ids, sample clients
+deterministically, exchange messages, account bytes and failures, enforce
+``min_success_fraction``, evaluate the global model on the real test set every
+round, and write ``metrics.jsonl``, plots and ``summary.json``.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+import torch
+from flwr.app import Message
+from flwr.serverapp import Grid
+
+from fedistill.data.base import DataBundle
+from fedistill.engines import resolve_device
+from fedistill.evaluation import EvalRecipe
+from fedistill.federated import ClientFailure, FederationError, GlobalModel
+from fedistill.federated.client import model_spec
+from fedistill.registry import Registry
+from fedistill.reporting import RunDir, progress_bars, save_accuracy_plot
+from fedistill.seeding import derive_seed, numpy_rng
+from strategies.records import content_bytes, read_metrics, task_content
+
+__all__ = ["STRATEGIES", "Reply", "Strategy", "register_strategy"]
+
+STRATEGIES: Registry[type[Strategy]] = Registry("strategy")
+register_strategy = STRATEGIES.register
+
+
+@dataclass
+class Reply:
+    """A successful reply: the node, its client key, the message and its metrics."""
+
+    node: int
+    client: str
+    msg: Message
+    metrics: dict[str, Any] = field(default_factory=dict)
+
+
+class Strategy:
+    """Base class of server strategies (see the module docstring).
+
+    Parameters
+    ----------
+    cfg
+        The resolved run config (``strategy``, ``rounds``, ``clients``, ``method``,
+        ``model``, ``ipc``, ``seed``, ``device``, ``client``, ``partition``, ``data``, ``faults``).
+    run
+        The run directory.
+    bundle
+        The server's dataset (test split for evaluation, train split for baselines).
+    """
+
+    name: ClassVar[str] = ""
+    message_type: ClassVar[str] = "train.distill"
+    continue_training: ClassVar[bool] = True
+
+    def __init__(self, cfg: dict[str, Any], run: RunDir, bundle: DataBundle) -> None:
+        self.cfg, self.run, self.bundle = cfg, run, bundle
+        self.opts: dict[str, Any] = dict(cfg["strategy"])
+        self.rounds = int(cfg["rounds"])
+        self.seed = int(cfg["seed"])
+        self.device = resolve_device(cfg.get("device", "auto"))
+        self.global_model = GlobalModel(
+            model_spec(cfg["model"]),
+            bundle,
+            recipe=EvalRecipe(**self.opts.get("server", {})),
+            device=self.device,
+            seed=self.seed,
+            continue_training=self.continue_training,
+        )
+        self.clients: dict[int, str] = {}
+        self.bytes_up = self.bytes_down = self.failed_total = 0
+        self.history: list[dict[str, Any]] = []
+
+    # ----------------------------------------------------------------- hooks
+    def configure(self, round_: int) -> tuple[dict[str, Any], dict[str, torch.Tensor] | None]:
+        """The round's task (shared part) and the arrays to send (e.g. global weights)."""
+        raise NotImplementedError
+
+    def accept(self, round_: int, replies: list[Reply]) -> tuple[list[Reply], list[ClientFailure]]:
+        """Validate replies; return the accepted ones and a failure per rejected one."""
+        return replies, []
+
+    def update(self, round_: int, accepted: list[Reply]) -> dict[str, Any]:
+        """Update the global model from accepted replies; return extra round metrics."""
+        raise NotImplementedError
+
+    def finish(self) -> dict[str, Any]:
+        """Save strategy outputs after the last round; return extra summary fields."""
+        return {}
+
+    # ------------------------------------------------------------- machinery
+    def client_task(self, task: dict[str, Any], client: str, round_: int) -> dict[str, Any]:
+        """The full task for one client: the shared part plus its seed, data spec and fault."""
+        out = dict(task)
+        out["seed"] = derive_seed(self.seed, "client", client, round_)
+        out["data"] = {
+            "dataset": self.bundle.info.name,
+            "root": self.cfg.get("data", {}).get("root"),
+            "val_fraction": float(self.cfg.get("data", {}).get("val_fraction", 0.1)),
+            "partition": dict(self.cfg["partition"]),
+            "seed": self.seed,
+        }
+        out["model"] = dict(self.cfg["model"])
+        client_res = self.cfg.get("client", {})
+        out["threads"] = max(1, int(client_res.get("num_cpus", 1)))
+        out["device"] = "cuda" if float(client_res.get("num_gpus", 0.0)) > 0 else "cpu"
+        fault = (self.cfg.get("faults") or {}).get(client.removeprefix("p"))
+        if fault:
+            out["fault"] = str(fault)  # Hydra parses `nan` as a float
+        return out
+
+    def wait_for_nodes(self, grid: Grid) -> list[int]:
+        """Block until the expected number of nodes registered (or time out with a clear error)."""
+        expected = int(self.cfg["clients"])
+        timeout = float(self.opts.get("wait_timeout", 120))
+        start = time.monotonic()
+        while len(nodes := sorted(grid.get_node_ids())) < expected:
+            if time.monotonic() - start > timeout:
+                raise FederationError(
+                    f"only {len(nodes)} of {expected} nodes registered within {timeout:.0f} s; "
+                    "start more SuperNodes or lower clients="
+                )
+            time.sleep(0.5)
+        return nodes
+
+    def discover(self, grid: Grid, nodes: list[int]) -> None:
+        """Ask every node for its partition id; key clients ``p{id}`` (``n{node}`` without one)."""
+        msgs = [Message(task_content({}), dst_node_id=n, message_type="query.info") for n in nodes]
+        self.clients = {n: f"n{n}" for n in nodes}
+        for rep in grid.send_and_receive(msgs, timeout=float(self.opts.get("round_timeout", 600))):
+            if not rep.has_error():
+                pid = int(read_metrics(rep).get("partition-id", -1))
+                if pid >= 0:
+                    self.clients[rep.metadata.src_node_id] = f"p{pid}"
+
+    def sample(self, round_: int) -> list[int]:
+        """This round's nodes: ``fraction`` of all, drawn from the seed stream, in client order."""
+        ordered = sorted(self.clients, key=lambda n: _client_order(self.clients[n]))
+        k = max(1, math.ceil(float(self.opts.get("fraction", 1.0)) * len(ordered)))
+        if k >= len(ordered):
+            return ordered
+        pick = numpy_rng(self.seed, "client-sampling", round_).choice(len(ordered), size=k, replace=False)
+        return [ordered[i] for i in sorted(pick)]
+
+    def exchange(self, grid: Grid, round_: int, nodes: list[int]) -> tuple[list[Reply], list[ClientFailure], int, int]:
+        """Send the round's messages, gather replies; returns replies, failures, bytes down, bytes up."""
+        task, arrays = self.configure(round_)
+        msgs, down = [], 0
+        for n in nodes:
+            content = task_content(self.client_task(task, self.clients[n], round_), arrays)
+            down += content_bytes(content)
+            msgs.append(Message(content, dst_node_id=n, message_type=self.message_type))
+        replies, failures, up, seen = [], [], 0, set()
+        for rep in grid.send_and_receive(msgs, timeout=float(self.opts.get("round_timeout", 600))):
+            node = rep.metadata.src_node_id
+            seen.add(node)
+            client = self.clients.get(node, f"n{node}")
+            if rep.has_error():
+                failures.append(ClientFailure(node, client, "error", str(rep.error.reason)))
+                continue
+            up += content_bytes(rep.content)
+            replies.append(Reply(node, client, rep, read_metrics(rep)))
+        for n in nodes:
+            if n not in seen:
+                failures.append(ClientFailure(n, self.clients[n], "timeout", "no reply within round_timeout"))
+        replies.sort(key=lambda r: _client_order(r.client))
+        return replies, failures, down, up
+
+    def run_rounds(self, grid: Grid) -> dict[str, Any]:
+        """Run every round; returns the summary (also in ``summary.json``)."""
+        start = time.perf_counter()
+        nodes = self.wait_for_nodes(grid)
+        self.discover(grid, nodes)
+        self.run.log("nodes", count=len(nodes), clients=sorted(self.clients.values(), key=_client_order))
+        with progress_bars() as bars:
+            bar = bars.add_task(f"{self.name} rounds", total=self.rounds, info="")
+            for r in range(1, self.rounds + 1):
+                rec = self.run_round(grid, r)
+                bars.update(bar, advance=1, info=f"acc {rec['accuracy']:.2f}%  failed {rec['clients_failed']}")
+        extra = self.finish()
+        self.global_model.save(self.run.path / "global_model.safetensors")
+        save_accuracy_plot(
+            self.history, self.run.path / "accuracy.png", title=f"{self.name} on {self.bundle.info.name}"
+        )
+        return self.run.update_summary(
+            final_accuracy=self.history[-1]["accuracy"],
+            final_loss=self.history[-1]["loss"],
+            bytes_up=self.bytes_up,
+            bytes_down=self.bytes_down,
+            clients_failed=self.failed_total,
+            wall_seconds=round(time.perf_counter() - start, 3),
+            status="done",
+            **extra,
+        )
+
+    def run_round(self, grid: Grid, round_: int) -> dict[str, Any]:
+        """One round: sample, exchange, accept, check, update, evaluate, log."""
+        t0 = time.perf_counter()
+        nodes = self.sample(round_)
+        replies, failures, down, up = self.exchange(grid, round_, nodes)
+        accepted, rejected = self.accept(round_, replies)
+        failures += rejected
+        self.bytes_up += up
+        self.bytes_down += down
+        self.failed_total += len(failures)
+        rec: dict[str, Any] = {
+            "round": round_,
+            "clients_sampled": len(nodes),
+            "clients_succeeded": len(accepted),
+            "clients_failed": len(failures),
+            "failures": [f.to_dict() for f in failures],
+            "bytes_up": up,
+            "bytes_down": down,
+            "bytes_up_total": self.bytes_up,
+            "bytes_down_total": self.bytes_down,
+        }
+        for f in failures:
+            self.run.log("client_failed", round=round_, **f.to_dict())
+        needed = math.ceil(float(self.opts.get("min_success_fraction", 0.5)) * len(nodes))
+        if len(accepted) < max(1, needed):
+            reasons = "; ".join(f"{f.client}: {f.reason}" for f in failures[:5])
+            msg = (
+                f"round {round_}: only {len(accepted)} of {len(nodes)} sampled clients succeeded, "
+                f"min_success_fraction={self.opts.get('min_success_fraction', 0.5)} needs {needed} ({reasons})"
+            )
+            self.run.log("round_failed", **rec, error=msg)
+            self.run.update_summary(status="failed", error=msg, rounds_completed=round_ - 1)
+            raise FederationError(msg)
+        t1 = time.perf_counter()
+        rec.update(self.update(round_, accepted))
+        acc, loss = self.global_model.evaluate()
+        rec.update(
+            accuracy=round(100 * acc, 4),
+            loss=round(loss, 6),
+            server_seconds=round(time.perf_counter() - t1, 3),
+            seconds=round(time.perf_counter() - t0, 3),
+        )
+        self.history.append(rec)
+        self.run.log("round", **rec)
+        self.run.update_summary(rounds_completed=round_, accuracy_history=[h["accuracy"] for h in self.history])
+        return rec
+
+
+def _client_order(client: str) -> tuple[int, int]:
+    """Sort key: partition clients (``p3``) by id first, then nodes (``n123``) by node id."""
+    return (0 if client.startswith("p") else 1, int(client[1:]))

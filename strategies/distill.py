@@ -1,0 +1,117 @@
+"""Shared base of the strategies whose clients send synthetic sets."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from typing import Any
+
+import torch
+
+from fedistill.data.synthetic import SyntheticSet, SyntheticSetError
+from fedistill.evaluation import random_subset
+from fedistill.federated import ClientFailure, GlobalModel, decode_synthetic, merge_sets
+from fedistill.reporting import save_grid
+from strategies.base import Reply, Strategy
+from strategies.records import read_json, read_tensors
+
+__all__ = ["DistillStrategy"]
+
+
+class DistillStrategy(Strategy):
+    """Clients distill (``train.distill``); the server validates, merges and trains on the union.
+
+    Options (``strategy.*``): ``max_client_images`` (per-client size cap; default
+    ``ipc x classes``), ``server`` (the global model's training recipe).
+    """
+
+    message_type = "train.distill"
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.synthetic: SyntheticSet | None = None
+
+    def engine_task(self) -> dict[str, Any]:
+        """Engine name and options from the ``method`` group."""
+        method = dict(self.cfg["method"])
+        return {"method": method.pop("name"), "method_options": method, "ipc": int(self.cfg["ipc"]), "init": "real"}
+
+    def max_client_images(self) -> int:
+        """Per-client size cap on a synthetic-set reply."""
+        cap = self.opts.get("max_client_images")
+        return int(cap) if cap else int(self.cfg["ipc"]) * self.bundle.info.num_classes
+
+    def accept(self, round_: int, replies: list[Reply]) -> tuple[list[Reply], list[ClientFailure]]:
+        """Decode and validate every synthetic set; reject malformed ones with the reason."""
+        ok, bad = [], []
+        for r in replies:
+            try:
+                if "synthetic" not in r.msg.content.array_records:
+                    raise SyntheticSetError("payload", "reply has no 'synthetic' ArrayRecord")
+                meta = read_json(r.msg, "meta", "json")
+                syn = decode_synthetic(
+                    read_tensors(r.msg.content.array_records["synthetic"]),
+                    meta,
+                    self.bundle.info,
+                    max_size=self.max_client_images(),
+                )
+            except (SyntheticSetError, ValueError, KeyError) as err:
+                bad.append(ClientFailure(r.node, r.client, "rejected", str(err)))
+                continue
+            r.metrics["synthetic"] = syn
+            ok.append(r)
+        return ok, bad
+
+    def merge(self, accepted: list[Reply]) -> SyntheticSet:
+        """The union of this round's accepted sets, with provenance."""
+        return merge_sets([(r.client, r.metrics["synthetic"]) for r in accepted], self.bundle.info)
+
+    def train_global(self, round_: int, syn: SyntheticSet) -> dict[str, Any]:
+        """Train the global model on ``syn``; round metrics."""
+        self.synthetic = syn
+        seconds = self.global_model.train_on(syn, round_=round_)
+        return {"synthetic_images": len(syn), "train_seconds": round(seconds, 3)}
+
+    def random_baseline(self) -> dict[str, Any]:
+        """A fresh global model trained on random real images with the merged set's class counts.
+
+        It gets as many epochs as the global model had in total (``rounds x epochs`` when
+        the global model continues training across rounds).
+        """
+        assert self.synthetic is not None
+        real = random_subset(self.bundle.train, self.synthetic.hard_labels, seed=self.seed)
+        recipe = self.global_model.recipe
+        if self.continue_training:
+            recipe = dataclasses.replace(recipe, epochs=recipe.epochs * len(self.history))
+        baseline = GlobalModel(
+            self.global_model.spec,
+            self.bundle,
+            recipe=recipe,
+            device=self.device,
+            seed=self.seed,
+            continue_training=False,
+        )
+        baseline.train_on(SyntheticSet(real.images, real.labels, self.bundle.info), round_=0)
+        acc, _ = baseline.evaluate()
+        return {"images": len(real), "epochs": recipe.epochs, "accuracy": round(100 * acc, 4)}
+
+    def finish(self) -> dict[str, Any]:
+        """Save the last merged set and its grid; report the random-real baseline."""
+        if self.synthetic is None:
+            return {}
+        self.synthetic.metadata.update(dataset=self.bundle.info.name, strategy=self.name, ipc=int(self.cfg["ipc"]))
+        path = self.synthetic.save(self.run.path / "synthetic.safetensors")
+        save_grid(self.synthetic, self.run.path / "synthetic.png")
+        baseline = self.random_baseline() if self.opts.get("random_baseline", True) else None
+        self.run.log("baseline", random_subset=baseline)
+        return {
+            "synthetic_path": str(path.resolve()),
+            "synthetic_images": len(self.synthetic),
+            "provenance": json.loads(json.dumps(self.synthetic.metadata.get("clients", []))),
+            "baselines": {"random_subset": baseline},
+        }
+
+
+def state_copy(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """A detached CPU copy of a state dict (what is sent to clients)."""
+    return {k: v.detach().cpu().clone() for k, v in state.items()}

@@ -1,0 +1,72 @@
+"""FedAvg (McMahan et al.): the model-averaging baseline every table shows beside distillation."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from fedistill.federated import ClientFailure, weighted_average
+from strategies.base import Reply, Strategy, register_strategy
+from strategies.distill import state_copy
+from strategies.records import read_tensors
+
+__all__ = ["FedAvg"]
+
+
+@register_strategy("fedavg")
+class FedAvg(Strategy):
+    """Clients run ``local_epochs`` of SGD from the global weights; the server averages them,
+    weighted by local example counts.
+
+    Options (``strategy.*``): ``local_epochs``, ``lr``, ``momentum``, ``weight_decay``, ``batch_size``.
+    """
+
+    name = "fedavg"
+    message_type = "train.fit"
+
+    def configure(self, round_: int) -> tuple[dict[str, Any], dict[str, torch.Tensor] | None]:
+        """The local SGD recipe and the global weights."""
+        fit = {
+            "epochs": int(self.opts.get("local_epochs", 1)),
+            "lr": float(self.opts.get("lr", 0.01)),
+            "momentum": float(self.opts.get("momentum", 0.9)),
+            "weight_decay": float(self.opts.get("weight_decay", 5e-4)),
+            "batch_size": int(self.opts.get("batch_size", 32)),
+        }
+        return {"fit": fit}, state_copy(self.global_model.state)
+
+    def accept(self, round_: int, replies: list[Reply]) -> tuple[list[Reply], list[ClientFailure]]:
+        """Reject replies whose weights do not match the global model's keys, shapes or finiteness."""
+        ok, bad = [], []
+        ref = self.global_model.state
+        for r in replies:
+            try:
+                state = read_tensors(r.msg.content.array_records["model"])
+            except KeyError:
+                bad.append(ClientFailure(r.node, r.client, "rejected", "reply has no 'model' ArrayRecord"))
+                continue
+            problem = _state_problem(state, ref)
+            if problem:
+                bad.append(ClientFailure(r.node, r.client, "rejected", problem))
+                continue
+            r.metrics["state"] = state
+            ok.append(r)
+        return ok, bad
+
+    def update(self, round_: int, accepted: list[Reply]) -> dict[str, Any]:
+        """Average the accepted weights (by example count)."""
+        weights = [float(r.metrics.get("examples", 1)) for r in accepted]
+        self.global_model.state = weighted_average([r.metrics["state"] for r in accepted], weights)
+        return {"examples": int(sum(weights))}
+
+
+def _state_problem(state: dict[str, torch.Tensor], ref: dict[str, torch.Tensor]) -> str:
+    if set(state) != set(ref):
+        return f"model keys differ from the global model's (missing {sorted(set(ref) - set(state))[:3]})"
+    for k, v in ref.items():
+        if state[k].shape != v.shape:
+            return f"model['{k}'] has shape {tuple(state[k].shape)}, expected {tuple(v.shape)}"
+        if state[k].is_floating_point() and not torch.isfinite(state[k]).all():
+            return f"model['{k}'] contains NaN or infinite values"
+    return ""

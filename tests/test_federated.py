@@ -1,0 +1,217 @@
+"""Federated building blocks without Ray: node data, payload validation, merging, FedDM, the ClientApp."""
+
+from __future__ import annotations
+
+import time
+
+import numpy as np
+import pytest
+import torch
+
+from fedistill.data.synthetic import SyntheticSet, SyntheticSetError
+from fedistill.engines import build_engine
+from fedistill.federated import (
+    FederationError,
+    NodeDataError,
+    decode_synthetic,
+    encode_synthetic,
+    merge_sets,
+    node_split,
+    weighted_average,
+)
+from fedistill.federated.client import FAULTS
+from fedistill.models import build_model
+
+DATA = {"dataset": "digits", "partition": {"scheme": "dirichlet", "alpha": 0.5}, "seed": 3}
+
+
+def _set(info, n_per_class=2, classes=(0, 1, 2)) -> SyntheticSet:
+    labels = torch.tensor(classes).repeat_interleave(n_per_class)
+    return SyntheticSet(torch.randn(len(labels), *info.shape), labels, info, metadata={"method": "dm"})
+
+
+def test_node_split_is_this_nodes_partition(digits):
+    parts = [node_split({"partition-id": i, "num-partitions": 4}, DATA) for i in range(4)]
+    assert sum(len(p) for p in parts) == len(digits.train)
+    again = node_split({"partition-id": 2, "num-partitions": 4}, DATA)
+    assert torch.equal(again.images, parts[2].images) and torch.equal(again.labels, parts[2].labels)
+    with pytest.raises(NodeDataError, match=r"outside 0\.\.3"):
+        node_split({"partition-id": 4, "num-partitions": 4}, DATA)
+    with pytest.raises(NodeDataError, match="data-path"):
+        node_split({}, DATA)
+
+
+def test_node_data_path_npz(digits, tmp_path):
+    pixels = (digits.info.denormalize(digits.train.images[:20]).clamp(0, 1) * 255).round().to(torch.uint8)
+    path = tmp_path / "node.npz"
+    np.savez(path, images=pixels[:, 0].numpy(), labels=digits.train.labels[:20].numpy())
+    split = node_split({"data-path": str(path)}, DATA)
+    assert torch.allclose(split.images, digits.train.images[:20], atol=0.1)
+    np.savez(tmp_path / "bad.npz", images=np.zeros((5, 9, 9), np.uint8), labels=np.zeros(5, np.int64))
+    with pytest.raises(NodeDataError, match="shape"):
+        node_split({"data-path": str(tmp_path / "bad.npz")}, DATA)
+    with pytest.raises(NodeDataError, match="does not exist"):
+        node_split({"data-path": str(tmp_path / "missing.npz")}, DATA)
+
+
+@pytest.mark.parametrize(
+    ("fault", "field", "match"),
+    [
+        ("nan", "images", "NaN"),
+        ("shape", "images", "shape"),
+        ("labels", "labels", "range"),
+        ("oversize", "images", "cap"),
+    ],
+)
+def test_malformed_payload_is_rejected_with_its_reason(digits, fault, field, match):
+    syn = FAULTS.get(fault)(_set(digits.info))
+    tensors, meta = encode_synthetic(syn)
+    with pytest.raises(SyntheticSetError, match=match) as err:
+        decode_synthetic(tensors, meta, digits.info, max_size=6)
+    assert err.value.field == field
+
+
+def test_payload_accepts_only_known_arrays(digits):
+    tensors, meta = encode_synthetic(_set(digits.info))
+    assert decode_synthetic(tensors, meta, digits.info, max_size=6).images.shape[0] == 6
+    with pytest.raises(SyntheticSetError, match="unexpected arrays"):
+        decode_synthetic({**tensors, "real_images": tensors["images"]}, meta, digits.info, max_size=6)
+    with pytest.raises(SyntheticSetError, match="missing"):
+        decode_synthetic({"labels": tensors["labels"]}, meta, digits.info, max_size=6)
+
+
+def test_merge_keeps_provenance(digits):
+    a, b = _set(digits.info, 2, (0, 1)), _set(digits.info, 1, (1, 2, 3))
+    merged = merge_sets([("p0", a), ("p7", b)], digits.info)
+    assert len(merged) == 7
+    prov = merged.metadata["clients"]
+    assert [(p["client"], p["start"], p["stop"]) for p in prov] == [("p0", 0, 4), ("p7", 4, 7)]
+    assert torch.equal(merged.images[4:], b.images)
+    with pytest.raises(FederationError):
+        merge_sets([], digits.info)
+
+
+def test_weighted_average():
+    s1 = {"w": torch.tensor([0.0, 2.0]), "n": torch.tensor(5)}
+    s2 = {"w": torch.tensor([4.0, 2.0]), "n": torch.tensor(7)}
+    avg = weighted_average([s1, s2], [3, 1])
+    assert torch.allclose(avg["w"], torch.tensor([1.0, 2.0]))
+    assert int(avg["n"]) == 5
+
+
+def test_feddm_perturbs_within_rho_around_the_base(digits):
+    engine = build_engine("feddm", model="convnet", model_kwargs={"width": 16}, rho=0.5)
+    net = build_model("convnet", digits.info, seed=1, width=16)
+    base = {k: v.clone() for k, v in net.state_dict().items()}
+    engine._base = base
+    weights = []
+    for it in (0, 1):
+        engine.prepare_network(net, it, seed=0)
+        w = torch.cat([p.detach().flatten() for p in net.parameters()])
+        delta = w - torch.cat([base[k].flatten() for k, _ in net.named_parameters()])
+        assert 0 < float(delta.norm()) <= 0.5 + 1e-5
+        weights.append(w)
+    assert not torch.equal(weights[0], weights[1])  # a fresh direction every iteration
+
+
+def test_feddm_drops_small_classes_and_keeps_real_counts(digits):
+    split = node_split({"partition-id": 0, "num-partitions": 10}, DATA)
+    counts = split.class_counts()
+    engine = build_engine(
+        "feddm", model="convnet", model_kwargs={"width": 16}, iterations=3, batch_real=16, compile=False
+    )
+    net = build_model("convnet", digits.info, seed=1, width=16)
+    syn = engine.distill(split, 5, base_state=net.state_dict(), seed=0)
+    got = torch.bincount(syn.labels, minlength=10)
+    for c in range(10):
+        expected = 0 if counts[c] < 10 else min(5, int(counts[c]) // 2)
+        assert int(got[c]) == expected
+
+
+# ---------------------------------------------------------------- the ClientApp, called directly
+
+
+def _message(content, message_type: str):
+    from flwr.app import Message, Metadata
+
+    md = Metadata(
+        run_id=1,
+        message_id="",
+        src_node_id=0,
+        dst_node_id=1,
+        reply_to_message_id="",
+        group_id="1",
+        created_at=time.time(),
+        ttl=600,
+        message_type=message_type,
+    )
+    return Message(metadata=md, content=content)
+
+
+def _context(node_config):
+    from flwr.app import Context, RecordDict
+
+    return Context(run_id=1, node_id=1, node_config=node_config, state=RecordDict(), run_config={})
+
+
+TASK = {
+    "method": "dm",
+    "method_options": {"iterations": 30, "batch_real": 32, "compile": False},
+    "ipc": 2,
+    "seed": 0,
+    "model": {"name": "convnet", "width": 16},
+    "data": DATA,
+}
+
+
+def test_distill_reply_carries_the_synthetic_set_and_no_raw_data():
+    from clients.app import app
+    from strategies.records import read_tensors, task_content
+
+    node = {"partition-id": 1, "num-partitions": 4}
+    reply = app(_message(task_content(TASK), "train.distill"), _context(node))
+    assert not reply.has_error()
+    assert set(reply.content.keys()) == {"synthetic", "meta", "metrics"}
+    arrays = read_tensors(reply.content.array_records["synthetic"])
+    assert set(arrays) == {"images", "labels"}
+    real = node_split(node, DATA)
+    counts = real.class_counts()
+    rows = torch.where(counts >= 4, 2, torch.clamp(counts // 2, min=1)) * (counts > 0)
+    assert len(arrays["images"]) == int(rows.sum())
+    # no real image leaves the node verbatim: every synthetic image moved away from every real one
+    dist = torch.cdist(arrays["images"].flatten(1), real.images.flatten(1))
+    assert float(dist.min()) > 0.05
+    metrics = dict(reply.content.metric_records["metrics"])
+    assert metrics["examples"] == len(real) and metrics["class_counts"] == counts.tolist()
+    payload = arrays["images"].numel() * 4 + arrays["labels"].numel() * 8
+    assert payload <= metrics["bytes"] < payload + 1024  # array bytes plus a small header
+
+
+def test_client_errors_become_error_replies_with_reasons():
+    from clients.app import app
+    from strategies.records import task_content
+
+    reply = app(_message(task_content(TASK), "train.distill"), _context({}))
+    assert reply.has_error() and "NodeDataError" in reply.error.reason and "data-path" in reply.error.reason
+    crash = app(
+        _message(task_content({**TASK, "fault": "crash"}), "train.distill"),
+        _context({"partition-id": 0, "num-partitions": 4}),
+    )
+    assert crash.has_error() and "injected crash" in crash.error.reason
+
+
+def test_fit_and_evaluate_handlers_round_trip_weights():
+    from clients.app import app
+    from strategies.records import read_tensors, task_content
+
+    node = {"partition-id": 0, "num-partitions": 4}
+    model = build_model("convnet", node_split(node, DATA).info, seed=0, width=16)
+    state = model.state_dict()
+    task = {**TASK, "fit": {"epochs": 1, "batch_size": 32}}
+    reply = app(_message(task_content(task, state), "train.fit"), _context(node))
+    assert not reply.has_error(), reply.error
+    new = read_tensors(reply.content.array_records["model"])
+    assert set(new) == set(state) and not torch.equal(new["classifier.weight"], state["classifier.weight"])
+    ev = app(_message(task_content(task, new), "evaluate"), _context(node))
+    metrics = dict(ev.content.metric_records["metrics"])
+    assert 0.0 <= metrics["accuracy"] <= 1.0 and metrics["examples"] > 0

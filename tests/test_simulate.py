@@ -1,0 +1,161 @@
+"""`fedistill simulate` end to end through Flower's simulation engine on Ray (real subprocesses)."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from test_cli import fedistill
+
+from fedistill.data import SyntheticSet
+from fedistill.io import load_tensors
+
+pytestmark = pytest.mark.slow
+
+# ipc 1 per client on digits: where distillation's advantage over random real images is largest
+SMALL = ["clients=10", "ipc=1", "device=cpu", "method.iterations=150", "strategy.server.epochs=200"]
+SUMMARY_KEYS = {
+    "strategy",
+    "method",
+    "dataset",
+    "clients",
+    "alpha",
+    "rounds",
+    "final_accuracy",
+    "bytes_up",
+    "bytes_down",
+    "clients_failed",
+    "wall_seconds",
+}
+ROUND_KEYS = {
+    "round",
+    "accuracy",
+    "loss",
+    "clients_sampled",
+    "clients_succeeded",
+    "clients_failed",
+    "failures",
+    "bytes_up",
+    "bytes_down",
+    "bytes_up_total",
+    "bytes_down_total",
+    "seconds",
+}
+
+
+def _rounds(run: Path) -> list[dict]:
+    events = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    return [e for e in events if e["event"] == "round"]
+
+
+def _simulate(tmp_path: Path, name: str, *args: str, check: bool = True) -> tuple[Path, subprocess.CompletedProcess]:
+    run = tmp_path / name
+    proc = fedistill("simulate", *args, f"hydra.run.dir={run}", cwd=tmp_path, check=check)
+    return run, proc
+
+
+def _check_contract(run: Path, *, synthetic: bool) -> dict:
+    files = {p.name for p in run.iterdir()}
+    expected = {"config.yaml", "partition.png", "partition.json", "metrics.jsonl", "accuracy.png", "summary.json"}
+    expected |= {"global_model.safetensors"} | ({"synthetic.safetensors", "synthetic.json"} if synthetic else set())
+    assert expected <= files, expected - files
+    summary = json.loads((run / "summary.json").read_text())
+    assert set(summary) >= SUMMARY_KEYS and summary["status"] == "done"
+    rounds = _rounds(run)
+    assert len(rounds) == summary["rounds"] and all(set(r) >= ROUND_KEYS for r in rounds)
+    assert rounds[-1]["bytes_up_total"] == summary["bytes_up"] and summary["bytes_up"] > 0
+    assert load_tensors(run / "global_model.safetensors")
+    return summary
+
+
+def test_oneshot_beats_random_real_images(tmp_path):
+    run, _ = _simulate(tmp_path, "oneshot", "strategy=oneshot", *SMALL)
+    summary = _check_contract(run, synthetic=True)
+    syn = SyntheticSet.load(run / "synthetic.safetensors")
+    assert len(syn) == summary["synthetic_images"]
+    clients = [p["client"] for p in syn.metadata["clients"]]
+    assert clients == [f"p{i}" for i in range(10)]  # per-client provenance, in client order
+    base = summary["baselines"]["random_subset"]
+    assert base["images"] == len(syn)
+    assert summary["final_accuracy"] > 30  # chance is 10
+    assert summary["final_accuracy"] > base["accuracy"] + 2, (summary["final_accuracy"], base)
+
+
+def test_feddm_rounds_beat_random_real_images(tmp_path):
+    run, _ = _simulate(tmp_path, "feddm", "strategy=feddm", "rounds=2", *SMALL)
+    summary = _check_contract(run, synthetic=True)
+    rounds = _rounds(run)
+    assert [r["round"] for r in rounds] == [1, 2]
+    # the global model goes down to every client each round
+    assert rounds[1]["bytes_down"] > 10 * 10_000
+    base = summary["baselines"]["random_subset"]
+    assert summary["final_accuracy"] > 30
+    assert summary["final_accuracy"] > base["accuracy"] + 2, (summary["final_accuracy"], base)
+
+
+def test_faulty_clients_are_rejected_with_reasons_and_the_run_completes(tmp_path):
+    faults = ["+faults.1=crash", "+faults.3=nan", "+faults.4=shape", "+faults.6=labels", "+faults.8=oversize"]
+    run, _ = _simulate(tmp_path, "faults", "strategy=oneshot", *SMALL, "strategy.random_baseline=false", *faults)
+    summary = _check_contract(run, synthetic=True)
+    (rec,) = _rounds(run)
+    assert rec["clients_sampled"] == 10 and rec["clients_succeeded"] == 5 and rec["clients_failed"] == 5
+    reasons = {f["client"]: (f["kind"], f["reason"]) for f in rec["failures"]}
+    assert reasons["p1"][0] == "error" and "injected crash" in reasons["p1"][1]
+    assert reasons["p3"][0] == "rejected" and "NaN" in reasons["p3"][1]
+    assert "shape" in reasons["p4"][1] and "[0, 10)" in reasons["p6"][1] and "cap" in reasons["p8"][1]
+    assert all(f["node"] > 0 for f in rec["failures"])
+    assert summary["clients_failed"] == 5
+    kept = [p["client"] for p in SyntheticSet.load(run / "synthetic.safetensors").metadata["clients"]]
+    assert kept == ["p0", "p2", "p5", "p7", "p9"]
+
+
+def test_too_many_failures_stop_the_run_with_a_clear_error(tmp_path):
+    faults = ["+faults.0=crash", "+faults.1=crash", "+faults.2=nan"]
+    run, proc = _simulate(
+        tmp_path, "fail", "strategy=oneshot", *SMALL, "strategy.min_success_fraction=0.8", *faults, check=False
+    )
+    assert proc.returncode == 1
+    err = proc.stderr.strip().splitlines()[-1]
+    assert "only 7 of 10 sampled clients succeeded" in err and "min_success_fraction=0.8" in err
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["status"] == "failed" and "min_success_fraction" in summary["error"]
+    assert (run / "partition.png").is_file()  # what was written before the failure stays
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture
+def ray_head(tmp_path):
+    """A single-node Ray cluster started on loopback, as `ray start --head` on a cluster's head node."""
+    ray = shutil.which("ray", path=str(Path(sys.executable).parent)) or shutil.which("ray")
+    assert ray, "the ray CLI is installed with flwr[simulation]"
+    port = _free_port()
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1]), "RAY_USAGE_STATS_ENABLED": "0"}
+    start = [ray, "start", "--head", "--node-ip-address=127.0.0.1", f"--port={port}", "--num-cpus=2"]
+    subprocess.run([*start, "--include-dashboard=false", "--disable-usage-stats"], env=env, check=True, timeout=180)
+    try:
+        yield f"127.0.0.1:{port}"
+    finally:
+        subprocess.run([ray, "stop", "--force"], env=env, timeout=120, capture_output=True)
+
+
+def test_fedavg_on_an_existing_ray_cluster(tmp_path, ray_head):
+    run, _ = _simulate(
+        tmp_path, "fedavg", "strategy=fedavg", "rounds=3", "clients=10", "device=cpu", f"ray.address={ray_head}"
+    )
+    summary = _check_contract(run, synthetic=False)
+    rounds = _rounds(run)
+    assert summary["final_accuracy"] > 30
+    assert rounds[-1]["accuracy"] >= rounds[0]["accuracy"]
+    # model averaging sends whole models up every round
+    assert all(r["bytes_up"] > 10 * 10_000 for r in rounds)
