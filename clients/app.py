@@ -71,9 +71,12 @@ def distill(msg: Message, context: Context) -> Message:
     split = node_split(context.node_config, task["data"])
     base = read_tensors(msg.content.array_records["global"]) if "global" in msg.content.array_records else None
     syn, metrics = distill_task(split, task, base_state=base)
+    metrics["partition-id"] = _partition_id(context)
+    if syn is None:  # no class with enough samples: succeed with nothing to contribute
+        return reply(msg, metrics=metrics_record(metrics))
     tensors, meta = encode_synthetic(syn)
     arrays = tensor_record(tensors)
-    metrics.update(bytes=arrays.count_bytes(), **{"partition-id": _partition_id(context)})
+    metrics["bytes"] = arrays.count_bytes()
     return reply(
         msg,
         synthetic=arrays,

@@ -30,6 +30,7 @@ class DistillStrategy(Strategy):
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.synthetic: SyntheticSet | None = None
+        self.round_empty = 0
 
     def engine_task(self) -> dict[str, Any]:
         """Engine name and options from the ``method`` group."""
@@ -44,9 +45,15 @@ class DistillStrategy(Strategy):
     def accept(self, round_: int, replies: list[Reply]) -> tuple[list[Reply], list[ClientFailure]]:
         """Decode and validate every synthetic set; reject malformed ones with the reason."""
         ok, bad = [], []
+        self.round_empty = 0
         for r in replies:
             try:
                 if "synthetic" not in r.msg.content.array_records:
+                    if int(r.metrics.get("rows", -1)) == 0:  # nothing to distill on this client
+                        r.metrics["synthetic"] = None
+                        self.round_empty += 1
+                        ok.append(r)
+                        continue
                     raise SyntheticSetError("payload", "reply has no 'synthetic' ArrayRecord")
                 meta = read_json(r.msg, "meta", "json")
                 syn = decode_synthetic(
@@ -62,15 +69,19 @@ class DistillStrategy(Strategy):
             ok.append(r)
         return ok, bad
 
-    def merge(self, accepted: list[Reply]) -> SyntheticSet:
-        """The union of this round's accepted sets, with provenance."""
-        return merge_sets([(r.client, r.metrics["synthetic"]) for r in accepted], self.bundle.info)
+    def merge(self, accepted: list[Reply]) -> SyntheticSet | None:
+        """The union of this round's accepted sets, with provenance (``None`` when all are empty)."""
+        parts = [(r.client, r.metrics["synthetic"]) for r in accepted if r.metrics["synthetic"] is not None]
+        return merge_sets(parts, self.bundle.info) if parts else None
 
-    def train_global(self, round_: int, syn: SyntheticSet) -> dict[str, Any]:
-        """Train the global model on ``syn``; round metrics."""
+    def train_global(self, round_: int, syn: SyntheticSet | None) -> dict[str, Any]:
+        """Train the global model on ``syn`` (skipped when no client had anything to send); round metrics."""
+        if syn is None:
+            self.run.log("no_synthetic_data", round=round_)
+            return {"synthetic_images": 0, "clients_empty": self.round_empty, "train_seconds": 0.0}
         self.synthetic = syn
         seconds = self.global_model.train_on(syn, round_=round_)
-        return {"synthetic_images": len(syn), "train_seconds": round(seconds, 3)}
+        return {"synthetic_images": len(syn), "clients_empty": self.round_empty, "train_seconds": round(seconds, 3)}
 
     def random_baseline(self) -> dict[str, Any]:
         """A fresh global model trained on random real images with the merged set's class counts.

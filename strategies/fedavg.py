@@ -28,8 +28,8 @@ class FedAvg(Strategy):
     def configure(self, round_: int) -> tuple[dict[str, Any], dict[str, torch.Tensor] | None]:
         """The local SGD recipe and the global weights."""
         fit = {
-            "epochs": int(self.opts.get("local_epochs", 1)),
-            "lr": float(self.opts.get("lr", 0.01)),
+            "epochs": int(self.opts.get("local_epochs", 5)),
+            "lr": float(self.opts.get("lr", 0.05)),
             "momentum": float(self.opts.get("momentum", 0.9)),
             "weight_decay": float(self.opts.get("weight_decay", 5e-4)),
             "batch_size": int(self.opts.get("batch_size", 32)),

@@ -6,6 +6,7 @@ from typing import Any
 
 import torch
 
+from fedistill.federated import merge_sets
 from strategies.base import Reply, register_strategy
 from strategies.distill import DistillStrategy
 
@@ -33,7 +34,9 @@ class OneShot(DistillStrategy):
 
     def update(self, round_: int, accepted: list[Reply]) -> dict[str, Any]:
         """Add this round's sets to the union and retrain the global model on it."""
-        self.parts += [(f"{r.client}@r{round_}" if round_ > 1 else r.client, r.metrics["synthetic"]) for r in accepted]
-        from fedistill.federated import merge_sets
-
-        return self.train_global(round_, merge_sets(self.parts, self.bundle.info))
+        self.parts += [
+            (f"{r.client}@r{round_}" if round_ > 1 else r.client, r.metrics["synthetic"])
+            for r in accepted
+            if r.metrics["synthetic"] is not None
+        ]
+        return self.train_global(round_, merge_sets(self.parts, self.bundle.info) if self.parts else None)

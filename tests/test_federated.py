@@ -215,3 +215,20 @@ def test_fit_and_evaluate_handlers_round_trip_weights():
     ev = app(_message(task_content(task, new), "evaluate"), _context(node))
     metrics = dict(ev.content.metric_records["metrics"])
     assert 0.0 <= metrics["accuracy"] <= 1.0 and metrics["examples"] > 0
+
+
+def test_client_without_enough_samples_succeeds_with_nothing_to_send():
+    from clients.app import app
+    from strategies.records import task_content
+
+    data = {"dataset": "digits", "partition": {"scheme": "dirichlet", "alpha": 0.1}, "seed": 0}
+    pid = next(
+        i
+        for i in range(100)
+        if 0 < int(node_split({"partition-id": i, "num-partitions": 100}, data).class_counts().max()) < 10
+    )
+    task = {**TASK, "method": "feddm", "method_options": {"iterations": 2, "compile": False}, "data": data}
+    reply = app(_message(task_content(task), "train.distill"), _context({"partition-id": pid, "num-partitions": 100}))
+    assert not reply.has_error()
+    assert set(reply.content.keys()) == {"metrics"}
+    assert dict(reply.content.metric_records["metrics"])["rows"] == 0

@@ -151,7 +151,7 @@ def ray_head(tmp_path):
 
 def test_fedavg_on_an_existing_ray_cluster(tmp_path, ray_head):
     run, _ = _simulate(
-        tmp_path, "fedavg", "strategy=fedavg", "rounds=3", "clients=10", "device=cpu", f"ray.address={ray_head}"
+        tmp_path, "fedavg", "strategy=fedavg", "rounds=8", "clients=10", "device=cpu", f"ray.address={ray_head}"
     )
     summary = _check_contract(run, synthetic=False)
     rounds = _rounds(run)

@@ -9,6 +9,7 @@ state, deterministic for a seed on CPU, and device-agnostic.
 from __future__ import annotations
 
 import dataclasses
+import time
 from abc import ABC, abstractmethod
 from collections.abc import Callable
 from functools import lru_cache
@@ -25,7 +26,9 @@ from fedistill.seeding import torch_generator
 __all__ = [
     "ENGINES",
     "Engine",
+    "NothingToDistillError",
     "Progress",
+    "StepLog",
     "build_engine",
     "init_synthetic",
     "real_branch_dtype",
@@ -82,6 +85,28 @@ class Engine(ABC):
         seed
             Drives the engine's random streams (init, network sampling, augmentation).
         """
+
+
+class StepLog:
+    """Loss history and progress callbacks of an engine's optimisation loop.
+
+    ``log(it, loss=..., **more)`` records iteration ``it`` every ``every`` iterations and
+    at the last one (with the seconds since the log was made) and forwards it to ``progress``.
+    """
+
+    def __init__(self, total: int, *, every: int, progress: Progress | None) -> None:
+        self.total, self.every, self.progress = total, max(1, every), progress
+        self.history: list[dict[str, float]] = []
+        self._t0 = time.perf_counter()
+
+    def log(self, it: int, **metrics: float) -> None:
+        """Record iteration ``it`` (0-based) when due."""
+        if it % self.every and it != self.total - 1:
+            return
+        rec = {"iteration": it, **metrics, "seconds": time.perf_counter() - self._t0}
+        self.history.append(rec)
+        if self.progress is not None:
+            self.progress(it + 1, self.total, rec)
 
 
 def build_engine(name: str, **config: Any) -> Engine:
@@ -141,6 +166,10 @@ def real_branch_dtype(device: torch.device, mode: str) -> torch.dtype | None:
     return torch.bfloat16 if _cpu_has_fast_bf16() else None
 
 
+class NothingToDistillError(ValueError):
+    """The data has no class with enough samples (e.g. a tiny non-IID client partition)."""
+
+
 def init_synthetic(
     data: Split, ipc: int, *, init: str, seed: int, min_class_samples: int = 1, pad_small: bool = True
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -166,7 +195,7 @@ def init_synthetic(
     counts = data.class_counts()
     classes = [c for c in range(data.info.num_classes) if int(counts[c]) >= max(1, min_class_samples)]
     if not classes:
-        raise ValueError(f"no class has at least {max(1, min_class_samples)} samples; nothing to distill")
+        raise NothingToDistillError(f"no class has at least {max(1, min_class_samples)} samples; nothing to distill")
     images = torch.randn(len(classes) * ipc, *data.info.shape, generator=g)
     keep = torch.ones(len(images), dtype=torch.bool)
     if init == "real":

@@ -10,7 +10,6 @@ synthetic branch in fp32.
 from __future__ import annotations
 
 import copy
-import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -24,6 +23,7 @@ from fedistill.data.synthetic import SyntheticSet
 from fedistill.engines.base import (
     Engine,
     Progress,
+    StepLog,
     init_synthetic,
     real_branch_dtype,
     register_engine,
@@ -32,7 +32,7 @@ from fedistill.engines.base import (
 from fedistill.models import build_model, reinitialize
 from fedistill.seeding import derive_seed, torch_generator
 
-__all__ = ["DMConfig", "DMEngine", "RealSampler", "real_class_means"]
+__all__ = ["DMConfig", "DMEngine", "RealSampler", "real_class_means", "synthetic_class_means"]
 
 
 @dataclass(frozen=True)
@@ -158,6 +158,12 @@ def real_class_means(
     return sums / counts.unsqueeze(1)
 
 
+def synthetic_class_means(x: torch.Tensor, ctx: dict[str, Any]) -> torch.Tensor:
+    """Per-class means of synthetic rows ``x`` (classes may have different row counts), with autograd."""
+    out = torch.zeros(ctx["num_classes"], x.shape[1], device=x.device, dtype=x.dtype)
+    return out.index_add(0, ctx["syn_groups"], x) / ctx["syn_counts"].unsqueeze(1).to(x.dtype)
+
+
 def _tensors(net: nn.Module) -> list[torch.Tensor]:
     return [*net.parameters(), *net.buffers()]
 
@@ -178,8 +184,7 @@ class DMEngine(Engine):
         Subclasses override this to match more than the mean.
         """
         real_mean, syn_emb = self._embed_pair(net, real, syn, ctx)
-        syn_mean = torch.zeros(ctx["num_classes"], syn_emb.shape[1], device=syn_emb.device)
-        syn_mean = syn_mean.index_add(0, ctx["syn_groups"], syn_emb) / ctx["syn_counts"].unsqueeze(1)
+        syn_mean = synthetic_class_means(syn_emb, ctx)
         return ((real_mean - syn_mean) ** 2).sum()
 
     def _embed_pair(
@@ -275,8 +280,7 @@ class DMEngine(Engine):
             ),
             "real_dtype": real_dtype or torch.float32,
         }
-        history: list[dict[str, float]] = []
-        start = time.perf_counter()
+        steps = StepLog(cfg.iterations, every=cfg.log_every, progress=progress)
         for it in range(cfg.iterations):
             self.prepare_network(net, it, seed)
             for dst, src in pairs:
@@ -290,15 +294,7 @@ class DMEngine(Engine):
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
-            if it % cfg.log_every == 0 or it == cfg.iterations - 1:
-                rec = {
-                    "iteration": it,
-                    "loss": float(loss.detach()) / len(classes),
-                    "seconds": time.perf_counter() - start,
-                }
-                history.append(rec)
-                if progress is not None:
-                    progress(it + 1, cfg.iterations, rec)
+            steps.log(it, loss=float(loss.detach()) / len(classes))
         meta = {"method": self.name, "ipc": ipc, "init": init, "seed": seed, "iterations": cfg.iterations}
-        meta["loss_history"] = history
+        meta["loss_history"] = steps.history
         return SyntheticSet(syn.detach().cpu().contiguous(), labels, data.info, metadata=meta)

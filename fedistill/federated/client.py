@@ -18,6 +18,7 @@ import torch
 from fedistill.data.base import Split
 from fedistill.data.synthetic import SyntheticSet
 from fedistill.engines import build_engine, resolve_device
+from fedistill.engines.base import NothingToDistillError
 from fedistill.evaluation import EvalRecipe, ModelSpec, test_metrics, train_model
 from fedistill.models import build_model
 from fedistill.registry import Registry
@@ -77,31 +78,35 @@ def _setup(task: Mapping[str, Any]) -> torch.device:
 
 def distill_task(
     split: Split, task: Mapping[str, Any], *, base_state: dict[str, torch.Tensor] | None = None
-) -> tuple[SyntheticSet, dict[str, Any]]:
+) -> tuple[SyntheticSet | None, dict[str, Any]]:
     """Distill this client's data with the task's engine.
 
     Returns
     -------
     synthetic, metrics
-        The synthetic set and ``{"examples", "class_counts", "seconds", "rows"}``.
+        The synthetic set (``None`` when no class has enough samples for the engine:
+        the client succeeds with nothing to contribute) and
+        ``{"examples", "class_counts", "seconds", "rows"}``.
     """
     device = _setup(task)
     start = time.perf_counter()
     spec = model_spec(task["model"])
     engine = build_engine(task["method"], model=spec.name, model_kwargs=spec.kwargs, **task.get("method_options", {}))
     extra = {"base_state": base_state} if base_state is not None else {}
-    syn = engine.distill(
-        split, int(task["ipc"]), init=task.get("init", "real"), device=device, seed=int(task["seed"]), **extra
-    )
-    syn.metadata.pop("loss_history", None)
-    if task.get("fault"):
-        syn = FAULTS.get(task["fault"])(syn)
-    metrics = {
-        "examples": len(split),
-        "class_counts": split.class_counts().tolist(),
-        "seconds": round(time.perf_counter() - start, 3),
-        "rows": len(syn),
-    }
+    metrics = {"examples": len(split), "class_counts": split.class_counts().tolist()}
+    try:
+        syn = engine.distill(
+            split, int(task["ipc"]), init=task.get("init", "real"), device=device, seed=int(task["seed"]), **extra
+        )
+    except NothingToDistillError:
+        syn = None
+    if syn is not None:
+        syn.metadata.pop("loss_history", None)
+        if task.get("fault"):
+            syn = FAULTS.get(task["fault"])(syn)
+    elif task.get("fault") == "crash":
+        FAULTS.get("crash")(None)  # type: ignore[arg-type]
+    metrics.update(seconds=round(time.perf_counter() - start, 3), rows=0 if syn is None else len(syn))
     return syn, metrics
 
 
