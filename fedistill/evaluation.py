@@ -231,36 +231,59 @@ def evaluate_synthetic(
     whole_recipe: EvalRecipe | None = None,
     cache_dir: Path | None = None,
     progress: EvalProgress | None = None,
+    teacher: Any = None,
+    ranking: bool | str = False,
 ) -> dict[str, Any]:
     """Evaluate ``syn`` against its baselines under the same recipe and seeds.
+
+    Parameters
+    ----------
+    teacher
+        The teacher of a soft-label set (default: reloaded from ``syn.metadata["teacher"]``);
+        it relabels the random subset at the set's temperature (:mod:`fedistill.softlabel`).
+    ranking
+        Also compute DD-Ranking's LRS and ARS for the first model (:mod:`fedistill.ranking`;
+        trains the whole-set baseline and the other augmentation setting). ``"auto"``: for
+        soft-label sets only.
 
     Returns
     -------
     dict
         ``accuracy`` (the first model; soft labels when the set has them),
         ``hard_label`` (only for soft-label sets: the same images with hard labels),
-        ``baselines`` {``random_subset``, ``whole_dataset``?} and ``per_model``
-        {label: {"synthetic", "random_subset", "hard_label"?}} for cross-architecture.
+        ``baselines`` {``random_subset``, ``random_subset_soft``?, ``whole_dataset``?},
+        ``per_model`` {label: {"synthetic", "random_subset", "hard_label"?, "random_subset_soft"?}}
+        for cross-architecture, ``teacher``? (its accuracy) and ``ranking``? {``lrs``, ``ars``, ...}.
     """
+    from fedistill import softlabel
+
     syn.validate(bundle.info)
     device = torch.device(device)
     hard = syn.hard_labels
+    soft = syn.soft_labels is not None
+    teacher = softlabel.resolve_teacher(syn, bundle, teacher=teacher, device=device) if soft else None
+    temperature = float(syn.metadata.get("teacher", {}).get("temperature", recipe.temperature))
+    ranking = soft if ranking == "auto" else bool(ranking)
+    syn_data = (syn.images, syn.soft_labels if soft else hard)
+
+    def subset(r: int) -> tuple[torch.Tensor, torch.Tensor]:
+        s = random_subset(bundle.train, hard, seed=derive_seed(seed, "subset", r))
+        return s.images, s.labels
+
+    rdm_soft = None
+    if teacher is not None:
+        rdm_soft = softlabel.relabelled_subset(bundle.train, hard, teacher, temperature=temperature, seed=seed)
     per_model: dict[str, dict[str, Any]] = {}
     for spec in models:
         common = {"spec": spec, "recipe": recipe, "runs": runs, "seed": seed, "device": device, "progress": progress}
-        res: dict[str, Any] = {}
-        if syn.soft_labels is not None:
-            soft = (syn.images, syn.soft_labels)
-            res["synthetic"] = evaluate_images(soft, bundle, label=f"soft {spec.label}", **common)
+        res: dict[str, Any] = {
+            "synthetic": evaluate_images(syn_data, bundle, label=f"synthetic {spec.label}", **common)
+        }
+        if soft:
             res["hard_label"] = evaluate_images((syn.images, hard), bundle, label=f"hard {spec.label}", **common)
-        else:
-            res["synthetic"] = evaluate_images((syn.images, hard), bundle, label=f"synthetic {spec.label}", **common)
-
-        def subset(r: int) -> tuple[torch.Tensor, torch.Tensor]:
-            s = random_subset(bundle.train, hard, seed=derive_seed(seed, "subset", r))
-            return s.images, s.labels
-
         res["random_subset"] = evaluate_images(subset, bundle, label=f"random subset {spec.label}", **common)
+        if rdm_soft is not None:
+            res["random_subset_soft"] = evaluate_images(rdm_soft, bundle, label=f"random soft {spec.label}", **common)
         per_model[spec.label] = res
     first = per_model[models[0].label]
     out: dict[str, Any] = {
@@ -272,15 +295,17 @@ def evaluate_synthetic(
     }
     if "hard_label" in first:
         out["hard_label"] = first["hard_label"]
-    if whole_dataset:
-        out["baselines"]["whole_dataset"] = _whole_dataset(
-            bundle,
-            spec=models[0],
-            recipe=whole_recipe or recipe,
-            runs=runs,
-            seed=seed,
-            device=device,
-            cache_dir=cache_dir,
-            progress=progress,
-        )
+    if "random_subset_soft" in first:
+        out["baselines"]["random_subset_soft"] = first["random_subset_soft"]
+    if teacher is not None:
+        out["teacher"] = softlabel.teacher_report(teacher, bundle)
+    common = {"spec": models[0], "runs": runs, "seed": seed, "device": device, "progress": progress}
+    if whole_dataset or ranking:
+        whole = _whole_dataset(bundle, recipe=whole_recipe or recipe, cache_dir=cache_dir, **common)
+        out["baselines"]["whole_dataset"] = whole
+    if ranking:
+        from fedistill.ranking import evaluate_ranking
+
+        rdm_data = rdm_soft if rdm_soft is not None else subset
+        out["ranking"] = evaluate_ranking(first, syn_data, rdm_data, whole, bundle, recipe=recipe, **common)
     return out
