@@ -50,7 +50,7 @@ def _eval_count(syn: SyntheticSet, settings: dict[str, Any]) -> int:
     teacher = soft and "teacher" in syn.metadata
     per_model = 2 + soft + teacher
     ranking = soft if settings["ranking"] == "auto" else bool(settings["ranking"])
-    extra = 2 * ranking + (settings["whole_dataset"] or ranking)
+    extra = 2 * (settings["ranking"] is True) + (settings["whole_dataset"] or ranking)
     return settings["runs"] * (per_model * len(settings["models"]) + extra)
 
 
@@ -159,4 +159,5 @@ def _print_table(summary: dict[str, Any]) -> None:
         console.print(f"teacher {teacher['arch']} ({teacher['epochs']} epochs): test accuracy {teacher['test']:.2f}")
     if "ranking" in summary:
         r = summary["ranking"]
-        console.print(f"DD-Ranking: LRS {r['lrs']['lrs']:.2f}, ARS {r['ars']['ars']:.2f} (percent)")
+        ars = f", ARS {r['ars']['ars']:.2f}" if "ars" in r else " (ARS: eval.ranking=true)"
+        console.print(f"DD-Ranking: LRS {r['lrs']['lrs']:.2f}{ars} (percent)")

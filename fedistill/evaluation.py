@@ -58,6 +58,10 @@ class EvalRecipe:
         Per-image DSA augmentation during training.
     temperature
         KD temperature for soft labels.
+    soft_lr
+        The lr of KD runs (soft-label targets), or ``None`` for ``lr``. With few steps
+        (one batch per epoch) KD at temperature 4 learns far slower than cross-entropy
+        at lr 0.01; the synthetic set and its random baseline always share it.
     """
 
     epochs: int = 300
@@ -67,6 +71,7 @@ class EvalRecipe:
     batch_size: int = 256
     dsa: bool = True
     temperature: float = 4.0
+    soft_lr: float | None = None
 
 
 @dataclass(frozen=True)
@@ -103,12 +108,13 @@ def train_model(
         Drives initialization, batch order and augmentation.
     """
     model = build_model(spec.name, info, seed=derive_seed(seed, "init"), **spec.kwargs).to(device)
-    opt = torch.optim.SGD(model.parameters(), lr=recipe.lr, momentum=recipe.momentum, weight_decay=recipe.weight_decay)
+    soft = targets.ndim == 2
+    lr = recipe.soft_lr if soft and recipe.soft_lr is not None else recipe.lr
+    opt = torch.optim.SGD(model.parameters(), lr=lr, momentum=recipe.momentum, weight_decay=recipe.weight_decay)
     sched = torch.optim.lr_scheduler.MultiStepLR(opt, milestones=[max(1, recipe.epochs // 2)], gamma=0.1)
     gen = torch_generator(seed, "batches")
     dsa = DSA(DSAConfig(flip=info.flip)) if recipe.dsa else None
     images, targets = images.to(device), targets.to(device)
-    soft = targets.ndim == 2
     t = recipe.temperature
     model.train()
     for _ in range(recipe.epochs):
@@ -242,9 +248,10 @@ def evaluate_synthetic(
         The teacher of a soft-label set (default: reloaded from ``syn.metadata["teacher"]``);
         it relabels the random subset at the set's temperature (:mod:`fedistill.softlabel`).
     ranking
-        Also compute DD-Ranking's LRS and ARS for the first model (:mod:`fedistill.ranking`;
-        trains the whole-set baseline and the other augmentation setting). ``"auto"``: for
-        soft-label sets only.
+        DD-Ranking scores of the first model (:mod:`fedistill.ranking`): ``True`` for LRS
+        and ARS (ARS trains both sets again under the other augmentation setting);
+        ``"auto"`` for LRS of soft-label sets only (it needs the whole-set baseline,
+        cached on disk); ``False`` for none.
 
     Returns
     -------
@@ -263,6 +270,7 @@ def evaluate_synthetic(
     soft = syn.soft_labels is not None
     teacher = softlabel.resolve_teacher(syn, bundle, teacher=teacher, device=device) if soft else None
     temperature = float(syn.metadata.get("teacher", {}).get("temperature", recipe.temperature))
+    ars = ranking is True
     ranking = soft if ranking == "auto" else bool(ranking)
     syn_data = (syn.images, syn.soft_labels if soft else hard)
 
@@ -307,5 +315,5 @@ def evaluate_synthetic(
         from fedistill.ranking import evaluate_ranking
 
         rdm_data = rdm_soft if rdm_soft is not None else subset
-        out["ranking"] = evaluate_ranking(first, syn_data, rdm_data, whole, bundle, recipe=recipe, **common)
+        out["ranking"] = evaluate_ranking(first, syn_data, rdm_data, whole, bundle, recipe=recipe, ars=ars, **common)
     return out

@@ -104,9 +104,13 @@ def evaluate_ranking(
     bundle: Any,
     *,
     recipe: Any,
+    ars: bool = True,
     **common: Any,
 ) -> dict[str, Any]:
-    """LRS and ARS of one evaluator's results, training the missing no-/with-augmentation runs.
+    """LRS and (with ``ars``) ARS of one evaluator's results.
+
+    ARS trains the synthetic set and the random subset again under the other
+    augmentation setting (without DSA when the recipe has it, else with it).
 
     Parameters
     ----------
@@ -124,6 +128,11 @@ def evaluate_ranking(
     from fedistill.evaluation import evaluate_images
 
     rdm = res.get("random_subset_soft", res["random_subset"])
+    lrs = label_robust_score(
+        real_hard=whole, syn_hard=res.get("hard_label", res["synthetic"]), syn_any=res["synthetic"], rdm_any=rdm
+    )
+    if not ars:
+        return {"lrs": lrs}
     other = dataclasses.replace(recipe, dsa=not recipe.dsa)
     tag = "no aug" if recipe.dsa else "aug"
     syn_other = evaluate_images(syn_data, bundle, recipe=other, label=f"synthetic {tag}", **common)
@@ -132,9 +141,7 @@ def evaluate_ranking(
     if not recipe.dsa:
         aug, naug = naug, aug
     return {
-        "lrs": label_robust_score(
-            real_hard=whole, syn_hard=res.get("hard_label", res["synthetic"]), syn_any=res["synthetic"], rdm_any=rdm
-        ),
+        "lrs": lrs,
         "ars": augmentation_robust_score(syn_aug=aug[0], rdm_aug=aug[1], syn_naug=naug[0], rdm_naug=naug[1]),
         "synthetic_" + tag.replace(" ", ""): syn_other,
         "random_subset_" + tag.replace(" ", ""): rdm_other,
