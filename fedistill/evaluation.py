@@ -62,6 +62,9 @@ class EvalRecipe:
         The lr of KD runs (soft-label targets), or ``None`` for ``lr``. With few steps
         (one batch per epoch) KD at temperature 4 learns far slower than cross-entropy
         at lr 0.01; the synthetic set and its random baseline always share it.
+    online_labels
+        Soft-label runs take their targets from the teacher on every augmented view
+        (as SRe2L/RDED relabel) instead of the rows stored per image.
     """
 
     epochs: int = 300
@@ -72,6 +75,7 @@ class EvalRecipe:
     dsa: bool = True
     temperature: float = 4.0
     soft_lr: float | None = None
+    online_labels: bool = False
 
 
 @dataclass(frozen=True)
@@ -96,6 +100,7 @@ def train_model(
     recipe: EvalRecipe,
     seed: int,
     device: torch.device,
+    relabel: Callable[[torch.Tensor], torch.Tensor] | None = None,
 ) -> nn.Module:
     """Train a fresh ``spec`` model on ``images``.
 
@@ -106,6 +111,9 @@ def train_model(
         ``recipe.temperature``).
     seed
         Drives initialization, batch order and augmentation.
+    relabel
+        For soft targets: ``relabel(augmented batch) -> probabilities`` replaces the stored
+        rows on every view (online teacher labels).
     """
     model = build_model(spec.name, info, seed=derive_seed(seed, "init"), **spec.kwargs).to(device)
     soft = targets.ndim == 2
@@ -124,6 +132,8 @@ def train_model(
             x, y = images[idx], targets[idx]
             if dsa is not None:
                 x = dsa(x, gen)
+            if soft and relabel is not None:
+                y = relabel(x)
             out = model(x)
             if soft:
                 loss = F.kl_div(F.log_softmax(out / t, 1), y, reduction="batchmean") * t * t
@@ -180,6 +190,7 @@ def evaluate_images(
     device: torch.device,
     label: str = "",
     progress: EvalProgress | None = None,
+    relabel: Callable[[torch.Tensor], torch.Tensor] | None = None,
 ) -> dict[str, Any]:
     """Train ``runs`` fresh models and report test (and validation) accuracy.
 
@@ -191,9 +202,8 @@ def evaluate_images(
     test, val = [], []
     for r in range(runs):
         x, y = data(r) if callable(data) else data
-        model = train_model(
-            spec, bundle.info, x, y, recipe=recipe, seed=derive_seed(seed, "eval", spec.name, r), device=device
-        )
+        run_seed = derive_seed(seed, "eval", spec.name, r)
+        model = train_model(spec, bundle.info, x, y, recipe=recipe, seed=run_seed, device=device, relabel=relabel)
         test.append(accuracy(model, bundle.test, device=device))
         val.append(accuracy(model, bundle.val, device=device))
         if progress is not None:
@@ -266,32 +276,20 @@ def evaluate_synthetic(
 
     syn.validate(bundle.info)
     device = torch.device(device)
-    hard = syn.hard_labels
-    soft = syn.soft_labels is not None
-    teacher = softlabel.resolve_teacher(syn, bundle, teacher=teacher, device=device) if soft else None
-    temperature = float(syn.metadata.get("teacher", {}).get("temperature", recipe.temperature))
+    sets = softlabel.training_sets(syn, bundle, recipe=recipe, seed=seed, device=device, teacher=teacher)
     ars = ranking is True
-    ranking = soft if ranking == "auto" else bool(ranking)
-    syn_data = (syn.images, syn.soft_labels if soft else hard)
-
-    def subset(r: int) -> tuple[torch.Tensor, torch.Tensor]:
-        s = random_subset(bundle.train, hard, seed=derive_seed(seed, "subset", r))
-        return s.images, s.labels
-
-    rdm_soft = None
-    if teacher is not None:
-        rdm_soft = softlabel.relabelled_subset(bundle.train, hard, teacher, temperature=temperature, seed=seed)
+    ranking = sets.soft if ranking == "auto" else bool(ranking)
+    base = {"runs": runs, "seed": seed, "device": device, "progress": progress, "relabel": sets.relabel}
     per_model: dict[str, dict[str, Any]] = {}
     for spec in models:
-        common = {"spec": spec, "recipe": recipe, "runs": runs, "seed": seed, "device": device, "progress": progress}
-        res: dict[str, Any] = {
-            "synthetic": evaluate_images(syn_data, bundle, label=f"synthetic {spec.label}", **common)
-        }
-        if soft:
-            res["hard_label"] = evaluate_images((syn.images, hard), bundle, label=f"hard {spec.label}", **common)
-        res["random_subset"] = evaluate_images(subset, bundle, label=f"random subset {spec.label}", **common)
-        if rdm_soft is not None:
-            res["random_subset_soft"] = evaluate_images(rdm_soft, bundle, label=f"random soft {spec.label}", **common)
+        common = {"spec": spec, "recipe": recipe, **base}
+        res = {"synthetic": evaluate_images(sets.synthetic, bundle, label=f"synthetic {spec.label}", **common)}
+        if sets.soft:
+            res["hard_label"] = evaluate_images(sets.hard, bundle, label=f"hard {spec.label}", **common)
+        res["random_subset"] = evaluate_images(sets.random, bundle, label=f"random subset {spec.label}", **common)
+        if sets.random_soft is not None:
+            label = f"random soft {spec.label}"
+            res["random_subset_soft"] = evaluate_images(sets.random_soft, bundle, label=label, **common)
         per_model[spec.label] = res
     first = per_model[models[0].label]
     out: dict[str, Any] = {
@@ -305,15 +303,15 @@ def evaluate_synthetic(
         out["hard_label"] = first["hard_label"]
     if "random_subset_soft" in first:
         out["baselines"]["random_subset_soft"] = first["random_subset_soft"]
-    if teacher is not None:
-        out["teacher"] = softlabel.teacher_report(teacher, bundle)
-    common = {"spec": models[0], "runs": runs, "seed": seed, "device": device, "progress": progress}
+    if sets.teacher is not None:
+        out["teacher"] = softlabel.teacher_report(sets.teacher, bundle)
+    common = {"spec": models[0], **base}
     if whole_dataset or ranking:
         whole = _whole_dataset(bundle, recipe=whole_recipe or recipe, cache_dir=cache_dir, **common)
         out["baselines"]["whole_dataset"] = whole
     if ranking:
         from fedistill.ranking import evaluate_ranking
 
-        rdm_data = rdm_soft if rdm_soft is not None else subset
-        out["ranking"] = evaluate_ranking(first, syn_data, rdm_data, whole, bundle, recipe=recipe, ars=ars, **common)
+        rdm = sets.random_soft if sets.random_soft is not None else sets.random
+        out["ranking"] = evaluate_ranking(first, sets.synthetic, rdm, whole, bundle, recipe=recipe, ars=ars, **common)
     return out

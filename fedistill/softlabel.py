@@ -11,15 +11,80 @@ their labels.
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 
 from fedistill.data.base import DataBundle, Split
 from fedistill.data.synthetic import SyntheticSet
+from fedistill.evaluation import EvalRecipe, TrainingData, random_subset
 from fedistill.seeding import derive_seed
 
-__all__ = ["relabelled_subset", "resolve_teacher", "teacher_report"]
+__all__ = ["TrainingSets", "relabelled_subset", "resolve_teacher", "teacher_report", "training_sets"]
+
+
+@dataclass
+class TrainingSets:
+    """What :func:`fedistill.evaluation.evaluate_synthetic` trains on, under one recipe.
+
+    Attributes
+    ----------
+    synthetic
+        The set with its own labels (soft rows when it has them).
+    hard
+        The set's images with hard labels.
+    random
+        ``run -> (images, hard labels)``: the random real subset of the same class counts.
+    random_soft
+        The same subsets labelled by the set's teacher, or ``None`` (no teacher recorded).
+    relabel
+        Online teacher labels per augmented view (``recipe.online_labels``), or ``None``.
+    teacher
+        The teacher, or ``None``.
+    soft
+        Whether the set has soft labels.
+    """
+
+    synthetic: TrainingData
+    hard: TrainingData
+    random: TrainingData
+    random_soft: TrainingData | None
+    relabel: Callable[[torch.Tensor], torch.Tensor] | None
+    teacher: Any
+    soft: bool
+
+
+def training_sets(
+    syn: SyntheticSet, bundle: DataBundle, *, recipe: EvalRecipe, seed: int, device: torch.device, teacher: Any = None
+) -> TrainingSets:
+    """The synthetic set and its baselines: random subsets (seed stream ``subset``), relabelled when soft.
+
+    The teacher's temperature is the one stored with the set (``metadata["teacher"]["temperature"]``),
+    else ``recipe.temperature``.
+    """
+    hard = syn.hard_labels
+    soft = syn.soft_labels is not None
+    teacher = resolve_teacher(syn, bundle, teacher=teacher, device=device) if soft else None
+    temperature = float(syn.metadata.get("teacher", {}).get("temperature", recipe.temperature))
+
+    def subset(r: int) -> tuple[torch.Tensor, torch.Tensor]:
+        s = random_subset(bundle.train, hard, seed=derive_seed(seed, "subset", r))
+        return s.images, s.labels
+
+    rdm_soft = relabel = None
+    if teacher is not None:
+        rdm_soft = relabelled_subset(bundle.train, hard, teacher, temperature=temperature, seed=seed)
+        relabel = teacher.relabeller(temperature=temperature) if recipe.online_labels else None
+    return TrainingSets(
+        synthetic=(syn.images, syn.soft_labels if soft else hard),
+        hard=(syn.images, hard),
+        random=subset,
+        random_soft=rdm_soft,
+        relabel=relabel,
+        teacher=teacher,
+        soft=soft,
+    )
 
 
 def resolve_teacher(
@@ -43,7 +108,6 @@ def relabelled_subset(
 
     The images are exactly those of the hard-label random baseline of run ``r``.
     """
-    from fedistill.evaluation import random_subset
 
     def data(r: int) -> tuple[torch.Tensor, torch.Tensor]:
         s = random_subset(train, hard, seed=derive_seed(seed, "subset", r))

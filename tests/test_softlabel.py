@@ -87,3 +87,28 @@ def test_soft_label_set_reports_hard_random_teacher_and_ranking(digits):
     assert rk["ars"]["gain_aug"] == pytest.approx(
         res["accuracy"]["mean"] - res["baselines"]["random_subset_soft"]["mean"]
     )
+
+
+def test_online_labels_relabel_every_augmented_view(digits):
+    from fedistill.evaluation import train_model
+
+    t = get_teacher(digits.train, TeacherConfig.from_dict(SMALL_TEACHER), seed=0)
+    sub = random_subset(digits.train, torch.arange(10).repeat_interleave(2), seed=0)
+    calls = []
+    inner = t.relabeller(temperature=4.0)
+
+    def relabel(x):
+        calls.append(x.shape[0])
+        return inner(x)
+
+    stored = t.soft_labels(sub.images, temperature=4.0)
+    spec, recipe = ModelSpec("convnet", {"width": 8}), EvalRecipe(epochs=3, batch_size=8)
+    train_model(
+        spec, digits.info, sub.images, stored, recipe=recipe, seed=0, device=torch.device("cpu"), relabel=relabel
+    )
+    assert calls == [8, 8, 4] * 3  # once per augmented batch
+    calls.clear()
+    train_model(
+        spec, digits.info, sub.images, sub.labels, recipe=recipe, seed=0, device=torch.device("cpu"), relabel=relabel
+    )
+    assert not calls  # hard-label runs never use the teacher

@@ -14,6 +14,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -129,6 +130,15 @@ class Teacher:
     def soft_labels(self, images: torch.Tensor, *, temperature: float) -> torch.Tensor:
         """``softmax(logits / temperature)``, ``[N, K]`` float32 on the CPU."""
         return F.softmax(self.logits(images) / temperature, dim=1)
+
+    def relabeller(self, *, temperature: float) -> Callable[[torch.Tensor], torch.Tensor]:
+        """``x -> softmax(teacher(x) / temperature)`` on ``x``'s device, without autograd (online labels)."""
+
+        def relabel(x: torch.Tensor) -> torch.Tensor:
+            with torch.no_grad():
+                return F.softmax(self.model(x).float() / temperature, dim=1)
+
+        return relabel
 
     def accuracy(self, split: Split) -> float:
         """Top-1 accuracy (fraction) on ``split``."""
