@@ -53,3 +53,19 @@ def test_generator_state_dict_can_be_averaged(digits):
     server.load_state_dict(avg)
     out = decode_latents(server, torch.zeros(2, 16), torch.tensor([0, 1]))
     assert out.shape == (2, 1, 8, 8) and out.isfinite().all()
+
+
+@pytest.mark.slow
+def test_gen_beats_random_subset_at_ipc2(digits):
+    """Hard labels, same evaluator and seeds. Measured: 78.41 vs 60.17 (decoded encoder means
+    before any latent step: 75.49)."""
+    from fedistill.evaluation import EvalRecipe, ModelSpec, evaluate_synthetic
+
+    opts = {"iterations": 100, "gen_epochs": 30, "batch_real": 128, "model_kwargs": {"width": 32}}
+    syn = build_engine("gen", **opts).distill(digits.train, 2, seed=0)
+    res = evaluate_synthetic(
+        syn, digits, models=[ModelSpec("convnet", {"width": 32})], recipe=EvalRecipe(epochs=150), runs=2, seed=0
+    )
+    gen, rnd = res["accuracy"]["mean"], res["baselines"]["random_subset"]["mean"]
+    print(f"gen {gen:.2f} vs random subset {rnd:.2f}")
+    assert gen > rnd + 8.0, (gen, rnd)

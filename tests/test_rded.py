@@ -59,14 +59,17 @@ def test_same_seed_same_set(digits):
 
 @pytest.mark.slow
 def test_rded_soft_labels_beat_teacher_relabelled_random_subset(digits):
-    """Same teacher, temperature, KD recipe and seeds for both. Measured: see the assertion message."""
+    """Same teacher, temperature, KD recipe (lr 0.1) and seeds for both, at IPC 2.
+
+    Measured on the dev machine: 77.99 vs 45.13. At IPC 10 RDED loses to the
+    relabelled random subset on digits (configs/method/rded.yaml).
+    """
     syn = build_engine("rded", teacher=SMALL_TEACHER).distill(digits.train, 2, seed=0)
-    res = evaluate_synthetic(
-        syn, digits, models=[ModelSpec("convnet", {"width": 32})], recipe=EvalRecipe(epochs=100), runs=2, seed=0
-    )
+    recipe = EvalRecipe(epochs=150, soft_lr=0.1)
+    res = evaluate_synthetic(syn, digits, models=[ModelSpec("convnet", {"width": 32})], recipe=recipe, runs=2, seed=0)
     rded, rdm = res["accuracy"]["mean"], res["baselines"]["random_subset_soft"]["mean"]
     print(f"RDED soft {rded:.2f} vs random subset with the same teacher {rdm:.2f}")
-    assert rded > rdm + 1.0, (rded, rdm)
+    assert rded > rdm + 10.0, (rded, rdm)
 
 
 @pytest.mark.slow

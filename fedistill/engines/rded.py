@@ -10,7 +10,9 @@ mean of its regions' labels (they cover equal areas).
 
 On tiny images (the 8x8 digits) stitching loses most of each crop: ``factor=1``
 (one selected crop per image, no stitching) is the default; ``factor=2`` stitches
-four 4x4 patches. See ``configs/method/rded.yaml`` for the measured comparison.
+four 4x4 patches, which a student cannot transfer to whole 8x8 digits (validation
+accuracy 8%). Crops cover 80-100% of the image (validation, IPC 10: 93.7 vs 91.3 for
+50-100%). See ``configs/method/rded.yaml`` for the measured comparison.
 """
 
 from __future__ import annotations
@@ -59,7 +61,7 @@ class RDEDConfig:
     factor: int = 1
     candidates: int = 300
     crops_per_image: int = 5
-    crop_scale: tuple[float, float] = (0.5, 1.0)
+    crop_scale: tuple[float, float] = (0.8, 1.0)
     crop_ratio: tuple[float, float] = (0.75, 4 / 3)
     temperature: float = 4.0
     teacher: dict[str, Any] = field(default_factory=dict)
