@@ -4,7 +4,8 @@ Protocol (CPU, the CLI defaults): engines with their ``configs/method`` defaults
 teacher: BatchNorm ConvNet-64, 30 epochs, cached); evaluation: fresh ConvNet width
 128 (instance norm) trained 300 epochs with DSA (SGD lr 0.01 -- ``--soft-lr`` for
 the KD runs --, momentum 0.9, wd 5e-4, lr x0.1 at half), final-epoch test accuracy,
-``--runs`` runs, KD at temperature 4 with the soft labels stored in the set. Every
+``--runs`` runs, KD at temperature 4 with the soft labels stored in the set. The
+whole-set baseline (for LRS) trains ``--whole-epochs`` epochs, not cached. Every
 soft-label result sits beside the same images with hard labels, the random real
 subset with hard labels, and the same random subset relabelled by the same teacher
 under the same recipe and seeds. LRS and ARS (DD-Ranking, in percent) for every set.
@@ -41,7 +42,9 @@ VARIANTS = {
 }
 
 
-def run_one(data, name: str, *, ipc: int, recipe: EvalRecipe, width: int, runs: int, seed: int) -> dict:
+def run_one(
+    data, name: str, *, ipc: int, recipe: EvalRecipe, whole: EvalRecipe, width: int, runs: int, seed: int
+) -> dict:
     """Distill one variant and evaluate it with all baselines and DD-Ranking scores."""
     method, opts, init = VARIANTS[name]
     tracemalloc.start()
@@ -50,8 +53,9 @@ def run_one(data, name: str, *, ipc: int, recipe: EvalRecipe, width: int, runs: 
     seconds = time.perf_counter() - start
     peak = tracemalloc.get_traced_memory()[1]
     tracemalloc.stop()
+    spec = ModelSpec("convnet", {"width": width})
     res = evaluate_synthetic(
-        syn, data, models=[ModelSpec("convnet", {"width": width})], recipe=recipe, runs=runs, seed=seed, ranking=True
+        syn, data, models=[spec], recipe=recipe, whole_recipe=whole, runs=runs, seed=seed, ranking=True, cache_dir=None
     )
     fmt = lambda r: f"{r['mean']:.2f} ± {r['std']:.2f}" if r else "-"  # noqa: E731
     rk = res["ranking"]
@@ -80,14 +84,17 @@ def main() -> None:
     ap.add_argument("--runs", type=int, default=3)
     ap.add_argument("--epochs", type=int, default=300)
     ap.add_argument("--width", type=int, default=128)
-    ap.add_argument("--soft-lr", type=float, default=None)
+    ap.add_argument("--soft-lr", type=float, default=0.1)
+    ap.add_argument("--whole-epochs", type=int, default=100)
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args()
     data = load_dataset("digits")
     recipe = EvalRecipe(epochs=args.epochs, soft_lr=args.soft_lr)
+    whole = EvalRecipe(epochs=args.whole_epochs)
     rows = []
     for name in args.methods:
-        rows.append(run_one(data, name, ipc=args.ipc, recipe=recipe, width=args.width, runs=args.runs, seed=args.seed))
+        kw = {"ipc": args.ipc, "recipe": recipe, "whole": whole, "width": args.width, "runs": args.runs}
+        rows.append(run_one(data, name, seed=args.seed, **kw))
         print({k: v for k, v in rows[-1].items() if k != "raw"}, flush=True)
     cols = [
         "variant",
@@ -112,7 +119,8 @@ def main() -> None:
         f"Command: `OMP_NUM_THREADS=1 python {' '.join(sys.argv)}`",
         "",
         f"Evaluation: ConvNet-{args.width}, {args.epochs} epochs with DSA, {args.runs} runs, KD temperature 4, "
-        f"soft lr {args.soft_lr or recipe.lr}; test accuracy %; `synthetic` uses the set's own labels "
+        f"soft lr {args.soft_lr or recipe.lr} (hard lr {recipe.lr}); whole set {args.whole_epochs} epochs (hard); "
+        "test accuracy %; `synthetic` uses the set's own labels "
         "(soft for rded/sre2l); `random_subset_soft` is the same random subset relabelled by the same teacher. "
         "LRS/ARS in percent (DD-Ranking). Distill peak memory: Python allocations (tracemalloc), not tensors.",
         "",

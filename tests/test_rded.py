@@ -91,3 +91,17 @@ def test_cli_central_method_rded(tmp_path):
     assert summary["method"] == "rded" and summary["labels"] == "soft" and summary["status"] == "done"
     assert {"random_subset", "random_subset_soft", "whole_dataset"} <= set(summary["baselines"])
     assert 0 <= summary["ranking"]["lrs"]["lrs"] <= 100 and "test" in summary["teacher"]
+    # re-evaluation reloads the same teacher from the set's metadata (cache hit)
+    ev = tmp_path / "ev"
+    fedistill(
+        "evaluate",
+        str(out / "synthetic.safetensors"),
+        *tiny[:3],
+        "model.width=8",
+        "device=cpu",
+        f"hydra.run.dir={ev}",
+        cwd=tmp_path,
+    )
+    again = json.loads((ev / "summary.json").read_text())
+    assert again["teacher"]["key"] == summary["teacher"]["key"] and again["teacher"]["cached"]
+    assert "random_subset_soft" in again["baselines"]
