@@ -5,7 +5,7 @@ teacher: BatchNorm ConvNet-64, 30 epochs, cached); evaluation: fresh ConvNet wid
 128 (instance norm) trained 300 epochs with DSA (SGD lr 0.01 -- ``--soft-lr`` for
 the KD runs --, momentum 0.9, wd 5e-4, lr x0.1 at half), final-epoch test accuracy,
 ``--runs`` runs, KD at temperature 4 with the soft labels stored in the set. The
-whole-set baseline (for LRS) trains ``--whole-epochs`` epochs, not cached. Every
+whole-set baseline (for LRS) trains ``--whole-epochs`` epochs (cached in the artefact cache). Every
 soft-label result sits beside the same images with hard labels, the random real
 subset with hard labels, and the same random subset relabelled by the same teacher
 under the same recipe and seeds. LRS and ARS (DD-Ranking, in percent) for every set.
@@ -32,6 +32,7 @@ from _common import machine_info, results_path
 from fedistill.data import load_dataset
 from fedistill.engines import build_engine
 from fedistill.evaluation import EvalRecipe, ModelSpec, evaluate_synthetic
+from fedistill.io import cache_dir
 
 VARIANTS = {
     "rded": ("rded", {}, "real"),
@@ -55,7 +56,15 @@ def run_one(
     tracemalloc.stop()
     spec = ModelSpec("convnet", {"width": width})
     res = evaluate_synthetic(
-        syn, data, models=[spec], recipe=recipe, whole_recipe=whole, runs=runs, seed=seed, ranking=True, cache_dir=None
+        syn,
+        data,
+        models=[spec],
+        recipe=recipe,
+        whole_recipe=whole,
+        runs=runs,
+        seed=seed,
+        ranking=True,
+        cache_dir=cache_dir(),
     )
     fmt = lambda r: f"{r['mean']:.2f} ± {r['std']:.2f}" if r else "-"  # noqa: E731
     rk = res["ranking"]

@@ -39,6 +39,13 @@ def test_lrs_and_ars_from_accuracies():
     assert worse["ars"] < ars["ars"]
 
 
+def test_teacher_config_from_flat_options():
+    cfg = TeacherConfig.from_dict({"epochs": 7, "width": 16})
+    assert cfg.epochs == 7 and cfg.model_kwargs == {"width": 16, "norm": "batch"}
+    assert TeacherConfig.from_dict({"model": "mlp", "width": 32}).model_kwargs == {"width": 32}
+    assert TeacherConfig.from_dict(None) == TeacherConfig()
+
+
 def test_teacher_cache_hit_on_second_call(digits):
     cfg = TeacherConfig.from_dict(SMALL_TEACHER)
     first = get_teacher(digits.train, cfg, seed=0)

@@ -61,15 +61,18 @@ class TeacherConfig:
     def from_dict(cls, options: dict[str, Any] | None) -> TeacherConfig:
         """From a flat config mapping: recipe keys, everything else is an architecture option.
 
-        ``{"epochs": 20, "width": 32, "norm": "batch"}`` trains a width-32 BatchNorm ConvNet
-        for 20 epochs. Given architecture options replace the default ones.
+        ``{"epochs": 20, "width": 32}`` trains a width-32 BatchNorm ConvNet for 20 epochs:
+        architecture options update the default ConvNet's; for another ``model`` they
+        replace them.
         """
         opts = dict(options or {})
         recipe = {k: opts.pop(k) for k in _RECIPE_KEYS if k in opts}
         if "model_kwargs" in opts:
             opts = {**opts.pop("model_kwargs"), **opts}
         base = cls(**recipe)
-        return dataclasses.replace(base, model_kwargs=opts) if opts else base
+        if base.model == cls.model:
+            opts = {**base.model_kwargs, **opts}
+        return dataclasses.replace(base, model_kwargs=opts)
 
     def key_parts(self) -> dict[str, Any]:
         """What determines the trained weights (besides data and seed)."""
