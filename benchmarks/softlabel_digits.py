@@ -10,7 +10,7 @@ soft-label result sits beside the same images with hard labels, the random real
 subset with hard labels, and the same random subset relabelled by the same teacher
 under the same recipe and seeds. LRS and ARS (DD-Ranking, in percent) for every set.
 
-Results go to ``benchmarks/results/softlabel_digits-<date>.md`` (and ``.json``).
+Results go to ``benchmarks/results/softlabel_digits-ipc<IPC>-<date>.md`` (and ``.json``).
 
 Usage::
 
@@ -137,7 +137,7 @@ def main() -> None:
         "|" + "---|" * len(cols),
     ]
     lines += ["| " + " | ".join(str(r[c]) if r[c] is not None else "-" for c in cols) + " |" for r in rows]
-    path = results_path("softlabel_digits")
+    path = results_path(f"softlabel_digits-ipc{args.ipc}")
     path.write_text("\n".join(lines) + "\n")
     path.with_suffix(".json").write_text(json.dumps({"args": vars(args), "rows": rows}, indent=2))
     print(path)
