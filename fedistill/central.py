@@ -40,7 +40,18 @@ def eval_settings(cfg: dict[str, Any]) -> dict[str, Any]:
         "whole_dataset": bool(ev.get("whole_dataset", False)),
         "whole_recipe": EvalRecipe(**{**recipe.__dict__, "epochs": int(ev.get("whole_epochs", recipe.epochs))}),
         "cache_dir": Path(ev["cache_dir"]).expanduser() if ev.get("cache_dir") else None,
+        "ranking": ev.get("ranking", False),
     }
+
+
+def _eval_count(syn: SyntheticSet, settings: dict[str, Any]) -> int:
+    """Models :func:`evaluate_synthetic` trains (for the progress bar)."""
+    soft = syn.soft_labels is not None
+    teacher = soft and "teacher" in syn.metadata
+    per_model = 2 + soft + teacher
+    ranking = soft if settings["ranking"] == "auto" else bool(settings["ranking"])
+    extra = 2 * (settings["ranking"] is True) + (settings["whole_dataset"] or ranking)
+    return settings["runs"] * (per_model * len(settings["models"]) + extra)
 
 
 def _load(cfg: dict[str, Any], name: str) -> DataBundle:
@@ -50,8 +61,7 @@ def _load(cfg: dict[str, Any], name: str) -> DataBundle:
 
 def _evaluate(syn: SyntheticSet, bundle: DataBundle, cfg: dict[str, Any], run: RunDir, device: torch.device) -> dict:
     settings = eval_settings(cfg)
-    total = settings["runs"] * sum(3 if syn.soft_labels is not None else 2 for _ in settings["models"])
-    total += settings["runs"] if settings["whole_dataset"] else 0
+    total = _eval_count(syn, settings)
     start = time.perf_counter()
     with progress_bars() as bars:
         task = bars.add_task("evaluating", total=total, info="")
@@ -140,4 +150,14 @@ def run_evaluate(cfg: dict[str, Any], out_dir: str | Path) -> dict[str, Any]:
 def _print_table(summary: dict[str, Any]) -> None:
     from rich.console import Console
 
-    Console().print(results_table(summary))
+    console = Console()
+    console.print(results_table(summary))
+    rdm_soft, teacher = summary["baselines"].get("random_subset_soft"), summary.get("teacher")
+    if rdm_soft:
+        console.print(f"random subset relabelled by the same teacher: {rdm_soft['mean']:.2f} ± {rdm_soft['std']:.2f}")
+    if teacher:
+        console.print(f"teacher {teacher['arch']} ({teacher['epochs']} epochs): test accuracy {teacher['test']:.2f}")
+    if "ranking" in summary:
+        r = summary["ranking"]
+        ars = f", ARS {r['ars']['ars']:.2f}" if "ars" in r else " (ARS: eval.ranking=true)"
+        console.print(f"DD-Ranking: LRS {r['lrs']['lrs']:.2f}{ars} (percent)")

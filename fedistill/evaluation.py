@@ -61,6 +61,13 @@ class EvalRecipe:
         KD temperature for soft labels.
     lr_decay
         Drop the lr x0.1 at half the epochs (off for short local training).
+    soft_lr
+        The lr of KD runs (soft-label targets), or ``None`` for ``lr``. With few steps
+        (one batch per epoch) KD at temperature 4 learns far slower than cross-entropy
+        at lr 0.01; the synthetic set and its random baseline always share it.
+    online_labels
+        Soft-label runs take their targets from the teacher on every augmented view
+        (as SRe2L/RDED relabel) instead of the rows stored per image.
     """
 
     epochs: int = 300
@@ -71,6 +78,8 @@ class EvalRecipe:
     dsa: bool = True
     temperature: float = 4.0
     lr_decay: bool = True
+    soft_lr: float | None = None
+    online_labels: bool = False
 
 
 @dataclass(frozen=True)
@@ -96,6 +105,7 @@ def train_model(
     seed: int,
     device: torch.device,
     init_state: dict[str, torch.Tensor] | None = None,
+    relabel: Callable[[torch.Tensor], torch.Tensor] | None = None,
 ) -> nn.Module:
     """Train a fresh ``spec`` model on ``images`` (or continue from ``init_state``).
 
@@ -108,17 +118,21 @@ def train_model(
         Drives initialization, batch order and augmentation.
     init_state
         Start from these weights (a state dict) instead of a fresh initialization.
+    relabel
+        For soft targets: ``relabel(augmented batch) -> probabilities`` replaces the stored
+        rows on every view (online teacher labels).
     """
     model = build_model(spec.name, info, seed=derive_seed(seed, "init"), **spec.kwargs).to(device)
     if init_state is not None:
         model.load_state_dict(init_state)
-    opt = torch.optim.SGD(model.parameters(), lr=recipe.lr, momentum=recipe.momentum, weight_decay=recipe.weight_decay)
+    soft = targets.ndim == 2
+    lr = recipe.soft_lr if soft and recipe.soft_lr is not None else recipe.lr
+    opt = torch.optim.SGD(model.parameters(), lr=lr, momentum=recipe.momentum, weight_decay=recipe.weight_decay)
     milestones = [max(1, recipe.epochs // 2)] if recipe.lr_decay else []
     sched = torch.optim.lr_scheduler.MultiStepLR(opt, milestones=milestones, gamma=0.1)
     gen = torch_generator(seed, "batches")
     dsa = DSA(DSAConfig(flip=info.flip)) if recipe.dsa else None
     images, targets = images.to(device), targets.to(device)
-    soft = targets.ndim == 2
     t = recipe.temperature
     model.train()
     for _ in range(recipe.epochs):
@@ -128,6 +142,8 @@ def train_model(
             x, y = images[idx], targets[idx]
             if dsa is not None:
                 x = dsa(x, gen)
+            if soft and relabel is not None:
+                y = relabel(x)
             out = model(x)
             if soft:
                 loss = F.kl_div(F.log_softmax(out / t, 1), y, reduction="batchmean") * t * t
@@ -194,6 +210,7 @@ def evaluate_images(
     device: torch.device,
     label: str = "",
     progress: EvalProgress | None = None,
+    relabel: Callable[[torch.Tensor], torch.Tensor] | None = None,
 ) -> dict[str, Any]:
     """Train ``runs`` fresh models and report test (and validation) accuracy.
 
@@ -205,9 +222,8 @@ def evaluate_images(
     test, val = [], []
     for r in range(runs):
         x, y = data(r) if callable(data) else data
-        model = train_model(
-            spec, bundle.info, x, y, recipe=recipe, seed=derive_seed(seed, "eval", spec.name, r), device=device
-        )
+        run_seed = derive_seed(seed, "eval", spec.name, r)
+        model = train_model(spec, bundle.info, x, y, recipe=recipe, seed=run_seed, device=device, relabel=relabel)
         test.append(accuracy(model, bundle.test, device=device))
         val.append(accuracy(model, bundle.val, device=device))
         if progress is not None:
@@ -251,36 +267,49 @@ def evaluate_synthetic(
     whole_recipe: EvalRecipe | None = None,
     cache_dir: Path | None = None,
     progress: EvalProgress | None = None,
+    teacher: Any = None,
+    ranking: bool | str = False,
 ) -> dict[str, Any]:
     """Evaluate ``syn`` against its baselines under the same recipe and seeds.
+
+    Parameters
+    ----------
+    teacher
+        The teacher of a soft-label set (default: reloaded from ``syn.metadata["teacher"]``);
+        it relabels the random subset at the set's temperature (:mod:`fedistill.softlabel`).
+    ranking
+        DD-Ranking scores of the first model (:mod:`fedistill.ranking`): ``True`` for LRS
+        and ARS (ARS trains both sets again under the other augmentation setting);
+        ``"auto"`` for LRS of soft-label sets only (it needs the whole-set baseline,
+        cached on disk); ``False`` for none.
 
     Returns
     -------
     dict
         ``accuracy`` (the first model; soft labels when the set has them),
         ``hard_label`` (only for soft-label sets: the same images with hard labels),
-        ``baselines`` {``random_subset``, ``whole_dataset``?} and ``per_model``
-        {label: {"synthetic", "random_subset", "hard_label"?}} for cross-architecture.
+        ``baselines`` {``random_subset``, ``random_subset_soft``?, ``whole_dataset``?},
+        ``per_model`` {label: {"synthetic", "random_subset", "hard_label"?, "random_subset_soft"?}}
+        for cross-architecture, ``teacher``? (its accuracy) and ``ranking``? {``lrs``, ``ars``, ...}.
     """
+    from fedistill import softlabel
+
     syn.validate(bundle.info)
     device = torch.device(device)
-    hard = syn.hard_labels
+    sets = softlabel.training_sets(syn, bundle, recipe=recipe, seed=seed, device=device, teacher=teacher)
+    ars = ranking is True
+    ranking = sets.soft if ranking == "auto" else bool(ranking)
+    base = {"runs": runs, "seed": seed, "device": device, "progress": progress, "relabel": sets.relabel}
     per_model: dict[str, dict[str, Any]] = {}
     for spec in models:
-        common = {"spec": spec, "recipe": recipe, "runs": runs, "seed": seed, "device": device, "progress": progress}
-        res: dict[str, Any] = {}
-        if syn.soft_labels is not None:
-            soft = (syn.images, syn.soft_labels)
-            res["synthetic"] = evaluate_images(soft, bundle, label=f"soft {spec.label}", **common)
-            res["hard_label"] = evaluate_images((syn.images, hard), bundle, label=f"hard {spec.label}", **common)
-        else:
-            res["synthetic"] = evaluate_images((syn.images, hard), bundle, label=f"synthetic {spec.label}", **common)
-
-        def subset(r: int) -> tuple[torch.Tensor, torch.Tensor]:
-            s = random_subset(bundle.train, hard, seed=derive_seed(seed, "subset", r))
-            return s.images, s.labels
-
-        res["random_subset"] = evaluate_images(subset, bundle, label=f"random subset {spec.label}", **common)
+        common = {"spec": spec, "recipe": recipe, **base}
+        res = {"synthetic": evaluate_images(sets.synthetic, bundle, label=f"synthetic {spec.label}", **common)}
+        if sets.soft:
+            res["hard_label"] = evaluate_images(sets.hard, bundle, label=f"hard {spec.label}", **common)
+        res["random_subset"] = evaluate_images(sets.random, bundle, label=f"random subset {spec.label}", **common)
+        if sets.random_soft is not None:
+            label = f"random soft {spec.label}"
+            res["random_subset_soft"] = evaluate_images(sets.random_soft, bundle, label=label, **common)
         per_model[spec.label] = res
     first = per_model[models[0].label]
     out: dict[str, Any] = {
@@ -292,15 +321,17 @@ def evaluate_synthetic(
     }
     if "hard_label" in first:
         out["hard_label"] = first["hard_label"]
-    if whole_dataset:
-        out["baselines"]["whole_dataset"] = _whole_dataset(
-            bundle,
-            spec=models[0],
-            recipe=whole_recipe or recipe,
-            runs=runs,
-            seed=seed,
-            device=device,
-            cache_dir=cache_dir,
-            progress=progress,
-        )
+    if "random_subset_soft" in first:
+        out["baselines"]["random_subset_soft"] = first["random_subset_soft"]
+    if sets.teacher is not None:
+        out["teacher"] = softlabel.teacher_report(sets.teacher, bundle)
+    common = {"spec": models[0], **base}
+    if whole_dataset or ranking:
+        whole = _whole_dataset(bundle, recipe=whole_recipe or recipe, cache_dir=cache_dir, **common)
+        out["baselines"]["whole_dataset"] = whole
+    if ranking:
+        from fedistill.ranking import evaluate_ranking
+
+        rdm = sets.random_soft if sets.random_soft is not None else sets.random
+        out["ranking"] = evaluate_ranking(first, sets.synthetic, rdm, whole, bundle, recipe=recipe, ars=ars, **common)
     return out
