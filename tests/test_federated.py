@@ -232,3 +232,34 @@ def test_client_without_enough_samples_succeeds_with_nothing_to_send():
     assert not reply.has_error()
     assert set(reply.content.keys()) == {"metrics"}
     assert dict(reply.content.metric_records["metrics"])["rows"] == 0
+
+
+TINY_ENGINES = {
+    "dm": {"iterations": 3, "compile": False, "batch_real": 16},
+    "dm_hom": {"iterations": 3, "compile": False, "batch_real": 16},
+    "feddm": {"iterations": 3, "compile": False, "batch_real": 16, "min_class_samples": 1},
+    "dc": {"iterations": 2, "batch_real": 16},
+    "dsa": {"iterations": 2, "batch_real": 16},
+    "mtt": {"iterations": 2, "num_experts": 1, "expert_train_epochs": 2, "syn_steps": 2, "max_start_epoch": 0},
+    "tesla": {"iterations": 2, "num_experts": 1, "expert_train_epochs": 2, "syn_steps": 2, "max_start_epoch": 0},
+    "rded": {"candidates": 20, "teacher": {"epochs": 2}},
+    "sre2l": {"iterations": 3, "teacher": {"epochs": 2}},
+    "gen": {"gen_epochs": 2, "iterations": 3},
+}
+
+
+def test_every_engine_runs_in_the_client_handler(monkeypatch, tmp_path):
+    """`strategy=oneshot method=<any engine>`: each registered engine distills inside train.distill."""
+    from clients.app import app
+    from fedistill.engines import ENGINES
+    from strategies.records import read_tensors, task_content
+
+    assert set(TINY_ENGINES) == set(ENGINES.names())
+    monkeypatch.setenv("FEDISTILL_CACHE", str(tmp_path))
+    node = {"partition-id": 0, "num-partitions": 4}
+    for name, opts in TINY_ENGINES.items():
+        task = {**TASK, "method": name, "method_options": opts, "ipc": 1}
+        reply = app(_message(task_content(task), "train.distill"), _context(node))
+        assert not reply.has_error(), f"{name}: {reply.error.reason if reply.has_error() else ''}"
+        arrays = read_tensors(reply.content.array_records["synthetic"])
+        assert set(arrays) <= {"images", "labels", "soft_labels"} and len(arrays["images"]) <= 10, name
