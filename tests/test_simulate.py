@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import sys
+import tempfile
+import time
 from pathlib import Path
 
 import pytest
@@ -136,17 +140,43 @@ def _free_port() -> int:
 
 @pytest.fixture
 def ray_head(tmp_path):
-    """A single-node Ray cluster started on loopback, as `ray start --head` on a cluster's head node."""
+    """A single-node Ray cluster started on loopback, as `ray start --head` on a cluster's head node.
+
+    Started with ``--block`` in its own session so teardown stops exactly this cluster
+    (``ray stop`` would kill every Ray cluster on the machine).
+    """
     ray = shutil.which("ray", path=str(Path(sys.executable).parent)) or shutil.which("ray")
     assert ray, "the ray CLI is installed with flwr[simulation]"
     port = _free_port()
     env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1]), "RAY_USAGE_STATS_ENABLED": "0"}
-    start = [ray, "start", "--head", "--node-ip-address=127.0.0.1", f"--port={port}", "--num-cpus=2"]
-    subprocess.run([*start, "--include-dashboard=false", "--disable-usage-stats"], env=env, check=True, timeout=180)
+    cmd = [ray, "start", "--head", "--block", "--node-ip-address=127.0.0.1", f"--port={port}", "--num-cpus=2"]
+    # a short temp dir of its own: Ray's socket paths must stay under the 107-byte AF_UNIX limit
+    temp = tempfile.mkdtemp(prefix="ray-", dir="/tmp")
+    cmd += ["--include-dashboard=false", "--disable-usage-stats", f"--temp-dir={temp}"]
+    head = subprocess.Popen(cmd, env=env, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     try:
+        deadline = time.monotonic() + 120
+        while not _listening(port):
+            assert head.poll() is None, f"ray start --head exited: {head.stderr.read().decode()[-2000:]}"
+            assert time.monotonic() < deadline, "the Ray head did not come up within 120 s"
+            time.sleep(0.5)
+        time.sleep(3)  # the raylet registers shortly after the GCS port opens
         yield f"127.0.0.1:{port}"
     finally:
-        subprocess.run([ray, "stop", "--force"], env=env, timeout=120, capture_output=True)
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(head.pid, signal.SIGTERM)
+        try:
+            head.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            os.killpg(head.pid, signal.SIGKILL)
+            head.wait(timeout=30)
+        shutil.rmtree(temp, ignore_errors=True)
+
+
+def _listening(port: int) -> bool:
+    with socket.socket() as s:
+        s.settimeout(0.5)
+        return s.connect_ex(("127.0.0.1", port)) == 0
 
 
 def test_fedavg_on_an_existing_ray_cluster(tmp_path, ray_head):
