@@ -189,3 +189,29 @@ def test_fedavg_on_an_existing_ray_cluster(tmp_path, ray_head):
     assert rounds[-1]["accuracy"] >= rounds[0]["accuracy"]
     # model averaging sends whole models up every round
     assert all(r["bytes_up"] > 10 * 10_000 for r in rounds)
+
+
+@pytest.mark.parametrize(
+    ("method", "opts"),
+    [
+        ("dc", ["method.iterations=3", "model.depth=2"]),
+        ("mtt", ["method.iterations=3", "method.num_experts=1", "method.expert_train_epochs=3", "method.syn_steps=3"]),
+    ],
+)
+def test_oneshot_runs_any_engine_through_the_simulation(tmp_path, monkeypatch, method, opts):
+    monkeypatch.setenv("FEDISTILL_CACHE", str(tmp_path / "cache"))
+    run, _ = _simulate(
+        tmp_path,
+        method,
+        "strategy=oneshot",
+        f"method={method}",
+        "clients=3",
+        "ipc=1",
+        "device=cpu",
+        "strategy.server.epochs=20",
+        "strategy.random_baseline=false",
+        *opts,
+    )
+    summary = _check_contract(run, synthetic=True)
+    assert summary["method"] == method and summary["clients_failed"] == 0
+    assert SyntheticSet.load(run / "synthetic.safetensors").metadata["method"] == method
