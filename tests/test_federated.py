@@ -263,3 +263,25 @@ def test_every_engine_runs_in_the_client_handler(monkeypatch, tmp_path):
         assert not reply.has_error(), f"{name}: {reply.error.reason if reply.has_error() else ''}"
         arrays = read_tensors(reply.content.array_records["synthetic"])
         assert set(arrays) <= {"images", "labels", "soft_labels"} and len(arrays["images"]) <= 10, name
+
+
+def test_client_sampling_is_deterministic_per_round(tmp_path):
+    from fedistill.cli import compose_config
+    from fedistill.data import load_dataset
+    from fedistill.reporting import RunDir
+    from strategies.app import STRATEGIES
+
+    cfg = compose_config("simulate", ["strategy.fraction=0.3", "device=cpu"])
+
+    def strategy():
+        s = STRATEGIES.get("oneshot")(cfg, RunDir(tmp_path), load_dataset("digits"))
+        s.clients = {1000 + i: f"p{i}" for i in range(10)}
+        return s
+
+    a, b = strategy(), strategy()
+    picks = [a.sample(r) for r in range(1, 6)]
+    assert picks == [b.sample(r) for r in range(1, 6)]
+    assert all(len(p) == 3 and p == sorted(p) for p in picks)
+    assert len({tuple(p) for p in picks}) > 1  # rounds draw different clients
+    cfg["seed"] = 1
+    assert [strategy().sample(r) for r in range(1, 6)] != picks
