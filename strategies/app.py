@@ -16,26 +16,22 @@ import numpy as np
 from flwr.app import Context
 from flwr.serverapp import Grid, ServerApp
 
-from fedistill.data import load_dataset
+from fedistill.data import DataBundle, load_dataset
 from fedistill.data.partition import class_histogram
 from fedistill.federated import partition_indices
 from fedistill.io import atomic_write_text
 from fedistill.reporting import RunDir, save_partition_plot
 from strategies import fedavg, feddm, oneshot  # noqa: F401  (registration)
-from strategies.base import STRATEGIES
+from strategies.base import STRATEGIES, data_spec
 
 __all__ = ["app", "make_server_app", "serve"]
 
 
-def _write_partition(cfg: dict[str, Any], run: RunDir) -> None:
+def _write_partition(cfg: dict[str, Any], run: RunDir, bundle: DataBundle) -> None:
     """Per-client class histograms of the simulated split, as data and as ``partition.png``."""
     import json
 
-    bundle = load_dataset(
-        cfg["dataset"]["name"], root=cfg["data"].get("root"), val_fraction=cfg["data"]["val_fraction"]
-    )
-    spec = {**cfg["data"], "dataset": bundle.info.name, "partition": cfg["partition"], "seed": int(cfg["seed"])}
-    parts = partition_indices(spec, int(cfg["clients"]))
+    parts = partition_indices(data_spec(cfg, bundle.info.name), int(cfg["clients"]))
     hist = class_histogram(bundle.train.labels.numpy(), parts, bundle.info.num_classes)
     record = {"partition": cfg["partition"], "clients": int(cfg["clients"]), "histogram": hist.tolist()}
     atomic_write_text(run.path / "partition.json", json.dumps(record) + "\n")
@@ -64,7 +60,7 @@ def serve(grid: Grid, cfg: dict[str, Any], out_dir: str | Path) -> dict[str, Any
         status="running",
     )
     if cfg.get("partition"):
-        _write_partition(cfg, run)
+        _write_partition(cfg, run, bundle)
     strategy = STRATEGIES.get(cfg["strategy"]["name"])(cfg, run, bundle)
     summary = strategy.run_rounds(grid)
     _print_table(summary, strategy.history)

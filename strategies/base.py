@@ -28,9 +28,9 @@ from fedistill.federated.client import model_spec
 from fedistill.registry import Registry
 from fedistill.reporting import RunDir, progress_bars, save_accuracy_plot
 from fedistill.seeding import derive_seed, numpy_rng
-from strategies.records import content_bytes, read_metrics, task_content
+from strategies.records import content_bytes, read_metrics, task_content, tensor_record
 
-__all__ = ["STRATEGIES", "Reply", "Strategy", "register_strategy"]
+__all__ = ["STRATEGIES", "Reply", "Strategy", "data_spec", "register_strategy"]
 
 STRATEGIES: Registry[type[Strategy]] = Registry("strategy")
 register_strategy = STRATEGIES.register
@@ -104,13 +104,7 @@ class Strategy:
         """The full task for one client: the shared part plus its seed, data spec and fault."""
         out = dict(task)
         out["seed"] = derive_seed(self.seed, "client", client, round_)
-        out["data"] = {
-            "dataset": self.bundle.info.name,
-            "root": self.cfg.get("data", {}).get("root"),
-            "val_fraction": float(self.cfg.get("data", {}).get("val_fraction", 0.1)),
-            "partition": dict(self.cfg["partition"]),
-            "seed": self.seed,
-        }
+        out["data"] = data_spec(self.cfg, self.bundle.info.name)
         out["model"] = dict(self.cfg["model"])
         client_res = self.cfg.get("client", {})
         out["threads"] = max(1, int(client_res.get("num_cpus", 1)))
@@ -156,9 +150,10 @@ class Strategy:
     def exchange(self, grid: Grid, round_: int, nodes: list[int]) -> tuple[list[Reply], list[ClientFailure], int, int]:
         """Send the round's messages, gather replies; returns replies, failures, bytes down, bytes up."""
         task, arrays = self.configure(round_)
+        record = tensor_record(arrays) if arrays is not None else None  # serialized once per round
         msgs, down = [], 0
         for n in nodes:
-            content = task_content(self.client_task(task, self.clients[n], round_), arrays)
+            content = task_content(self.client_task(task, self.clients[n], round_), record)
             down += content_bytes(content)
             msgs.append(Message(content, dst_node_id=n, message_type=self.message_type))
         replies, failures, up, seen = [], [], 0, set()
@@ -250,6 +245,18 @@ class Strategy:
         self.run.log("round", **rec)
         self.run.update_summary(rounds_completed=round_, accuracy_history=[h["accuracy"] for h in self.history])
         return rec
+
+
+def data_spec(cfg: dict[str, Any], dataset: str) -> dict[str, Any]:
+    """What a node needs to derive its partition: dataset, root, validation split, scheme, seed."""
+    data = cfg.get("data", {})
+    return {
+        "dataset": dataset,
+        "root": data.get("root"),
+        "val_fraction": float(data.get("val_fraction", 0.1)),
+        "partition": dict(cfg["partition"]),
+        "seed": int(cfg["seed"]),
+    }
 
 
 def _client_order(client: str) -> tuple[int, int]:

@@ -6,8 +6,6 @@ import dataclasses
 import json
 from typing import Any
 
-import torch
-
 from fedistill.data.synthetic import SyntheticSet, SyntheticSetError
 from fedistill.evaluation import random_subset
 from fedistill.federated import ClientFailure, GlobalModel, decode_synthetic, merge_sets
@@ -121,8 +119,3 @@ class DistillStrategy(Strategy):
             "provenance": json.loads(json.dumps(self.synthetic.metadata.get("clients", []))),
             "baselines": {"random_subset": baseline},
         }
-
-
-def state_copy(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """A detached CPU copy of a state dict (what is sent to clients)."""
-    return {k: v.detach().cpu().clone() for k, v in state.items()}

@@ -8,7 +8,6 @@ import torch
 
 from fedistill.federated import ClientFailure, weighted_average
 from strategies.base import Reply, Strategy, register_strategy
-from strategies.distill import state_copy
 from strategies.records import read_tensors
 
 __all__ = ["FedAvg"]
@@ -34,7 +33,7 @@ class FedAvg(Strategy):
             "weight_decay": float(self.opts.get("weight_decay", 5e-4)),
             "batch_size": int(self.opts.get("batch_size", 32)),
         }
-        return {"fit": fit}, state_copy(self.global_model.state)
+        return {"fit": fit}, self.global_model.state
 
     def accept(self, round_: int, replies: list[Reply]) -> tuple[list[Reply], list[ClientFailure]]:
         """Reject replies whose weights do not match the global model's keys, shapes or finiteness."""

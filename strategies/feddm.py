@@ -8,7 +8,7 @@ import torch
 
 from fedistill.registry import UnknownNameError
 from strategies.base import Reply, register_strategy
-from strategies.distill import DistillStrategy, state_copy
+from strategies.distill import DistillStrategy
 
 __all__ = ["FedDM"]
 
@@ -42,7 +42,7 @@ class FedDM(DistillStrategy):
 
     def configure(self, round_: int) -> tuple[dict[str, Any], dict[str, torch.Tensor] | None]:
         """The FedDM engine task and the current global weights."""
-        return self.engine_task(), state_copy(self.global_model.state)
+        return self.engine_task(), self.global_model.state
 
     def update(self, round_: int, accepted: list[Reply]) -> dict[str, Any]:
         """Train the global model (continuing) on the union of this round's sets."""

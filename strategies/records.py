@@ -37,11 +37,11 @@ def read_tensors(record: ArrayRecord) -> dict[str, torch.Tensor]:
     return dict(record.to_torch_state_dict())
 
 
-def task_content(task: Mapping[str, Any], arrays: Mapping[str, torch.Tensor] | None = None) -> RecordDict:
-    """A message body: the task as JSON and, optionally, the global weights."""
+def task_content(task: Mapping[str, Any], arrays: Mapping[str, torch.Tensor] | ArrayRecord | None = None) -> RecordDict:
+    """A message body: the task as JSON and, optionally, the global weights (tensors or a built record)."""
     content = RecordDict({"config": ConfigRecord({"task": json.dumps(task)})})
     if arrays is not None:
-        content["global"] = tensor_record(arrays)
+        content["global"] = arrays if isinstance(arrays, ArrayRecord) else tensor_record(arrays)
     return content
 
 

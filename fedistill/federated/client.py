@@ -72,6 +72,9 @@ def model_spec(model: Mapping[str, Any]) -> ModelSpec:
 
 
 def _setup(task: Mapping[str, Any]) -> torch.device:
+    """Threads and device for a task; a ``crash`` fault raises here, before any work."""
+    if task.get("fault") == "crash":
+        FAULTS.get("crash")(None)  # type: ignore[arg-type]
     torch.set_num_threads(max(1, int(task.get("threads", 1))))
     return resolve_device(task.get("device", "cpu"))
 
@@ -104,8 +107,6 @@ def distill_task(
         syn.metadata.pop("loss_history", None)
         if task.get("fault"):
             syn = FAULTS.get(task["fault"])(syn)
-    elif task.get("fault") == "crash":
-        FAULTS.get("crash")(None)  # type: ignore[arg-type]
     metrics.update(seconds=round(time.perf_counter() - start, 3), rows=0 if syn is None else len(syn))
     return syn, metrics
 
@@ -119,8 +120,6 @@ def fit_task(
 ) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
     """Local SGD from the global ``state`` on this client's data (the FedAvg baseline)."""
     device = _setup(task)
-    if task.get("fault") == "crash":
-        FAULTS.get("crash")(None)  # type: ignore[arg-type]
     start = time.perf_counter()
     model = train_model(
         model_spec(task["model"]),
