@@ -37,6 +37,9 @@ app = ClientApp()
 CLIENT_ERROR = 1001
 """Error code of a handler that raised (the reason carries the exception)."""
 
+LEDGER = "privacy-ledger"
+"""Node state record holding the node's cumulative DP ledger (DP engines)."""
+
 
 def _guard(handler: Callable[[Message, Context], Message]) -> Callable[[Message, Context], Message]:
     def wrapped(msg: Message, context: Context) -> Message:
@@ -70,8 +73,13 @@ def distill(msg: Message, context: Context) -> Message:
     task = read_json(msg)
     split = node_split(context.node_config, task["data"])
     base = read_tensors(msg.content.array_records["global"]) if "global" in msg.content.array_records else None
-    syn, metrics = distill_task(split, task, base_state=base)
+    saved = context.state.config_records.get(LEDGER)
+    syn, metrics = distill_task(
+        split, task, base_state=base, ledger_state=json.loads(str(saved["json"])) if saved else None
+    )
     metrics["partition-id"] = _partition_id(context)
+    if syn is not None and "privacy" in syn.metadata:  # the node keeps its own cumulative ledger
+        context.state[LEDGER] = ConfigRecord({"json": json.dumps(syn.metadata["privacy"]["ledger"])})
     if syn is None:  # no class with enough samples: succeed with nothing to contribute
         return reply(msg, metrics=metrics_record(metrics))
     tensors, meta = encode_synthetic(syn)

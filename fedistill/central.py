@@ -15,6 +15,7 @@ import torch
 from fedistill.data import DataBundle, SyntheticSet, load_dataset
 from fedistill.engines import build_engine, resolve_device
 from fedistill.evaluation import EvalRecipe, ModelSpec, evaluate_synthetic
+from fedistill.privacy import privacy_summary
 from fedistill.reporting import RunDir, progress_bars, results_table, save_grid
 
 __all__ = ["eval_settings", "run_central", "run_evaluate"]
@@ -109,7 +110,12 @@ def run_central(cfg: dict[str, Any], out_dir: str | Path) -> dict[str, Any]:
             run.log("distill", **metrics)
 
         syn = engine.distill(
-            bundle.train, ipc, init=cfg.get("init", "real"), device=device, progress=on_step, seed=seed
+            bundle.train,
+            ipc,
+            init=engine.resolve_init(cfg.get("init", "auto")),
+            device=device,
+            progress=on_step,
+            seed=seed,
         )
     distill_seconds = time.perf_counter() - start
     syn.metadata.pop("loss_history", None)
@@ -120,6 +126,8 @@ def run_central(cfg: dict[str, Any], out_dir: str | Path) -> dict[str, Any]:
     run.update_summary(
         distill_seconds=round(distill_seconds, 3), synthetic_path=str(path.resolve()), status="evaluating"
     )
+    if "privacy" in syn.metadata:
+        run.update_summary(privacy=privacy_summary(syn.metadata["privacy"]))
     res = _evaluate(syn, bundle, cfg, run, device)
     summary = run.update_summary(**res, status="done")
     run.log("summary", accuracy=res["accuracy"], random_subset=res["baselines"]["random_subset"])

@@ -35,6 +35,8 @@ def _hydra_app(config_name: str, task: Callable[[dict, Path], object], prog: str
     def job(cfg: DictConfig) -> None:
         from fedistill.data import DatasetFormatError, DatasetNotFoundError, SyntheticSetError
         from fedistill.federated import FederationError, NodeDataError
+        from fedistill.privacy import BudgetExceededError
+        from fedistill.privacy.audit import RunDirError
         from fedistill.reporting import RunDir
 
         out = Path(HydraConfig.get().runtime.output_dir)
@@ -48,6 +50,8 @@ def _hydra_app(config_name: str, task: Callable[[dict, Path], object], prog: str
             UnknownNameError,
             FederationError,
             NodeDataError,
+            BudgetExceededError,
+            RunDirError,
         ) as exc:
             # input errors carry their own explanation and fix: no traceback
             print(f"fedistill {config_name}: error: {exc}", file=sys.stderr)
@@ -80,16 +84,43 @@ def _central(args: list[str]) -> int:
     return _hydra_app("central", run_central, "fedistill central", args)
 
 
+def _positional(args: list[str], key: str, usage: str) -> list[str] | None:
+    """Turn the one positional argument into the override ``key='PATH'`` (``None``: usage error)."""
+    paths = [a for a in args if "=" not in a and not a.startswith("-")]
+    if len(paths) != 1:
+        print(f"usage: {usage}", file=sys.stderr)
+        return None
+    rest = [a for a in args if a is not paths[0]]
+    quoted = paths[0].replace("\\", "\\\\").replace("'", "\\'")
+    return [f"{key}='{quoted}'", *rest]
+
+
 def _evaluate(args: list[str]) -> int:
     from fedistill.central import run_evaluate
 
-    paths = [a for a in args if "=" not in a and not a.startswith("-")]
-    if len(paths) != 1:
-        print("usage: fedistill evaluate PATH/TO/synthetic.safetensors [overrides...]", file=sys.stderr)
-        return 2
-    rest = [a for a in args if a is not paths[0]]
-    quoted = paths[0].replace("\\", "\\\\").replace("'", "\\'")
-    return _hydra_app("evaluate", run_evaluate, "fedistill evaluate", [f"synthetic_path='{quoted}'", *rest])
+    argv = _positional(args, "synthetic_path", "fedistill evaluate PATH/TO/synthetic.safetensors [overrides...]")
+    return 2 if argv is None else _hydra_app("evaluate", run_evaluate, "fedistill evaluate", argv)
+
+
+def _audit(args: list[str]) -> int:
+    from fedistill.privacy.audit import run_audit
+
+    argv = _positional(args, "run_dir", "fedistill audit RUN_DIR [audit overrides...]")
+    return 2 if argv is None else _hydra_app("audit", _print_audit(run_audit), "fedistill audit", argv)
+
+
+def _print_audit(run: Callable[[dict, Path], dict]) -> Callable[[dict, Path], dict]:
+    def task(cfg: dict, out: Path) -> dict:
+        from fedistill.privacy.report import audit_table
+
+        result = run(cfg, out)
+        from rich.console import Console
+
+        Console().print(audit_table(result))
+        print(f"audit written to {out / 'audit.json'} and {out / 'audit.png'}")
+        return result
+
+    return task
 
 
 def _simulate(args: list[str]) -> int:
@@ -101,6 +132,7 @@ def _simulate(args: list[str]) -> int:
 COMMANDS.register("simulate")(("federated distillation with Flower's simulation engine on Ray", _simulate))
 COMMANDS.register("central")(("distill a dataset on one machine and evaluate it", _central))
 COMMANDS.register("evaluate")(("re-evaluate a saved synthetic.safetensors", _evaluate))
+COMMANDS.register("audit")(("membership-inference audit of a run's synthetic set", _audit))
 
 
 def _usage() -> str:

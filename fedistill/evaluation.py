@@ -36,6 +36,7 @@ __all__ = [
     "evaluate_images",
     "evaluate_synthetic",
     "random_subset",
+    "random_subset_indices",
     "summarize",
     "test_metrics",
     "train_model",
@@ -177,15 +178,20 @@ def accuracy(model: nn.Module, split: Split, *, device: torch.device, batch_size
     return test_metrics(model, split, device=device, batch_size=batch_size)[0]
 
 
-def random_subset(train: Split, labels: torch.Tensor, *, seed: int) -> Split:
-    """Random real images with the same per-class counts as ``labels``."""
+def random_subset_indices(train: Split, labels: torch.Tensor, *, seed: int) -> torch.Tensor:
+    """Positions of random real images with the per-class counts of ``labels`` (capped by what ``train`` has)."""
     g = torch_generator(seed, "random-subset")
-    picks = []
+    picks = [torch.zeros(0, dtype=torch.long)]
     for c, n in enumerate(torch.bincount(labels, minlength=train.info.num_classes).tolist()):
         if n:
             idx = torch.nonzero(train.labels == c).flatten()
             picks.append(idx[torch.randperm(len(idx), generator=g)[:n]])
-    return train.subset(torch.cat(picks))
+    return torch.cat(picks)
+
+
+def random_subset(train: Split, labels: torch.Tensor, *, seed: int) -> Split:
+    """Random real images with the same per-class counts as ``labels``."""
+    return train.subset(random_subset_indices(train, labels, seed=seed))
 
 
 def summarize(values: list[float]) -> dict[str, Any]:

@@ -9,6 +9,7 @@ from typing import Any
 from fedistill.data.synthetic import SyntheticSet, SyntheticSetError
 from fedistill.evaluation import random_subset
 from fedistill.federated import ClientFailure, GlobalModel, decode_synthetic, merge_sets
+from fedistill.privacy import ClientLedgers
 from fedistill.reporting import save_grid
 from strategies.base import Reply, Strategy
 from strategies.records import read_json, read_tensors
@@ -29,11 +30,27 @@ class DistillStrategy(Strategy):
         super().__init__(*args, **kwargs)
         self.synthetic: SyntheticSet | None = None
         self.round_empty = 0
+        self.ledgers = ClientLedgers()
+        self.round_epsilon: dict[str, float] = {}
+
+    def client_task(self, task: dict[str, Any], client: str, round_: int) -> dict[str, Any]:
+        """The base task plus the server's copy of this client's privacy ledger (DP engines)."""
+        out = super().client_task(task, client, round_)
+        if client in self.ledgers.ledgers:
+            out["privacy_ledger"] = self.ledgers.ledgers[client]
+        return out
 
     def engine_task(self) -> dict[str, Any]:
         """Engine name and options from the ``method`` group."""
         method = dict(self.cfg["method"])
-        return {"method": method.pop("name"), "method_options": method, "ipc": int(self.cfg["ipc"]), "init": "real"}
+        name = method.pop("name")
+        return {
+            "method": name,
+            "method_options": method,
+            "ipc": int(self.cfg["ipc"]),
+            "init": str(self.cfg.get("init", "auto")),
+            "rounds": self.rounds,
+        }
 
     def max_client_images(self) -> int:
         """Per-client size cap on a synthetic-set reply."""
@@ -44,6 +61,7 @@ class DistillStrategy(Strategy):
         """Decode and validate every synthetic set; reject malformed ones with the reason."""
         ok, bad = [], []
         self.round_empty = 0
+        self.round_epsilon = {}
         for r in replies:
             try:
                 if "synthetic" not in r.msg.content.array_records:
@@ -63,6 +81,8 @@ class DistillStrategy(Strategy):
             except (SyntheticSetError, ValueError, KeyError) as err:
                 bad.append(ClientFailure(r.node, r.client, "rejected", str(err)))
                 continue
+            if "privacy" in syn.metadata:
+                self.round_epsilon[r.client] = round(self.ledgers.record(r.client, syn.metadata["privacy"]), 6)
             r.metrics["synthetic"] = syn
             ok.append(r)
         return ok, bad
@@ -73,13 +93,19 @@ class DistillStrategy(Strategy):
         return merge_sets(parts, self.bundle.info) if parts else None
 
     def train_global(self, round_: int, syn: SyntheticSet | None) -> dict[str, Any]:
-        """Train the global model on ``syn`` (skipped when no client had anything to send); round metrics."""
+        """Train the global model on ``syn`` (skipped when no client had anything to send); round metrics.
+
+        With a DP engine the metrics carry every replying client's cumulative ``epsilon``.
+        """
+        rec: dict[str, Any] = {"clients_empty": self.round_empty}
+        if self.round_epsilon:
+            rec["epsilon"] = dict(self.round_epsilon)
         if syn is None:
             self.run.log("no_synthetic_data", round=round_)
-            return {"synthetic_images": 0, "clients_empty": self.round_empty, "train_seconds": 0.0}
+            return {"synthetic_images": 0, **rec, "train_seconds": 0.0}
         self.synthetic = syn
         seconds = self.global_model.train_on(syn, round_=round_)
-        return {"synthetic_images": len(syn), "clients_empty": self.round_empty, "train_seconds": round(seconds, 3)}
+        return {"synthetic_images": len(syn), **rec, "train_seconds": round(seconds, 3)}
 
     def random_baseline(self) -> dict[str, Any]:
         """A fresh global model trained on random real images with the merged set's class counts.
@@ -106,8 +132,9 @@ class DistillStrategy(Strategy):
 
     def finish(self) -> dict[str, Any]:
         """Save the last merged set and its grid; report the random-real baseline."""
+        privacy = {"privacy": self.ledgers.summary()} if self.ledgers.ledgers else {}
         if self.synthetic is None:
-            return {}
+            return privacy
         self.synthetic.metadata.update(dataset=self.bundle.info.name, strategy=self.name, ipc=int(self.cfg["ipc"]))
         path = self.synthetic.save(self.run.path / "synthetic.safetensors")
         save_grid(self.synthetic, self.run.path / "synthetic.png")
@@ -118,4 +145,5 @@ class DistillStrategy(Strategy):
             "synthetic_images": len(self.synthetic),
             "provenance": json.loads(json.dumps(self.synthetic.metadata.get("clients", []))),
             "baselines": {"random_subset": baseline},
+            **privacy,
         }

@@ -245,6 +245,9 @@ TINY_ENGINES = {
     "rded": {"candidates": 20, "teacher": {"epochs": 2}},
     "sre2l": {"iterations": 3, "teacher": {"epochs": 2}},
     "gen": {"gen_epochs": 2, "iterations": 3},
+    "dp_dm": {"iterations": 3, "batch_real": 16, "releases": 2},
+    "dp_dc": {"iterations": 2, "batch_real": 16},
+    "dp_dsa": {"iterations": 2, "batch_real": 16},
 }
 
 

@@ -52,10 +52,18 @@ class Engine(ABC):
 
     name: ClassVar[str] = ""
     Config: ClassVar[type]
+    #: What ``init="auto"`` means for this engine (DP engines must start from noise).
+    default_init: ClassVar[str] = "real"
+    #: Differentially private: :meth:`distill` takes ``ledger=`` (a holder's cumulative budget).
+    private: ClassVar[bool] = False
 
     def __init__(self, config: Any = None, **overrides: Any) -> None:
         base = config if config is not None else self.Config()
         self.config = dataclasses.replace(base, **overrides) if overrides else base
+
+    def resolve_init(self, init: str) -> str:
+        """``auto`` -> this engine's :attr:`default_init`; anything else as given."""
+        return self.default_init if init == "auto" else init
 
     @abstractmethod
     def distill(

@@ -21,6 +21,7 @@ statistics); use the default instance norm.
 
 from __future__ import annotations
 
+import itertools
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -113,18 +114,22 @@ def gradient_distance(g_real: torch.Tensor, g_syn: torch.Tensor) -> torch.Tensor
 
 def matching_loss(
     net: nn.Module,
-    real: torch.Tensor,
-    real_labels: torch.Tensor,
+    real: torch.Tensor | list[torch.Tensor],
+    real_labels: torch.Tensor | None,
     syn: torch.Tensor,
     syn_labels: torch.Tensor,
 ) -> torch.Tensor:
     """Layer-wise gradient distance between a real and a synthetic batch of one class.
 
     The real gradient is a constant; the synthetic one keeps its graph, so the
-    result is differentiable in ``syn``.
+    result is differentiable in ``syn``. ``real`` may also be the real gradient itself
+    (one tensor per trainable parameter, ``real_labels=None``), e.g. a DP-SGD release.
     """
     params = [p for p in net.parameters() if p.requires_grad]
-    g_real = torch.autograd.grad(F.cross_entropy(net(real), real_labels), params)
+    if isinstance(real, torch.Tensor):
+        g_real = torch.autograd.grad(F.cross_entropy(net(real), real_labels), params)
+    else:
+        g_real = real
     g_syn = torch.autograd.grad(F.cross_entropy(net(syn), syn_labels), params, create_graph=True)
     return sum((gradient_distance(r.detach(), s) for r, s in zip(g_real, g_syn, strict=True)), g_syn[0].new_zeros(()))
 
@@ -135,6 +140,24 @@ class DCEngine(Engine):
 
     name = "dc"
     Config = GMConfig
+
+    def real_sampler(self, data: Split, classes: list[int], device: torch.device, seed: int) -> RealSampler:
+        """The sampler of real batches (fixed ``batch_real`` per class)."""
+        return RealSampler(data, classes, self.config.batch_real, device, torch_generator(seed, f"{self.name}-real"))
+
+    def real_targets(
+        self, net: nn.Module, sampler: RealSampler, classes: list[int], *, dsa: DSA | None, params: Any
+    ) -> list[tuple[Any, torch.Tensor | None]]:
+        """Per class, what the synthetic gradient is matched to: ``(real batch, labels)``.
+
+        Subclasses may return ``(gradient tensors, None)`` instead (see :func:`matching_loss`).
+        """
+        real = sampler.sample()
+        if dsa is not None:
+            real = dsa.apply(real, params, sampler.groups)
+        bounds = [0, *torch.cumsum(sampler.counts.long(), 0).tolist()]
+        labels = torch.tensor(classes, device=real.device).repeat_interleave(sampler.counts.long())
+        return [(real[lo:hi], labels[lo:hi]) for lo, hi in itertools.pairwise(bounds)]
 
     def distill(
         self,
@@ -158,9 +181,7 @@ class DCEngine(Engine):
         syn = images.to(dev).requires_grad_(True)
         syn_labels = labels.to(dev)
         opt = torch.optim.SGD([syn], lr=cfg.lr_img, momentum=cfg.momentum)
-        sampler = RealSampler(data, classes, cfg.batch_real, dev, torch_generator(seed, f"{self.name}-real"))
-        bounds = [0, *torch.cumsum(sampler.counts.long(), 0).tolist()]
-        real_labels = torch.tensor(classes, device=dev).repeat_interleave(sampler.counts.long())
+        sampler = self.real_sampler(data, classes, dev, seed)
         syn_groups = torch.arange(k, device=dev).repeat_interleave(ipc)
         aug_gen = torch_generator(seed, f"{self.name}-dsa")
         train_gen = torch_generator(seed, f"{self.name}-train")
@@ -172,15 +193,13 @@ class DCEngine(Engine):
             net_opt = torch.optim.SGD(net.parameters(), lr=cfg.lr_net)
             total = 0.0
             for ol in range(outer):
-                real, syn_in = sampler.sample(), syn
-                if dsa is not None:
-                    params = dsa.sample(k, aug_gen, image_size=data.info.image_size, op_per_group=True)
-                    real, syn_in = dsa.apply(real, params, sampler.groups), dsa.apply(syn, params, syn_groups)
+                params = dsa.sample(k, aug_gen, image_size=data.info.image_size, op_per_group=True) if dsa else None
+                real = self.real_targets(net, sampler, classes, dsa=dsa, params=params)
+                syn_in = syn if dsa is None else dsa.apply(syn, params, syn_groups)
                 loss = syn.new_zeros(())
                 for c in range(k):
-                    lo, hi = bounds[c], bounds[c + 1]
                     s = slice(c * ipc, (c + 1) * ipc)
-                    loss = loss + matching_loss(net, real[lo:hi], real_labels[lo:hi], syn_in[s], syn_labels[s])
+                    loss = loss + matching_loss(net, *real[c], syn_in[s], syn_labels[s])
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 opt.step()

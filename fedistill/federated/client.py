@@ -17,13 +17,14 @@ import torch
 
 from fedistill.data.base import Split
 from fedistill.data.synthetic import SyntheticSet
-from fedistill.engines import build_engine, resolve_device
+from fedistill.engines import ENGINES, build_engine, resolve_device
 from fedistill.engines.base import NothingToDistillError
 from fedistill.evaluation import EvalRecipe, ModelSpec, test_metrics, train_model
 from fedistill.models import build_model
+from fedistill.privacy import PrivacyLedger
 from fedistill.registry import Registry
 
-__all__ = ["FAULTS", "distill_task", "evaluate_task", "fit_task", "model_spec"]
+__all__ = ["FAULTS", "client_ledger", "distill_task", "evaluate_task", "fit_task", "model_spec"]
 
 FAULTS: Registry[Callable[[SyntheticSet], SyntheticSet]] = Registry("fault")
 """Deliberate client misbehaviour: ``crash`` raises; the others corrupt the reply."""
@@ -79,30 +80,63 @@ def _setup(task: Mapping[str, Any]) -> torch.device:
     return resolve_device(task.get("device", "cpu"))
 
 
+def client_ledger(
+    task: Mapping[str, Any], options: Mapping[str, Any], node_state: Mapping[str, Any] | None
+) -> PrivacyLedger:
+    """This client's cumulative privacy ledger for a DP task.
+
+    The node keeps its own ledger across rounds (``node_state``); the server mirrors it
+    from the replies and sends its copy (``task["privacy_ledger"]``) so a restarted node
+    or a resumed server never forgets spent budget: the copy with more releases wins.
+    The budget is the task's ``epsilon``.
+    """
+    copies = [PrivacyLedger.from_state(s) for s in (node_state, task.get("privacy_ledger")) if s]
+    ledger = max(copies, key=lambda led: led.releases, default=None)
+    if ledger is None:
+        ledger = PrivacyLedger(accountant=options.get("accountant", "rdp"), delta=float(options.get("delta", 1e-5)))
+    eps = options.get("epsilon", 10.0)
+    ledger.budget = None if eps is None else float(eps)
+    return ledger
+
+
 def distill_task(
-    split: Split, task: Mapping[str, Any], *, base_state: dict[str, torch.Tensor] | None = None
+    split: Split,
+    task: Mapping[str, Any],
+    *,
+    base_state: dict[str, torch.Tensor] | None = None,
+    ledger_state: Mapping[str, Any] | None = None,
 ) -> tuple[SyntheticSet | None, dict[str, Any]]:
     """Distill this client's data with the task's engine.
+
+    A differentially private engine continues the client's ledger (``ledger_state``, the
+    node's own copy, or the server's copy in the task), plans its noise over the task's
+    ``rounds`` and refuses a release over budget (:class:`~fedistill.privacy.BudgetExceededError`).
+    The updated ledger is in ``synthetic.metadata["privacy"]["ledger"]``.
 
     Returns
     -------
     synthetic, metrics
         The synthetic set (``None`` when no class has enough samples for the engine:
         the client succeeds with nothing to contribute) and
-        ``{"examples", "class_counts", "seconds", "rows"}``.
+        ``{"examples", "class_counts", "seconds", "rows", "epsilon"?}``.
     """
     device = _setup(task)
     start = time.perf_counter()
     spec = model_spec(task["model"])
-    engine = build_engine(task["method"], model=spec.name, model_kwargs=spec.kwargs, **task.get("method_options", {}))
-    extra = {"base_state": base_state} if base_state is not None else {}
+    options = dict(task.get("method_options", {}))
+    extra: dict[str, Any] = {"base_state": base_state} if base_state is not None else {}
+    if ENGINES.get(task["method"]).private:
+        options.setdefault("planned_rounds", int(task.get("rounds", 1)))
+        extra["ledger"] = client_ledger(task, options, ledger_state)
+    engine = build_engine(task["method"], model=spec.name, model_kwargs=spec.kwargs, **options)
+    init = engine.resolve_init(task.get("init", "auto"))
     metrics = {"examples": len(split), "class_counts": split.class_counts().tolist()}
     try:
-        syn = engine.distill(
-            split, int(task["ipc"]), init=task.get("init", "real"), device=device, seed=int(task["seed"]), **extra
-        )
+        syn = engine.distill(split, int(task["ipc"]), init=init, device=device, seed=int(task["seed"]), **extra)
     except NothingToDistillError:
         syn = None
+    if "ledger" in extra:
+        metrics["epsilon"] = round(extra["ledger"].epsilon, 6)
     if syn is not None:
         syn.metadata.pop("loss_history", None)
         if task.get("fault"):

@@ -1,0 +1,190 @@
+"""``fedistill audit RUN_DIR``: membership inference against models trained on a run's synthetic set.
+
+Members are real training records the run distilled (the train split: every client's
+partition is part of it); non-members are held-out test records. The same attacks run
+against a model trained on a *real* random subset of matched accuracy, whose members
+are the records it trained on: the gap is what distillation (and DP) buys.
+
+Shadow models for the LiRA-style attack train on a reference population that no audited
+model saw (the validation split plus the test records not used as non-members), with the
+audited model's recipe and label counts.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from fedistill.data import DataBundle, Split, SyntheticSet, load_dataset
+from fedistill.evaluation import EvalRecipe, ModelSpec, accuracy, random_subset_indices, train_model
+from fedistill.io import atomic_write_text
+from fedistill.privacy.attacks import example_scores, lira_offline, roc_metrics
+from fedistill.seeding import derive_seed, torch_generator
+
+__all__ = ["AuditSettings", "RunDirError", "audit_training_set", "run_audit"]
+
+
+class RunDirError(FileNotFoundError):
+    """The audited run directory lacks a file the audit needs."""
+
+
+@dataclass(frozen=True)
+class AuditSettings:
+    """What an audit trains (``audit.*`` in the config).
+
+    Attributes
+    ----------
+    members
+        Member and non-member candidates each (capped at half the test split).
+    shadows
+        Shadow models per audited model (LiRA, offline).
+    matched
+        Also audit a real random subset of matched accuracy.
+    """
+
+    members: int = 200
+    shadows: int = 4
+    matched: bool = True
+
+
+@dataclass
+class _Audit:
+    bundle: DataBundle
+    spec: ModelSpec
+    recipe: EvalRecipe
+    seed: int
+    device: torch.device
+    settings: AuditSettings
+
+    def train(self, images: torch.Tensor, targets: torch.Tensor, tag: str, k: int = 0) -> torch.nn.Module:
+        seed = derive_seed(self.seed, "audit", tag, k)
+        return train_model(
+            self.spec, self.bundle.info, images, targets, recipe=self.recipe, seed=seed, device=self.device
+        )
+
+
+def _concat(a: Split, b: Split) -> Split:
+    return Split(torch.cat([a.images, b.images]), torch.cat([a.labels, b.labels]), a.info)
+
+
+def audit_training_set(
+    audit: _Audit,
+    images: torch.Tensor,
+    targets: torch.Tensor,
+    members: Split,
+    nonmembers: Split,
+    population: Split,
+    tag: str,
+) -> dict[str, Any]:
+    """Train on ``(images, targets)``, then run both attacks on ``members`` vs ``nonmembers``."""
+    target = audit.train(images, targets, tag)
+    cand = _concat(members, nonmembers)
+    loss, phi = example_scores(target, cand.images, cand.labels, device=audit.device)
+    hard = targets if targets.ndim == 1 else targets.argmax(1)
+    shadow_phi = []
+    for k in range(audit.settings.shadows):
+        pick = random_subset_indices(population, hard, seed=derive_seed(audit.seed, "audit-shadow", tag, k))
+        shadow = audit.train(population.images[pick], population.labels[pick], f"{tag}-shadow", k)
+        shadow_phi.append(example_scores(shadow, cand.images, cand.labels, device=audit.device)[1])
+    n = len(members)
+    lira = lira_offline(phi, np.stack(shadow_phi))
+    return {
+        "train_images": len(images),
+        "test_accuracy": round(100 * accuracy(target, audit.bundle.test, device=audit.device), 4),
+        "loss_attack": roc_metrics(-loss[:n], -loss[n:]),
+        "lira": roc_metrics(lira[:n], lira[n:]),
+    }
+
+
+def _matched_subset(audit: _Audit, syn_labels: torch.Tensor, target_acc: float) -> tuple[torch.Tensor, float]:
+    """Smallest real subset (label counts of the set x 1, 2, 4, ...) reaching ``target_acc``."""
+    train = audit.bundle.train
+    mult = 1
+    while True:
+        pick = random_subset_indices(train, syn_labels.repeat(mult), seed=derive_seed(audit.seed, "audit-matched"))
+        model = audit.train(train.images[pick], train.labels[pick], "matched-search", mult)
+        acc = 100 * accuracy(model, audit.bundle.test, device=audit.device)
+        if acc >= target_acc or len(pick) >= len(train):
+            return pick, acc
+        mult *= 2
+
+
+def run_audit(cfg: dict[str, Any], out_dir: str | Path) -> dict[str, Any]:
+    """Audit the run in ``cfg["run_dir"]``; writes ``audit.json`` and ``audit.png`` into ``out_dir``."""
+    from fedistill.engines import resolve_device
+    from fedistill.reporting import RunDir
+
+    run_dir = Path(cfg["run_dir"])
+    syn_path, cfg_path = run_dir / "synthetic.safetensors", run_dir / "config.yaml"
+    for p in (syn_path, cfg_path):
+        if not p.is_file():
+            raise RunDirError(
+                f"{p} not found: fedistill audit needs a finished `fedistill central` or `fedistill simulate` run "
+                "directory (with synthetic.safetensors and config.yaml)"
+            )
+    from omegaconf import OmegaConf
+
+    run_cfg: dict[str, Any] = OmegaConf.to_container(OmegaConf.load(cfg_path), resolve=True)  # type: ignore[assignment]
+    syn = SyntheticSet.load(syn_path)
+    data = run_cfg.get("data") or {}
+    bundle = load_dataset(syn.info.name, root=data.get("root"), val_fraction=float(data.get("val_fraction", 0.1)))
+    syn.validate(bundle.info)
+    model = dict(run_cfg["model"])
+    recipe_cfg = dict(run_cfg["eval"]) if "eval" in run_cfg else dict(run_cfg["strategy"].get("server", {}))
+    recipe_cfg = {k: v for k, v in recipe_cfg.items() if k in EvalRecipe.__dataclass_fields__}
+    if cfg.get("epochs"):
+        recipe_cfg["epochs"] = int(cfg["epochs"])
+    settings = AuditSettings(**{k: cfg[k] for k in ("members", "shadows", "matched") if k in cfg})
+    audit = _Audit(
+        bundle,
+        ModelSpec(model.pop("name"), model),
+        EvalRecipe(**recipe_cfg),
+        int(cfg.get("seed", 0)),
+        resolve_device(cfg.get("device", "auto")),
+        settings,
+    )
+    g = torch_generator(audit.seed, "audit-candidates")
+    n = min(settings.members, len(bundle.test) // 2, len(bundle.train))
+    test_perm = torch.randperm(len(bundle.test), generator=g)
+    nonmembers, population = bundle.test.subset(test_perm[:n]), _concat(bundle.val, bundle.test.subset(test_perm[n:]))
+    members = bundle.train.subset(torch.randperm(len(bundle.train), generator=g)[:n])
+    targets = syn.soft_labels if syn.soft_labels is not None else syn.hard_labels
+    result: dict[str, Any] = {"run_dir": str(run_dir.resolve()), "method": syn.metadata.get("method")}
+    result["synthetic"] = audit_training_set(audit, syn.images, targets, members, nonmembers, population, "synthetic")
+    if settings.matched:
+        pick, _ = _matched_subset(audit, syn.hard_labels, result["synthetic"]["test_accuracy"])
+        real_members = bundle.train.subset(pick[torch.randperm(len(pick), generator=g)[:n]])
+        images, labels = bundle.train.images[pick], bundle.train.labels[pick]
+        result["matched_real_subset"] = audit_training_set(
+            audit, images, labels, real_members, nonmembers.subset(torch.arange(len(real_members))), population, "real"
+        )
+    summary = json.loads((run_dir / "summary.json").read_text()) if (run_dir / "summary.json").is_file() else {}
+    if "privacy" in summary:
+        result["privacy"] = {k: v for k, v in summary["privacy"].items() if k != "public"}
+    out = RunDir(out_dir)
+    atomic_write_text(out.path / "audit.json", json.dumps(result, indent=2))
+    _roc_plot(result, out.path / "audit.png")
+    return result
+
+
+def _roc_plot(result: dict[str, Any], path: Path) -> None:
+    from fedistill.reporting import _pyplot
+
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(4.5, 4.5))
+    for key, name in (("synthetic", "synthetic set"), ("matched_real_subset", "real subset")):
+        for attack in ("loss_attack", "lira"):
+            if key in result:
+                r = result[key][attack]
+                ax.plot(r["curve"]["fpr"], r["curve"]["tpr"], label=f"{name}, {attack} (AUC {r['auc']:.2f})")
+    ax.plot([1e-3, 1], [1e-3, 1], "k:", lw=0.8)
+    ax.set(xscale="log", yscale="log", xlabel="false positive rate", ylabel="true positive rate", xlim=(1e-3, 1))
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)

@@ -1,0 +1,86 @@
+"""Membership-inference audit: ROC metrics, the attacks on models that did / did not see members, the CLI."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from omegaconf import OmegaConf
+
+from fedistill.cli import compose_config, main
+from fedistill.data import SyntheticSet
+from fedistill.evaluation import EvalRecipe, ModelSpec
+from fedistill.privacy.attacks import lira_offline, roc_metrics
+from fedistill.privacy.audit import AuditSettings, _Audit, audit_training_set
+
+
+def test_roc_metrics_extremes():
+    rng = np.random.default_rng(0)
+    same = roc_metrics(rng.normal(size=2000), rng.normal(size=2000))
+    assert abs(same["auc"] - 0.5) < 0.03 and same["tpr_at_1pct_fpr"] < 0.05
+    apart = roc_metrics(rng.normal(5, 1, 500), rng.normal(0, 1, 500))
+    assert apart["auc"] > 0.99 and apart["tpr_at_1pct_fpr"] > 0.9
+
+
+def test_lira_calibrates_per_example_difficulty():
+    """An example easy for every shadow is not flagged just because the target is confident on it."""
+    shadows = np.array([[5.0, 0.0], [5.2, 0.1], [4.8, -0.1]])
+    scores = lira_offline(np.array([5.0, 3.0]), shadows)
+    assert scores[1] > scores[0]
+    with pytest.raises(ValueError, match="at least 2 shadow"):
+        lira_offline(np.zeros(2), shadows[:1])
+
+
+@pytest.mark.slow
+def test_audit_separates_seen_from_unseen_members(digits):
+    """100 members, 100 non-members (test). A model overfit to the members (no augmentation, 150
+    epochs) is clearly attackable; a model trained on other training records is not.
+    Measured: loss AUC 0.73 (seen) vs 0.50 (unseen)."""
+    audit = _Audit(
+        digits,
+        ModelSpec("convnet", {"width": 32, "depth": 2}),
+        EvalRecipe(epochs=150, dsa=False, batch_size=64),
+        0,
+        torch.device("cpu"),
+        AuditSettings(shadows=2),
+    )
+    g = torch.Generator().manual_seed(0)
+    perm = torch.randperm(len(digits.train), generator=g)
+    members, others = digits.train.subset(perm[:100]), digits.train.subset(perm[100:200])
+    tperm = torch.randperm(len(digits.test), generator=g)
+    nonmembers, population = digits.test.subset(tperm[:100]), digits.val
+    seen = audit_training_set(audit, members.images, members.labels, members, nonmembers, population, "seen")
+    unseen = audit_training_set(audit, others.images, others.labels, members, nonmembers, population, "unseen")
+    print(
+        "seen",
+        seen["loss_attack"]["auc"],
+        seen["lira"]["auc"],
+        "unseen",
+        unseen["loss_attack"]["auc"],
+        unseen["lira"]["auc"],
+    )
+    assert seen["loss_attack"]["auc"] > 0.65 and seen["lira"]["auc"] > 0.65
+    assert abs(unseen["loss_attack"]["auc"] - 0.5) < 0.1 and abs(unseen["lira"]["auc"] - 0.5) < 0.1
+
+
+def test_audit_command_writes_results_and_rejects_a_bad_run_dir(digits, tmp_path, capsys):
+    run = tmp_path / "run"
+    run.mkdir()
+    cfg = compose_config("central", ["model.width=16", "model.depth=2"])
+    (run / "config.yaml").write_text(OmegaConf.to_yaml(cfg))
+    idx = torch.arange(0, len(digits.train), 50)
+    SyntheticSet(digits.train.images[idx], digits.train.labels[idx], digits.info).save(run / "synthetic.safetensors")
+    assert main(["audit", str(run), "epochs=3", "shadows=2", "members=40", "device=cpu"]) == 0
+    result = json.loads((run / "audit" / "audit.json").read_text())
+    assert {"synthetic", "matched_real_subset"} <= set(result)
+    for key in ("loss_attack", "lira"):
+        r = result["synthetic"][key]
+        assert 0 <= r["auc"] <= 1 and r["members"] == r["nonmembers"] == 40
+    assert (run / "audit" / "audit.png").stat().st_size > 0
+    assert OmegaConf.load(run / "config.yaml").model.width == 16  # the run's own config is untouched
+    with pytest.raises(SystemExit) as exc:
+        main(["audit", str(tmp_path / "missing")])
+    assert exc.value.code == 1
+    assert "synthetic.safetensors not found" in capsys.readouterr().err
