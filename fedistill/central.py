@@ -15,7 +15,7 @@ import torch
 from fedistill.data import DataBundle, SyntheticSet, load_dataset
 from fedistill.engines import build_engine, resolve_device
 from fedistill.evaluation import EvalRecipe, ModelSpec, evaluate_synthetic
-from fedistill.privacy import privacy_summary
+from fedistill.privacy import privacy_line, privacy_summary
 from fedistill.reporting import RunDir, progress_bars, results_table, save_grid
 
 __all__ = ["eval_settings", "run_central", "run_evaluate"]
@@ -160,6 +160,8 @@ def _print_table(summary: dict[str, Any]) -> None:
 
     console = Console()
     console.print(results_table(summary))
+    if "privacy" in summary:
+        console.print(privacy_line(summary["privacy"]))
     rdm_soft, teacher = summary["baselines"].get("random_subset_soft"), summary.get("teacher")
     if rdm_soft:
         console.print(f"random subset relabelled by the same teacher: {rdm_soft['mean']:.2f} ± {rdm_soft['std']:.2f}")

@@ -20,6 +20,7 @@ from fedistill.data import DataBundle, load_dataset
 from fedistill.data.partition import class_histogram
 from fedistill.federated import partition_indices
 from fedistill.io import atomic_write_text
+from fedistill.privacy import privacy_line
 from fedistill.reporting import RunDir, save_partition_plot
 from strategies import fedavg, feddm, oneshot  # noqa: F401  (registration)
 from strategies.base import STRATEGIES, data_spec
@@ -109,3 +110,5 @@ def _print_table(summary: dict[str, Any], history: list[dict[str, Any]]) -> None
     if base:
         t.caption = f"random real subset of {base['images']} images, same server recipe: {base['accuracy']:.2f}%"
     Console().print(t)
+    if "privacy" in summary:
+        print(privacy_line(summary["privacy"]))

@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import torch
+from flwr.serverapp import Grid
+from flwr.serverapp.exception import PrivacyBudgetExhausted
 
-from fedistill.federated import ClientFailure, weighted_average
+from fedistill.federated import ClientFailure, FederationError, weighted_average
 from strategies.base import Reply, Strategy, register_strategy
+from strategies.dp_fedavg import FlowerCentralDP
 from strategies.records import read_tensors
 
 __all__ = ["FedAvg"]
@@ -18,11 +22,33 @@ class FedAvg(Strategy):
     """Clients run ``local_epochs`` of SGD from the global weights; the server averages them,
     weighted by local example counts.
 
-    Options (``strategy.*``): ``local_epochs``, ``lr``, ``momentum``, ``weight_decay``, ``batch_size``.
+    Options (``strategy.*``): ``local_epochs``, ``lr``, ``momentum``, ``weight_decay``, ``batch_size``;
+    ``dp.noise_multiplier`` (> 0 turns on Flower's central DP wrapper, see
+    :mod:`strategies.dp_fedavg`), ``dp.clip``, ``dp.delta``, ``dp.max_epsilon``.
     """
 
     name = "fedavg"
     message_type = "train.fit"
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        dp = dict(self.opts.get("dp") or {})
+        self.dp: FlowerCentralDP | None = None
+        if dp.get("noise_multiplier"):
+            clients = int(self.cfg["clients"])
+            sampled = max(1, math.ceil(float(self.opts.get("fraction", 1.0)) * clients))
+            self.dp = FlowerCentralDP(dp, clients=clients, sampled=min(sampled, clients), seed=self.seed)
+
+    def exchange(self, grid: Grid, round_: int, nodes: list[int]) -> tuple[list[Reply], list[ClientFailure], int, int]:
+        """With DP, register the round's release with Flower's wrapper first (it refuses one over budget)."""
+        if self.dp is not None:
+            try:
+                self.dp.start_round(round_, self.global_model.state, nodes)
+            except PrivacyBudgetExhausted as err:
+                raise FederationError(
+                    f"round {round_}: {err} Raise strategy.dp.max_epsilon or run fewer rounds."
+                ) from err
+        return super().exchange(grid, round_, nodes)
 
     def configure(self, round_: int) -> tuple[dict[str, Any], dict[str, torch.Tensor] | None]:
         """The local SGD recipe and the global weights."""
@@ -54,10 +80,21 @@ class FedAvg(Strategy):
         return ok, bad
 
     def update(self, round_: int, accepted: list[Reply]) -> dict[str, Any]:
-        """Average the accepted weights (by example count)."""
+        """Average the accepted weights (by example count; uniformly, clipped and noised with DP)."""
         weights = [float(r.metrics.get("examples", 1)) for r in accepted]
-        self.global_model.state = weighted_average([r.metrics["state"] for r in accepted], weights)
-        return {"examples": int(sum(weights))}
+        if self.dp is None:
+            self.global_model.state = weighted_average([r.metrics["state"] for r in accepted], weights)
+            return {"examples": int(sum(weights))}
+        new = self.dp.aggregate(round_, accepted)
+        if new is None:  # Flower's accounted DP path releases only when every sampled client replied
+            self.run.log("dp_release_skipped", round=round_, replies=len(accepted))
+        else:
+            self.global_model.state = {k: v.to(self.global_model.state[k].dtype) for k, v in new.items()}
+        return {"examples": int(sum(weights)), "epsilon": round(self.dp.epsilon(), 6), "dp_released": new is not None}
+
+    def finish(self) -> dict[str, Any]:
+        """The privacy summary of a DP run."""
+        return {} if self.dp is None else {"privacy": self.dp.summary()}
 
 
 def _state_problem(state: dict[str, torch.Tensor], ref: dict[str, torch.Tensor]) -> str:

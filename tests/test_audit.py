@@ -8,8 +8,9 @@ import numpy as np
 import pytest
 import torch
 from omegaconf import OmegaConf
+from test_cli import fedistill
 
-from fedistill.cli import compose_config, main
+from fedistill.cli import compose_config
 from fedistill.data import SyntheticSet
 from fedistill.evaluation import EvalRecipe, ModelSpec
 from fedistill.privacy.attacks import lira_offline, roc_metrics
@@ -65,14 +66,14 @@ def test_audit_separates_seen_from_unseen_members(digits):
     assert abs(unseen["loss_attack"]["auc"] - 0.5) < 0.1 and abs(unseen["lira"]["auc"] - 0.5) < 0.1
 
 
-def test_audit_command_writes_results_and_rejects_a_bad_run_dir(digits, tmp_path, capsys):
+def test_audit_command_writes_results_and_rejects_a_bad_run_dir(digits, tmp_path):
     run = tmp_path / "run"
     run.mkdir()
     cfg = compose_config("central", ["model.width=16", "model.depth=2"])
     (run / "config.yaml").write_text(OmegaConf.to_yaml(cfg))
     idx = torch.arange(0, len(digits.train), 50)
     SyntheticSet(digits.train.images[idx], digits.train.labels[idx], digits.info).save(run / "synthetic.safetensors")
-    assert main(["audit", str(run), "epochs=3", "shadows=2", "members=40", "device=cpu"]) == 0
+    fedistill("audit", str(run), "epochs=3", "shadows=2", "members=40", "device=cpu", cwd=tmp_path)
     result = json.loads((run / "audit" / "audit.json").read_text())
     assert {"synthetic", "matched_real_subset"} <= set(result)
     for key in ("loss_attack", "lira"):
@@ -80,7 +81,6 @@ def test_audit_command_writes_results_and_rejects_a_bad_run_dir(digits, tmp_path
         assert 0 <= r["auc"] <= 1 and r["members"] == r["nonmembers"] == 40
     assert (run / "audit" / "audit.png").stat().st_size > 0
     assert OmegaConf.load(run / "config.yaml").model.width == 16  # the run's own config is untouched
-    with pytest.raises(SystemExit) as exc:
-        main(["audit", str(tmp_path / "missing")])
-    assert exc.value.code == 1
-    assert "synthetic.safetensors not found" in capsys.readouterr().err
+    bad = fedistill("audit", str(tmp_path / "missing"), cwd=tmp_path, check=False)
+    assert bad.returncode == 1 and "synthetic.safetensors not found" in bad.stderr
+    assert "Traceback" not in bad.stderr

@@ -66,7 +66,7 @@ def test_ledger_refuses_a_release_over_budget_and_records_nothing():
     sigma = calibrate_noise(epsilon=2.0, delta=1e-5, sample_rate=0.1, steps=100)
     ledger.spend(sigma=sigma, sample_rate=0.1, steps=100)
     before = ledger.state_dict()
-    with pytest.raises(BudgetExceededError, match=r"over the budget of 2.*raise privacy\.epsilon"):
+    with pytest.raises(BudgetExceededError, match=r"over the budget of 2.*raise method\.epsilon"):
         ledger.spend(sigma=sigma, sample_rate=0.1, steps=50)
     assert ledger.state_dict() == before
 

@@ -126,7 +126,8 @@ def distill_task(
     options = dict(task.get("method_options", {}))
     extra: dict[str, Any] = {"base_state": base_state} if base_state is not None else {}
     if ENGINES.get(task["method"]).private:
-        options.setdefault("planned_rounds", int(task.get("rounds", 1)))
+        if options.get("planned_rounds") is None:
+            options["planned_rounds"] = int(task.get("rounds", 1))
         extra["ledger"] = client_ledger(task, options, ledger_state)
     engine = build_engine(task["method"], model=spec.name, model_kwargs=spec.kwargs, **options)
     init = engine.resolve_init(task.get("init", "auto"))

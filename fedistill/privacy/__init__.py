@@ -8,7 +8,7 @@ and returns clipped, noised per-class sums.
 from fedistill.privacy.accounting import ACCOUNTANTS, BudgetExceededError, PrivacyLedger, calibrate_noise
 from fedistill.privacy.config import PUBLIC_SIDE_CHANNELS, PrivacyConfig, PrivateRelease, check_private_setup
 from fedistill.privacy.mechanisms import clip_rows, noisy_group_sums, poisson_indices
-from fedistill.privacy.report import ClientLedgers, privacy_summary
+from fedistill.privacy.report import ClientLedgers, privacy_line, privacy_summary
 
 __all__ = [
     "ACCOUNTANTS",
@@ -23,5 +23,6 @@ __all__ = [
     "clip_rows",
     "noisy_group_sums",
     "poisson_indices",
+    "privacy_line",
     "privacy_summary",
 ]

@@ -60,9 +60,9 @@ def calibrate_noise(*, epsilon: float, delta: float, sample_rate: float, steps: 
         ``rdp`` (default) or ``prv``.
     """
     if not (epsilon > 0 and math.isfinite(epsilon)):
-        raise ValueError(f"privacy.epsilon must be a positive finite number, got {epsilon}")
+        raise ValueError(f"epsilon must be a positive finite number (method.epsilon), got {epsilon}")
     if not 0 < delta < 1:
-        raise ValueError(f"privacy.delta must be in (0, 1), got {delta}")
+        raise ValueError(f"delta must be in (0, 1) (method.delta), got {delta}")
     if not 0 < sample_rate <= 1:
         raise ValueError(f"sample rate must be in (0, 1], got {sample_rate}")
     if steps < 1:
@@ -151,7 +151,7 @@ class PrivacyLedger:
             raise BudgetExceededError(
                 f"release refused: {steps} more release(s) at sigma={sigma:.4g}, q={sample_rate:.4g} would bring "
                 f"epsilon from {self.epsilon:.3f} to {eps:.3f}, over the budget of {self.budget:g} "
-                f"(delta={self.delta:g}); raise privacy.epsilon or plan fewer rounds/releases"
+                f"(delta={self.delta:g}); raise method.epsilon or plan fewer rounds / method.releases"
             )
         self.history = hist
         return eps

@@ -45,8 +45,9 @@ class PrivacyConfig:
         Distinct noisy releases per distillation; ``None``: one per optimisation step.
         Fewer releases reused cyclically cost less budget (reuse is post-processing).
     planned_rounds
-        Rounds the holder will release in (federated strategies set it from
-        ``strategy.rounds``); calibration spreads ``epsilon`` over all of them.
+        Rounds the holder will release in; ``None``: the run's ``rounds`` in
+        ``fedistill simulate``, 1 in ``fedistill central``. Calibration spreads
+        ``epsilon`` over all of them.
     """
 
     epsilon: float | None = 10.0
@@ -56,7 +57,7 @@ class PrivacyConfig:
     sample_rate: float | None = None
     accountant: str = "rdp"
     releases: int | None = None
-    planned_rounds: int = 1
+    planned_rounds: int | None = None
 
     def privacy_options(self) -> dict[str, Any]:
         """Just the privacy fields (for metadata and summaries)."""
@@ -122,7 +123,7 @@ class PrivateRelease:
         if config.sigma is not None:
             sigma = float(config.sigma)
         elif config.epsilon is not None:
-            planned = releases * max(1, int(config.planned_rounds))
+            planned = releases * max(1, int(config.planned_rounds or 1))
             sigma = calibrate_noise(
                 epsilon=config.epsilon,
                 delta=config.delta,
@@ -132,7 +133,7 @@ class PrivateRelease:
             )
         else:
             raise ValueError(
-                "a DP engine needs privacy epsilon (a budget) or sigma (a noise multiplier); both are null"
+                "a DP engine needs method.epsilon (a budget) or method.sigma (a noise multiplier); both are null"
             )
         if ledger is None:
             ledger = PrivacyLedger(accountant=config.accountant, budget=config.epsilon, delta=config.delta)

@@ -8,7 +8,7 @@ from typing import Any
 
 from fedistill.privacy.accounting import PrivacyLedger
 
-__all__ = ["ClientLedgers", "audit_table", "privacy_summary"]
+__all__ = ["ClientLedgers", "audit_table", "privacy_line", "privacy_summary"]
 
 _KEYS = ("epsilon_spent", "delta", "sigma", "sample_rate", "releases", "accountant", "clip", "epsilon", "public")
 
@@ -97,3 +97,21 @@ def audit_table(result: Mapping[str, Any]) -> Any:
                 f"{a['tpr_at_0.1pct_fpr']:.3f}",
             )
     return table
+
+
+def privacy_line(privacy: Mapping[str, Any] | None) -> str:
+    """One line for the terminal: the epsilon actually spent (central, per client, or FedAvg's)."""
+    if not privacy:
+        return "privacy: none (no DP engine or DP strategy in this run)"
+    delta = privacy.get("delta")
+    if "epsilon_max" in privacy:
+        return (
+            f"privacy: per-client epsilon max {privacy['epsilon_max']:.3f}, median {privacy['epsilon_median']:.3f} "
+            f"(delta {delta:g}, record-level, cumulative over rounds)"
+        )
+    if "epsilon_spent" in privacy:
+        return (
+            f"privacy: epsilon {privacy['epsilon_spent']:.3f} of {privacy.get('target_epsilon')} "
+            f"(delta {delta:g}, sigma {privacy['sigma']:.3f}, {privacy['releases']} releases, record-level)"
+        )
+    return f"privacy: epsilon {privacy['epsilon']:.3f} (delta {delta:g}, {privacy.get('level', '')})"
