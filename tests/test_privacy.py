@@ -245,3 +245,14 @@ def test_client_ledger_persists_across_rounds_and_refuses_over_budget():
         _context({"partition-id": 0, "num-partitions": 4}),
     )
     assert fresh.has_error() and "release refused" in fresh.error.reason
+
+
+@pytest.mark.filterwarnings("ignore:Optimal order is the")
+def test_prv_accountant_is_available_and_close_to_rdp():
+    """PRV is tighter than RDP for many compositions, never looser by much."""
+    rdp, prv = PrivacyLedger(delta=1e-5), PrivacyLedger(accountant="prv", delta=1e-5)
+    for led in (rdp, prv):
+        led.spend(sigma=1.0, sample_rate=0.05, steps=200)
+    assert 0 < prv.epsilon <= rdp.epsilon * 1.05
+    with pytest.raises(ValueError, match="unknown accountant"):
+        PrivacyLedger(accountant="gdp-typo")
