@@ -210,8 +210,10 @@ class SyntheticSet:
         try:
             header = json.loads(meta["fedistill"])
             info = DatasetInfo.from_dict(header["dataset"])
-        except (ValueError, KeyError, TypeError) as exc:
-            raise SyntheticSetError("metadata", f"{path}: malformed header ({exc})") from exc
+            if not isinstance(header.get("metadata", {}), dict):
+                raise TypeError("'metadata' must be a JSON object")
+        except (ValueError, KeyError, TypeError, AttributeError) as exc:
+            raise SyntheticSetError("metadata", f"{path}: malformed header ({type(exc).__name__}: {exc})") from exc
         if "images" not in tensors:
             raise SyntheticSetError("images", f"{path} has no 'images' tensor")
         out = cls(

@@ -82,6 +82,8 @@ def decode_synthetic(
         raise SyntheticSetError("payload", f"unexpected arrays {extra}", f"send only {list(PAYLOAD_KEYS)}")
     if "images" not in tensors:
         raise SyntheticSetError("images", "missing from the payload")
+    if not isinstance(metadata, Mapping):
+        raise SyntheticSetError("metadata", f"expected a JSON object, got {type(metadata).__name__}")
     syn = SyntheticSet(
         tensors["images"], tensors.get("labels"), info, tensors.get("soft_labels"), metadata=dict(metadata)
     )
