@@ -143,7 +143,12 @@ def main() -> None:
         cmd, extra = MODES[mode]
         for eps in args.epsilons.split(","):
             run = work / f"{mode}-eps{eps}"
-            _, wall, err = _cli([cmd, *common, *extra, *_eps_args(eps), f"hydra.run.dir={run}"])
+            done = run / "summary.json"
+            if done.is_file() and json.loads(done.read_text()).get("status") == "done":  # resume: keep it
+                wall, err = float(json.loads((run / "wall.json").read_text())["wall"]), ""
+            else:
+                _, wall, err = _cli([cmd, *common, *extra, *_eps_args(eps), f"hydra.run.dir={run}"])
+                (run / "wall.json").write_text(json.dumps({"wall": wall}))
             rows.append(_row(mode, eps, run, wall, err))
             print(rows[-1], flush=True)
             write(path, header, rows, audits)

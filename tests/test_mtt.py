@@ -10,6 +10,7 @@ import torch
 
 from fedistill.augment import DSA
 from fedistill.engines import ENGINES, build_engine
+from fedistill.engines import experts as experts_module
 from fedistill.engines import mtt as mtt_module
 from fedistill.engines.mtt import FlatModel, expert_trajectories, plan_steps, tesla_backward, unrolled_loss
 from fedistill.evaluation import EvalRecipe, ModelSpec, evaluate_synthetic
@@ -124,7 +125,7 @@ def test_expert_buffer_round_trip_and_cache_hit(digits, tmp_path, monkeypatch):
     def boom(*args, **kwargs):
         raise AssertionError("experts retrained despite the cache")
 
-    monkeypatch.setattr(mtt_module, "train_epochs", boom)
+    monkeypatch.setattr(experts_module, "train_epochs", boom)
     again = expert_trajectories(digits.train, cfg, seed=0, device=torch.device("cpu"))
     assert all(torch.equal(first[k], again[k]) for k in first)
     with pytest.raises(AssertionError, match="retrained"):  # other data -> other key -> rebuild
