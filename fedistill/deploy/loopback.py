@@ -25,7 +25,7 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any
 
-__all__ = ["Loopback", "LoopbackError", "free_port", "run_config_arg"]
+__all__ = ["Loopback", "LoopbackError", "descendants", "free_port", "live_processes", "run_config_arg"]
 
 CONNECTION = "fedistill"
 """Name of the SuperLink connection written to ``$FLWR_HOME/config.toml``."""
@@ -88,6 +88,7 @@ class Loopback:
         self.address = f"127.0.0.1:{self.port}"
         self.procs: list[subprocess.Popen] = []
         self._logs: list[Any] = []
+        self.groups: list[int] = []  # every process group started here, also after close()
         bindir = str(Path(sys.executable).parent)
         self.env = {
             **os.environ,
@@ -108,6 +109,7 @@ class Loopback:
             list(cmd), stdout=log, stderr=subprocess.STDOUT, env=self.env, cwd=self.workdir, start_new_session=True
         )
         self.procs.append(proc)
+        self.groups.append(proc.pid)
         return proc
 
     def _tls_args(self, *, node: bool) -> list[str]:
@@ -174,7 +176,12 @@ class Loopback:
         return path.read_text(errors="replace") if path.is_file() else ""
 
     def close(self, *, grace: float = 10.0) -> None:
-        """SIGTERM every process group started here, SIGKILL what is left after ``grace`` seconds."""
+        """SIGTERM every process group started here, SIGKILL what is left after ``grace`` seconds.
+
+        Descendants that left their group (Flower starts the SuperLink's SuperExec in a
+        new session) are found through ``/proc`` before the kill and killed as well.
+        """
+        tree = descendants([p.pid for p in self.procs if p.poll() is None])
         for proc in reversed(self.procs):  # nodes first, then the SuperLink
             if proc.poll() is None:
                 with contextlib.suppress(ProcessLookupError, PermissionError):
@@ -187,9 +194,11 @@ class Loopback:
                 with contextlib.suppress(ProcessLookupError, PermissionError):
                     os.killpg(proc.pid, signal.SIGKILL)
                 proc.wait()
-        for proc in self.procs:  # children that outlived their leader in the same group
+        while live_processes(self.groups, tree) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        for pid in live_processes(self.groups, tree):
             with contextlib.suppress(ProcessLookupError, PermissionError):
-                os.killpg(proc.pid, signal.SIGKILL)
+                os.kill(pid, signal.SIGKILL)
         for log in self._logs:
             log.close()
         self.procs.clear()
@@ -259,3 +268,35 @@ class Loopback:
                 return st
             time.sleep(poll)
         raise LoopbackError(f"run {run_id} not finished after {timeout:.0f} s: {self.status(run_id)}")
+
+
+def _proc_table() -> dict[int, tuple[int, int, str]]:
+    """``pid -> (ppid, pgid, state)`` of every process, from ``/proc`` (empty where there is none)."""
+    table = {}
+    for d in Path("/proc").glob("[0-9]*"):
+        try:
+            stat = (d / "stat").read_text()
+        except OSError:
+            continue
+        fields = stat[stat.rindex(")") + 2 :].split()
+        table[int(d.name)] = (int(fields[1]), int(fields[2]), fields[0])
+    return table
+
+
+def descendants(pids: Sequence[int]) -> set[int]:
+    """``pids`` and every process below them (from ``/proc``)."""
+    table, found, todo = _proc_table(), set(pids), list(pids)
+    while todo:
+        parent = todo.pop()
+        for pid, (ppid, _, _) in table.items():
+            if ppid == parent and pid not in found:
+                found.add(pid)
+                todo.append(pid)
+    return found
+
+
+def live_processes(groups: Sequence[int], pids: set[int] | frozenset[int] = frozenset()) -> list[int]:
+    """Processes still running (not zombies) in ``groups`` or among ``pids``."""
+    return sorted(
+        pid for pid, (_, pgid, state) in _proc_table().items() if state != "Z" and (pgid in groups or pid in pids)
+    )
