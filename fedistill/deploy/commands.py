@@ -54,7 +54,7 @@ def _node_data(args: list[str]) -> int:
         write_partitions(ns.out_dir, cfg, fmt=ns.format, nodes=ns.node),
         strict=True,
     ):
-        print(f'node {i}: --node-config "data-path={path.resolve()}"')
+        print(f"node {i}: --node-config 'data-path=\"{path.resolve()}\"'")
     return 0
 
 

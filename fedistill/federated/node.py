@@ -127,7 +127,7 @@ def node_split(node_config: Mapping[str, Any], data: Mapping[str, Any]) -> Split
     if "partition-id" not in node_config or "num-partitions" not in node_config:
         raise NodeDataError(
             "node config has neither 'data-path' nor 'partition-id'/'num-partitions'; "
-            'start the node with --node-config "data-path=/path/to/data.npz"'
+            "start the node with --node-config 'data-path=\"/path/to/data.npz\"'"
         )
     pid, num = int(node_config["partition-id"]), int(node_config["num-partitions"])
     if not 0 <= pid < num:
