@@ -114,6 +114,7 @@ def main() -> None:
     p.add_argument("--server-epochs", type=int, default=100)
     p.add_argument("--max-memory-mb", type=int, default=1536)
     p.add_argument("--out", default="deploy_fmnist")
+    p.add_argument("--append", action="store_true", help="add rows to an existing results file of today")
     args = p.parse_args()
     out = results_path(args.out)
     header = [
@@ -131,15 +132,21 @@ def main() -> None:
         f"data load). Server: {args.server_epochs} epochs on the merged set.",
         "",
         "| mode | nodes | ok/sampled | round s | run wall s | client s (mean / max) | client peak RSS MB "
-        "| Flower process s (server / clients) | accuracy % | uplink MB |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "| Flower process s (server / clients) | accuracy % | uplink MB | load avg (start / end) |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
-    out.write_text("\n".join(header) + "\n")
+    if args.append and out.is_file():
+        with open(out, "a") as f:
+            f.write(f"\nCommand: `python benchmarks/deploy.py {' '.join(sys.argv[1:])}`\n\n")
+    else:
+        out.write_text("\n".join(header) + "\n")
     with tempfile.TemporaryDirectory(prefix="fdb-", dir="/tmp") as tmp:
         points = [("deploy", int(n)) for n in args.nodes.split(",") if n]
         points += [("sim", int(n)) for n in args.simulate.split(",") if n]
         for mode, n in points:
+            load = os.getloadavg()[0]
             row = deploy_point(n, args, Path(tmp)) if mode == "deploy" else simulate_point(n, args, Path(tmp))
+            row += f" {load:.1f} / {os.getloadavg()[0]:.1f} |"
             print(row, flush=True)
             with open(out, "a") as f:
                 f.write(row + "\n")
