@@ -22,6 +22,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shlex
 import subprocess
 import sys
 import tempfile
@@ -47,14 +48,16 @@ def _row(mode: str, n: int, rec: dict, summary: dict, elapsed: float, compute: d
     cm = [m for m in rec.get("client_metrics", {}).values() if "seconds" in m]
     secs = [m["seconds"] for m in cm]
     rss = [m.get("peak_rss_mb", float("nan")) for m in cm]
+    cpu = [m["cpu_seconds"] for m in cm if "cpu_seconds" in m]
     client_s = f"{sum(secs) / len(secs):.1f} / {max(secs):.1f}" if secs else "-"
     peak = f"{max(rss):.0f}" if rss else "-"
+    cpu_s = f"{sum(cpu) / len(cpu):.1f}" if cpu else "-"
     proc = "-"
     if compute:
         proc = f"{compute['serverapp-seconds']:.0f} / {compute['clientapp-seconds']:.0f}"
     return (
         f"| {mode} | {n} | {rec['clients_succeeded']}/{rec['clients_sampled']} | {rec['seconds']:.1f} | {elapsed:.0f} "
-        f"| {client_s} | {peak} | {proc} | {summary.get('final_accuracy', float('nan')):.2f} "
+        f"| {client_s} | {cpu_s} | {peak} | {proc} | {summary.get('final_accuracy', float('nan')):.2f} "
         f"| {rec['bytes_up'] / 1e6:.3f} |"
     )
 
@@ -122,22 +125,25 @@ def main() -> None:
         "",
         f"Machine: {machine_info()}",
         "",
-        f"Command: `python benchmarks/deploy.py {' '.join(sys.argv[1:])}`",
+        f"Command: `python benchmarks/deploy.py {shlex.join(sys.argv[1:])}`",
         "",
         f"Nodes hold one IID partition of {args.parts} (~{54000 // args.parts} images for FMNIST); SuperNodes run "
         f"with `threads=1 max-memory-mb={args.max_memory_mb}` over loopback (insecure). Client s: distillation seconds "
-        "reported by each client (mean / max); peak RSS: the ClientApp process's ru_maxrss (max over clients; for "
+        "reported by each client (mean / max); client process CPU s: user+system CPU seconds of the ClientApp "
+        "process that distilled (imports, data load, distillation; unaffected by other load); "
+        "peak RSS: the ClientApp process's ru_maxrss (max over clients; for "
         "simulation the Ray worker's, which also holds the full dataset). Flower process s: ServerApp / sum of "
         "ClientApp process seconds from `flwr list` (each message is one ClientApp process: Python start, imports, "
         f"data load). Server: {args.server_epochs} epochs on the merged set.",
         "",
-        "| mode | nodes | ok/sampled | round s | run wall s | client s (mean / max) | client peak RSS MB "
+        "| mode | nodes | ok/sampled | round s | run wall s | client s (mean / max) | client process CPU s (mean) "
+        "| client peak RSS MB "
         "| Flower process s (server / clients) | accuracy % | uplink MB | load avg (start / end) |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     if args.append and out.is_file():
         with open(out, "a") as f:
-            f.write(f"\nCommand: `python benchmarks/deploy.py {' '.join(sys.argv[1:])}`\n\n")
+            f.write(f"\nCommand: `python benchmarks/deploy.py {shlex.join(sys.argv[1:])}`\n\n")
     else:
         out.write_text("\n".join(header) + "\n")
     with tempfile.TemporaryDirectory(prefix="fdb-", dir="/tmp") as tmp:

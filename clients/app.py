@@ -17,7 +17,7 @@ Handlers
 Any exception becomes an error reply whose reason names the problem; the server
 logs it and the round goes on. On a device the node config's ``threads``, ``device``
 and ``max-memory-mb`` bound the handler (:func:`fedistill.federated.node.node_task`);
-every reply reports the process's ``peak_rss_mb``.
+every reply reports the process's ``peak_rss_mb`` and ``cpu_seconds``.
 """
 
 from __future__ import annotations
@@ -31,7 +31,7 @@ from flwr.clientapp import ClientApp
 
 from fedistill.data.base import Split
 from fedistill.federated import distill_task, encode_synthetic, evaluate_task, fit_task, node_split
-from fedistill.federated.node import node_task, peak_rss_mb
+from fedistill.federated.node import footprint, node_task
 from strategies.records import metrics_record, read_json, read_tensors, reply, tensor_record
 
 __all__ = ["app"]
@@ -67,7 +67,7 @@ def _task(msg: Message, context: Context) -> tuple[dict, Split]:
 
 
 def _done(metrics: dict, context: Context) -> dict:
-    metrics.update({"partition-id": _partition_id(context), "peak_rss_mb": peak_rss_mb()})
+    metrics.update({"partition-id": _partition_id(context), **footprint()})
     return metrics
 
 

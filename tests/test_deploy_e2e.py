@@ -97,6 +97,7 @@ def test_node_footprint_is_reported(deployed):
     assert len(ok) == 3
     for m in ok:
         assert m["partition-id"] == -1 and 0 < m["peak_rss_mb"] < 1024 and m["seconds"] > 0
+        assert m["cpu_seconds"] > 0
 
 
 def test_node_without_data_answers_with_an_error_reply(deployed):

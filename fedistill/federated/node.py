@@ -46,10 +46,10 @@ __all__ = [
     "IDX_NAMES",
     "NodeDataError",
     "data_spec",
+    "footprint",
     "node_split",
     "node_task",
     "partition_indices",
-    "peak_rss_mb",
     "read_node_data",
 ]
 
@@ -159,9 +159,13 @@ def node_task(node_config: Mapping[str, Any], task: Mapping[str, Any]) -> dict[s
     return out
 
 
-def peak_rss_mb() -> float:
-    """Peak resident memory of this process so far, in MiB (Linux ``ru_maxrss`` is KiB)."""
-    return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
+def footprint() -> dict[str, float]:
+    """This process's footprint so far: peak resident memory (MiB) and CPU seconds (user + system).
+
+    CPU seconds do not grow when other processes compete for the cores, unlike wall time.
+    """
+    ru = resource.getrusage(resource.RUSAGE_SELF)
+    return {"peak_rss_mb": round(ru.ru_maxrss / 1024, 1), "cpu_seconds": round(ru.ru_utime + ru.ru_stime, 3)}
 
 
 def read_node_data(path: str | Path) -> tuple[np.ndarray, np.ndarray]:
