@@ -142,7 +142,9 @@ def test_deploy_cli(tmp_path, capsys):
     assert (tmp_path / "certs" / "supernode-1.pub").is_file() and "10.0.0.5" in capsys.readouterr().out
     assert main(["deploy", "node-data", str(tmp_path / "nd"), "clients=2", "partition=iid", "--node", "1"]) == 0
     out = capsys.readouterr().out
-    assert f"node 1: --node-config 'data-path=\"{tmp_path / 'nd' / 'node-1.npz'}\"'" in out
+    assert f"node 1: --node-config 'data-path=\"{tmp_path / 'nd' / 'node-1.npz'}\" partition-id=1'" in out
     assert not (tmp_path / "nd" / "node-0.npz").exists()
+    assert main(["deploy", "node-data", str(tmp_path / "c"), "--format", "cifar"]) == 1
+    assert "3x32x32" in capsys.readouterr().err
     assert main(["deploy", "nope"]) == 2
     assert main(["deploy"]) == 0

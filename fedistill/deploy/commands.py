@@ -48,13 +48,17 @@ def _node_data(args: list[str]) -> int:
     p.add_argument("--format", choices=FORMATS, default="npz", help="file format (default npz)")
     p.add_argument("--node", type=int, action="append", help="only this partition id (repeat)")
     ns = p.parse_args(args)
-    cfg = compose_config("simulate", ns.overrides)
-    for i, path in zip(
-        ns.node or range(int(cfg["clients"])),
-        write_partitions(ns.out_dir, cfg, fmt=ns.format, nodes=ns.node),
-        strict=True,
-    ):
-        print(f"node {i}: --node-config 'data-path=\"{path.resolve()}\"'")
+    from hydra.errors import HydraException
+
+    try:
+        cfg = compose_config("simulate", ns.overrides)
+        paths = write_partitions(ns.out_dir, cfg, fmt=ns.format, nodes=ns.node)
+    except (ValueError, OSError, HydraException) as err:  # bad override, dataset missing, format mismatch
+        print(f"fedistill deploy node-data: error: {err}", file=sys.stderr)
+        return 1
+    for i, path in zip(ns.node or range(int(cfg["clients"])), paths, strict=True):
+        # partition-id is optional on a device: a stable client key (and seed) across runs
+        print(f"node {i}: --node-config 'data-path=\"{path.resolve()}\" partition-id={i}'")
     return 0
 
 
