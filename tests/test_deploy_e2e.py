@@ -68,7 +68,7 @@ def deployed():
                 "run-dir": str(run_dir),
             },
         )
-        status = lb.wait_run(run_id, timeout=240)
+        status = lb.wait_run(run_id, timeout=480)  # generous: the 2-core CI machine is shared
         intruder_rc = intruder.wait(timeout=60)
         yield {"lb": lb, "status": status, "run_dir": run_dir, "intruder_rc": intruder_rc, "work": work}
     finally:
