@@ -15,7 +15,9 @@ Handlers
     Accuracy and loss of the global weights on this node's data.
 
 Any exception becomes an error reply whose reason names the problem; the server
-logs it and the round goes on.
+logs it and the round goes on. On a device the node config's ``threads``, ``device``
+and ``max-memory-mb`` bound the handler (:func:`fedistill.federated.node.node_task`);
+every reply reports the process's ``peak_rss_mb`` and ``cpu_seconds``.
 """
 
 from __future__ import annotations
@@ -27,7 +29,9 @@ from collections.abc import Callable
 from flwr.app import ConfigRecord, Context, Error, Message
 from flwr.clientapp import ClientApp
 
+from fedistill.data.base import Split
 from fedistill.federated import distill_task, encode_synthetic, evaluate_task, fit_task, node_split
+from fedistill.federated.node import footprint, node_task
 from strategies.records import metrics_record, read_json, read_tensors, reply, tensor_record
 
 __all__ = ["app"]
@@ -59,6 +63,17 @@ def _partition_id(context: Context) -> int:
     return int(context.node_config.get("partition-id", -1))
 
 
+def _task(msg: Message, context: Context) -> tuple[dict, Split]:
+    """The task with the node's limits applied, and the node's data."""
+    task = node_task(context.node_config, read_json(msg))
+    return task, node_split(context.node_config, task["data"])
+
+
+def _done(metrics: dict, context: Context) -> dict:
+    metrics.update({"partition-id": _partition_id(context), **footprint()})
+    return metrics
+
+
 @app.query("info")
 @_guard
 def info(msg: Message, context: Context) -> Message:
@@ -70,14 +85,13 @@ def info(msg: Message, context: Context) -> Message:
 @_guard
 def distill(msg: Message, context: Context) -> Message:
     """Distill the node's data; reply with the synthetic set."""
-    task = read_json(msg)
-    split = node_split(context.node_config, task["data"])
+    task, split = _task(msg, context)
     base = read_tensors(msg.content.array_records["global"]) if "global" in msg.content.array_records else None
     saved = context.state.config_records.get(LEDGER)
     syn, metrics = distill_task(
         split, task, base_state=base, ledger_state=json.loads(str(saved["json"])) if saved else None
     )
-    metrics["partition-id"] = _partition_id(context)
+    _done(metrics, context)
     if syn is not None and "privacy" in syn.metadata:  # the node keeps its own cumulative ledger
         context.state[LEDGER] = ConfigRecord({"json": json.dumps(syn.metadata["privacy"]["ledger"])})
     if syn is None:  # no class with enough samples: succeed with nothing to contribute
@@ -97,19 +111,15 @@ def distill(msg: Message, context: Context) -> Message:
 @_guard
 def fit(msg: Message, context: Context) -> Message:
     """Local SGD from the global weights; reply with the new weights."""
-    task = read_json(msg)
-    split = node_split(context.node_config, task["data"])
+    task, split = _task(msg, context)
     state, metrics = fit_task(split, read_tensors(msg.content.array_records["global"]), task)
-    metrics["partition-id"] = _partition_id(context)
-    return reply(msg, model=tensor_record(state), metrics=metrics_record(metrics))
+    return reply(msg, model=tensor_record(state), metrics=metrics_record(_done(metrics, context)))
 
 
 @app.evaluate()
 @_guard
 def evaluate(msg: Message, context: Context) -> Message:
     """Evaluate the global weights on the node's data."""
-    task = read_json(msg)
-    split = node_split(context.node_config, task["data"])
+    task, split = _task(msg, context)
     metrics = evaluate_task(split, read_tensors(msg.content.array_records["global"]), task)
-    metrics["partition-id"] = _partition_id(context)
-    return reply(msg, metrics=metrics_record(metrics))
+    return reply(msg, metrics=metrics_record(_done(metrics, context)))

@@ -129,10 +129,17 @@ def _simulate(args: list[str]) -> int:
     return _hydra_app("simulate", run_simulate, "fedistill simulate", args)
 
 
+def _deploy(args: list[str]) -> int:
+    from fedistill.deploy.commands import main as deploy_main
+
+    return deploy_main(args)
+
+
 COMMANDS.register("simulate")(("federated distillation with Flower's simulation engine on Ray", _simulate))
 COMMANDS.register("central")(("distill a dataset on one machine and evaluate it", _central))
 COMMANDS.register("evaluate")(("re-evaluate a saved synthetic.safetensors", _evaluate))
 COMMANDS.register("audit")(("membership-inference audit of a run's synthetic set", _audit))
+COMMANDS.register("deploy")(("certificates, keys and node data for a real SuperLink (docs/deploy.md)", _deploy))
 
 
 def _usage() -> str:

@@ -2,8 +2,9 @@
 
 ``make_server_app(cfg, out_dir)`` builds a ServerApp around a resolved config (what
 ``fedistill simulate`` does); the module-level ``app`` composes the config from the
-Flower run config (``flwr run . --run-config "strategy='feddm' clients=10"``), whose
-keys are Hydra overrides of the ``simulate`` config.
+Flower run config (``flwr run . CONNECTION --run-config 'strategy="feddm" clients=10'``),
+whose keys are Hydra overrides of the ``simulate`` config plus ``run-dir`` and
+``node-data`` (:mod:`fedistill.deploy.runconfig`; docs/deploy.md).
 """
 
 from __future__ import annotations
@@ -42,8 +43,12 @@ def _write_partition(cfg: dict[str, Any], run: RunDir, bundle: DataBundle) -> No
     run.update_summary(partition_sizes={"min": int(sizes.min()), "median": float(np.median(sizes))})
 
 
-def serve(grid: Grid, cfg: dict[str, Any], out_dir: str | Path) -> dict[str, Any]:
-    """Run the configured strategy on ``grid``; writes the run directory; returns the summary."""
+def serve(grid: Grid, cfg: dict[str, Any], out_dir: str | Path, *, node_data: str = "partition") -> dict[str, Any]:
+    """Run the configured strategy on ``grid``; writes the run directory; returns the summary.
+
+    ``node_data="own"`` (a deployment: nodes hold their own data) skips the plot of the
+    simulated partition, which no node uses then.
+    """
     run = RunDir(out_dir)
     bundle = load_dataset(
         cfg["dataset"]["name"], root=cfg["data"].get("root"), val_fraction=float(cfg["data"]["val_fraction"])
@@ -58,9 +63,10 @@ def serve(grid: Grid, cfg: dict[str, Any], out_dir: str | Path) -> dict[str, Any
         rounds=int(cfg["rounds"]),
         ipc=int(cfg["ipc"]),
         seed=int(cfg["seed"]),
+        node_data=node_data,
         status="running",
     )
-    if cfg.get("partition"):
+    if cfg.get("partition") and node_data == "partition":
         _write_partition(cfg, run, bundle)
     strategy = STRATEGIES.get(cfg["strategy"]["name"])(cfg, run, bundle)
     summary = strategy.run_rounds(grid)
@@ -84,12 +90,19 @@ app = ServerApp()
 
 @app.main()
 def _main(grid: Grid, context: Context) -> None:
-    from fedistill.cli import compose_config
+    from omegaconf import OmegaConf
 
-    overrides = {k: v for k, v in context.run_config.items() if k != "run-dir"}
-    cfg = compose_config("simulate", [f"{k}={v}" for k, v in overrides.items()])
-    out = context.run_config.get("run-dir") or f"outputs/flwr/{time.strftime('%Y-%m-%d_%H-%M-%S')}"
-    serve(grid, cfg, str(out))
+    from fedistill.cli import compose_config
+    from fedistill.deploy import NODE_DATA, hydra_overrides
+
+    rc = context.run_config
+    node_data = str(rc.get("node-data") or "partition")
+    if node_data not in NODE_DATA:
+        raise ValueError(f"run config node-data={node_data!r}: choose one of {list(NODE_DATA)}")
+    cfg = compose_config("simulate", hydra_overrides(rc))
+    out = rc.get("run-dir") or f"outputs/flwr/{time.strftime('%Y-%m-%d_%H-%M-%S')}"
+    RunDir(out).write_config(OmegaConf.to_yaml(cfg))
+    serve(grid, cfg, str(out), node_data=node_data)
 
 
 def _print_table(summary: dict[str, Any], history: list[dict[str, Any]]) -> None:

@@ -25,6 +25,7 @@ from fedistill.engines import resolve_device
 from fedistill.evaluation import EvalRecipe
 from fedistill.federated import ClientFailure, FederationError, GlobalModel
 from fedistill.federated.client import model_spec
+from fedistill.federated.node import data_spec
 from fedistill.registry import Registry
 from fedistill.reporting import RunDir, progress_bars, save_accuracy_plot
 from fedistill.seeding import derive_seed, numpy_rng
@@ -219,6 +220,8 @@ class Strategy:
             "bytes_down": down,
             "bytes_up_total": self.bytes_up,
             "bytes_down_total": self.bytes_down,
+            # what each client reported about itself: examples, seconds, peak_rss_mb (the edge footprint)
+            "client_metrics": {r.client: _scalars(r.metrics) for r in replies},
         }
         for f in failures:
             self.run.log("client_failed", round=round_, **f.to_dict())
@@ -247,16 +250,9 @@ class Strategy:
         return rec
 
 
-def data_spec(cfg: dict[str, Any], dataset: str) -> dict[str, Any]:
-    """What a node needs to derive its partition: dataset, root, validation split, scheme, seed."""
-    data = cfg.get("data", {})
-    return {
-        "dataset": dataset,
-        "root": data.get("root"),
-        "val_fraction": float(data.get("val_fraction", 0.1)),
-        "partition": dict(cfg["partition"]),
-        "seed": int(cfg["seed"]),
-    }
+def _scalars(metrics: dict[str, Any]) -> dict[str, float]:
+    """The numeric scalars of a client's metrics (drops lists and decoded payloads)."""
+    return {k: v for k, v in metrics.items() if isinstance(v, int | float) and not isinstance(v, bool)}
 
 
 def _client_order(client: str) -> tuple[int, int]:
