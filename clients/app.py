@@ -11,6 +11,12 @@ Handlers
     never leaves the node.
 ``train.fit``
     Local SGD from the global weights (the FedAvg baseline); reply with the weights.
+``train.generator``
+    FedGen phase 1: local epochs of the global generator (ArrayRecord ``global``) on
+    this node's data; reply with its weights (ArrayRecord ``model``).
+``train.latents``
+    FedGen phase 2: latent codes optimized through the given generator; reply with
+    latents and labels only (ArrayRecord ``latents``), never pixels.
 ``evaluate``
     Accuracy and loss of the global weights on this node's data.
 
@@ -31,6 +37,7 @@ from flwr.clientapp import ClientApp
 
 from fedistill.data.base import Split
 from fedistill.federated import distill_task, encode_synthetic, evaluate_task, fit_task, node_split
+from fedistill.federated.generator import generator_task, latent_task
 from fedistill.federated.node import footprint, node_task
 from strategies.records import metrics_record, read_json, read_tensors, reply, tensor_record
 
@@ -123,3 +130,31 @@ def evaluate(msg: Message, context: Context) -> Message:
     task, split = _task(msg, context)
     metrics = evaluate_task(split, read_tensors(msg.content.array_records["global"]), task)
     return reply(msg, metrics=metrics_record(_done(metrics, context)))
+
+
+@app.train("generator")
+@_guard
+def generator(msg: Message, context: Context) -> Message:
+    """Train the global generator locally; reply with its weights."""
+    task, split = _task(msg, context)
+    state, metrics = generator_task(split, read_tensors(msg.content.array_records["global"]), task)
+    return reply(msg, model=tensor_record(state), metrics=metrics_record(_done(metrics, context)))
+
+
+@app.train("latents")
+@_guard
+def latents(msg: Message, context: Context) -> Message:
+    """Optimize latent codes through the given generator; reply with latents and labels."""
+    task, split = _task(msg, context)
+    tensors, meta, metrics = latent_task(split, read_tensors(msg.content.array_records["global"]), task)
+    _done(metrics, context)
+    if tensors is None:  # no class with enough samples: succeed with nothing to contribute
+        return reply(msg, metrics=metrics_record(metrics))
+    arrays = tensor_record(tensors)
+    metrics["bytes"] = arrays.count_bytes()
+    return reply(
+        msg,
+        latents=arrays,
+        meta=ConfigRecord({"json": json.dumps(meta, default=str)}),
+        metrics=metrics_record(metrics),
+    )

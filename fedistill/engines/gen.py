@@ -11,12 +11,17 @@ the cached generator (``metadata["generator"]``), so anyone holding the generato
 
 The generator is a plain ``nn.Module`` whose ``state_dict`` holds float tensors only,
 so a federated strategy can FedAvg it across clients and load the average with
-:meth:`CVAE.load_state_dict` before decoding client latents.
+:meth:`CVAE.load_state_dict` before decoding client latents. ``distill(...,
+generator_state=...)`` optimizes latents through a *given* generator (the federated
+one, ``strategy=fedgen``) instead of training and caching its own; the set then refers
+to it by :func:`generator_digest`.
 """
 
 from __future__ import annotations
 
+import hashlib
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -34,7 +39,16 @@ from fedistill.io import cache_key, cached_tensors
 from fedistill.models import build_model, reinitialize
 from fedistill.seeding import derive_seed, torch_generator
 
-__all__ = ["CVAE", "GenConfig", "GenEngine", "decode_latents", "get_generator", "train_cvae"]
+__all__ = [
+    "CVAE",
+    "GenConfig",
+    "GenEngine",
+    "decode_latents",
+    "generator_digest",
+    "get_generator",
+    "new_cvae",
+    "train_cvae",
+]
 
 
 class CVAE(nn.Module):
@@ -73,12 +87,42 @@ class CVAE(nn.Module):
         return self.decoder(torch.cat([z, self._onehot(y)], 1)).view(-1, *self.shape)
 
 
+def new_cvae(info: DatasetInfo, *, latent_dim: int, hidden: int, seed: int) -> CVAE:
+    """A freshly initialized :class:`CVAE` (initialization stream ``gen-init`` of ``seed``)."""
+    model = CVAE(info, latent_dim=latent_dim, hidden=hidden)
+    return reinitialize(model, derive_seed(seed, "gen-init"))
+
+
+def generator_digest(state: Mapping[str, torch.Tensor]) -> str:
+    """A short hash of a generator's weights (names, dtypes and bytes, in key order)."""
+    h = hashlib.sha256()
+    for key in sorted(state):
+        t = state[key].detach().cpu().contiguous()
+        h.update(f"{key}:{t.dtype}:{tuple(t.shape)}".encode())
+        h.update(t.numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
 def train_cvae(
-    data: Split, *, latent_dim: int, hidden: int, epochs: int, lr: float, beta: float, seed: int, device: torch.device
+    data: Split,
+    *,
+    latent_dim: int,
+    hidden: int,
+    epochs: int,
+    lr: float,
+    beta: float,
+    seed: int,
+    device: torch.device,
+    init_state: Mapping[str, torch.Tensor] | None = None,
 ) -> CVAE:
-    """Train a :class:`CVAE` (MSE reconstruction + ``beta`` * KL) with Adam."""
-    model = CVAE(data.info, latent_dim=latent_dim, hidden=hidden)
-    reinitialize(model, derive_seed(seed, "gen-init"))
+    """Train a :class:`CVAE` (MSE reconstruction + ``beta`` * KL) with Adam.
+
+    ``init_state`` starts from given weights (a federated client's local epochs from the
+    global generator) instead of a fresh initialization.
+    """
+    model = new_cvae(data.info, latent_dim=latent_dim, hidden=hidden, seed=seed)
+    if init_state is not None:
+        model.load_state_dict(init_state)
     model = model.to(device)
     opt = torch.optim.Adam(model.parameters(), lr=lr)
     g = torch_generator(seed, "gen-train")
@@ -184,11 +228,23 @@ class GenEngine(Engine):
         device: str | torch.device = "cpu",
         progress: Progress | None = None,
         seed: int = 0,
+        generator_state: Mapping[str, torch.Tensor] | None = None,
     ) -> SyntheticSet:
-        """See :meth:`Engine.distill`. ``init="real"`` starts from the encoder means of real images."""
+        """See :meth:`Engine.distill`. ``init="real"`` starts from the encoder means of real images.
+
+        ``generator_state`` (a :class:`CVAE` state dict, e.g. the federated generator)
+        replaces the cached generator trained on ``data``; ``metadata["generator"]`` then
+        holds its :func:`generator_digest`.
+        """
         cfg = self.config
         dev = resolve_device(device)
-        generator, ref = get_generator(data, cfg, seed=seed, device=dev)
+        if generator_state is None:
+            generator, ref = get_generator(data, cfg, seed=seed, device=dev)
+        else:
+            generator = CVAE(data.info, latent_dim=cfg.latent_dim, hidden=cfg.hidden)
+            generator.load_state_dict(generator_state)
+            generator = generator.to(dev).eval().requires_grad_(False)
+            ref = {"digest": generator_digest(generator_state), "latent_dim": cfg.latent_dim, "hidden": cfg.hidden}
         images, labels = init_synthetic(data, ipc, init=init, seed=seed, min_class_samples=cfg.min_class_samples)
         y = labels.to(dev)
         if init == "real":
