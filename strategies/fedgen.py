@@ -56,7 +56,7 @@ class FedGen(DistillStrategy):
             self.gen_rounds = 0
         else:
             self.generator_state = fresh
-            self.gen_rounds = int(self.opts.get("gen_rounds", 5))
+            self.gen_rounds = int(self.opts.get("gen_rounds", 10))
         self.rounds = self.gen_rounds + 1
         self.payload = {"latent": 0, "pixel": 0, "clients": 0}
         self.run.update_summary(rounds=self.rounds, gen_rounds=self.gen_rounds, generator_source=str(path or "fedavg"))
@@ -89,7 +89,7 @@ class FedGen(DistillStrategy):
     def configure(self, round_: int) -> tuple[dict[str, Any], dict[str, torch.Tensor] | None]:
         """The generator's local recipe (phase 1) or the ``gen`` engine task (phase 2), and its weights."""
         if self.generator_phase(round_):
-            recipe = {**self.arch, **self.gen_recipe, "epochs": int(self.opts.get("local_epochs", 2))}
+            recipe = {**self.arch, **self.gen_recipe, "epochs": int(self.opts.get("local_epochs", 10))}
             return {"generator": recipe}, self.generator_state
         return self.engine_task(), self.generator_state
 
@@ -169,7 +169,9 @@ class FedGen(DistillStrategy):
         """Save the generator (reusable as ``generator_path``); report the uplink saving over pixels."""
         digest = generator_digest(self.generator_state)
         path = atomic_save_tensors(
-            self.run.path / "generator.safetensors", self.generator_state, metadata={"digest": digest, **self.arch}
+            self.run.path / "generator.safetensors",
+            self.generator_state,
+            metadata={"digest": digest, **{k: str(v) for k, v in self.arch.items()}},
         )
         extra = super().finish()
         up2 = int(self.history[-1]["bytes_up"])

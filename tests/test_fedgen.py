@@ -156,7 +156,7 @@ def test_generator_checkpoint_skips_the_generator_rounds(tmp_path):
     from fedistill.io import atomic_save_tensors
 
     s = _strategy(tmp_path / "a")
-    assert s.gen_rounds == 5 and s.rounds == 6
+    assert s.gen_rounds == 10 and s.rounds == 11
     path = atomic_save_tensors(tmp_path / "g.safetensors", s.generator_state)
     t = _strategy(tmp_path / "b", f"strategy.generator_path={path}")
     assert t.gen_rounds == 0 and t.rounds == 1 and not t.generator_phase(1)
