@@ -34,6 +34,8 @@ class FedGen(DistillStrategy):
     The ``method`` group (``gen``) gives the generator's shape and optimizer (``latent_dim``,
     ``hidden``, ``gen_lr``, ``beta``) and the latent optimization. ``summary.json`` reports
     ``uplink``: phase 2's bytes against the same decoded images sent as float32 pixels.
+    Phase-1 rounds log the generator's test reconstruction error; the global model is
+    trained only in phase 2 (its phase-1 accuracy is that of the untrained model).
     """
 
     name = "fedgen"
