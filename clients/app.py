@@ -9,6 +9,9 @@ Handlers
     Distill this node's data with the engine named in the task; reply with the
     synthetic set (ArrayRecord ``synthetic``), its metadata and metrics. Raw data
     never leaves the node.
+``query.stats``
+    FedAF: class-wise mean logits and soft labels of the global weights on this
+    node's real data (ArrayRecord ``stats``).
 ``train.fit``
     Local SGD from the global weights (the FedAvg baseline); reply with the weights.
 ``evaluate``
@@ -27,7 +30,7 @@ from collections.abc import Callable
 from flwr.app import ConfigRecord, Context, Error, Message
 from flwr.clientapp import ClientApp
 
-from fedistill.federated import distill_task, encode_synthetic, evaluate_task, fit_task, node_split
+from fedistill.federated import distill_task, encode_synthetic, evaluate_task, fit_task, node_split, stats_task
 from strategies.records import metrics_record, read_json, read_tensors, reply, tensor_record
 
 __all__ = ["app"]
@@ -63,14 +66,27 @@ def info(msg: Message, context: Context) -> Message:
     return reply(msg, metrics=metrics_record({"partition-id": _partition_id(context)}))
 
 
+@app.query("stats")
+@_guard
+def stats(msg: Message, context: Context) -> Message:
+    """FedAF's class statistics of the global weights on the node's data."""
+    task = read_json(msg)
+    split = node_split(context.node_config, task["data"])
+    tensors, metrics = stats_task(split, read_tensors(msg.content.array_records["global"]), task)
+    metrics["partition-id"] = _partition_id(context)
+    return reply(msg, stats=tensor_record(tensors), metrics=metrics_record(metrics))
+
+
 @app.train("distill")
 @_guard
 def distill(msg: Message, context: Context) -> Message:
     """Distill the node's data; reply with the synthetic set."""
     task = read_json(msg)
     split = node_split(context.node_config, task["data"])
-    base = read_tensors(msg.content.array_records["global"]) if "global" in msg.content.array_records else None
-    syn, metrics = distill_task(split, task, base_state=base)
+    records = msg.content.array_records
+    base = read_tensors(records["global"]) if "global" in records else None
+    inputs = read_tensors(records["inputs"]) if "inputs" in records else None
+    syn, metrics = distill_task(split, task, base_state=base, inputs=inputs)
     metrics["partition-id"] = _partition_id(context)
     if syn is None:  # no class with enough samples: succeed with nothing to contribute
         return reply(msg, metrics=metrics_record(metrics))

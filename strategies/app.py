@@ -21,7 +21,7 @@ from fedistill.data.partition import class_histogram
 from fedistill.federated import partition_indices
 from fedistill.io import atomic_write_text
 from fedistill.reporting import RunDir, save_partition_plot
-from strategies import fedavg, feddm, oneshot  # noqa: F401  (registration)
+from strategies import dynafed, fedaf, fedavg, feddm, oneshot  # noqa: F401  (registration)
 from strategies.base import STRATEGIES, data_spec
 
 __all__ = ["app", "make_server_app", "serve"]

@@ -20,10 +20,11 @@ from fedistill.data.synthetic import SyntheticSet
 from fedistill.engines import build_engine, resolve_device
 from fedistill.engines.base import NothingToDistillError
 from fedistill.evaluation import EvalRecipe, ModelSpec, test_metrics, train_model
+from fedistill.federated.fedaf import class_stats
 from fedistill.models import build_model
 from fedistill.registry import Registry
 
-__all__ = ["FAULTS", "distill_task", "evaluate_task", "fit_task", "model_spec"]
+__all__ = ["ENGINE_INPUTS", "FAULTS", "distill_task", "evaluate_task", "fit_task", "model_spec", "stats_task"]
 
 FAULTS: Registry[Callable[[SyntheticSet], SyntheticSet]] = Registry("fault")
 """Deliberate client misbehaviour: ``crash`` raises; the others corrupt the reply."""
@@ -79,10 +80,21 @@ def _setup(task: Mapping[str, Any]) -> torch.device:
     return resolve_device(task.get("device", "cpu"))
 
 
+ENGINE_INPUTS = ("global_logits",)
+"""Server arrays a client passes on to its engine's ``distill`` (FedAF's global class logits)."""
+
+
 def distill_task(
-    split: Split, task: Mapping[str, Any], *, base_state: dict[str, torch.Tensor] | None = None
+    split: Split,
+    task: Mapping[str, Any],
+    *,
+    base_state: dict[str, torch.Tensor] | None = None,
+    inputs: Mapping[str, torch.Tensor] | None = None,
 ) -> tuple[SyntheticSet | None, dict[str, Any]]:
     """Distill this client's data with the task's engine.
+
+    ``base_state`` (the global model) and ``inputs`` (arrays named in
+    :data:`ENGINE_INPUTS`) are passed to the engine when given.
 
     Returns
     -------
@@ -95,7 +107,11 @@ def distill_task(
     start = time.perf_counter()
     spec = model_spec(task["model"])
     engine = build_engine(task["method"], model=spec.name, model_kwargs=spec.kwargs, **task.get("method_options", {}))
-    extra = {"base_state": base_state} if base_state is not None else {}
+    extra: dict[str, Any] = {"base_state": base_state} if base_state is not None else {}
+    unknown = sorted(set(inputs or {}) - set(ENGINE_INPUTS))
+    if unknown:
+        raise ValueError(f"unexpected engine inputs {unknown}; valid: {list(ENGINE_INPUTS)}")
+    extra |= dict(inputs or {})
     metrics = {"examples": len(split), "class_counts": split.class_counts().tolist()}
     try:
         syn = engine.distill(
@@ -149,3 +165,23 @@ def evaluate_task(split: Split, state: dict[str, torch.Tensor], task: Mapping[st
     model.load_state_dict(state)
     acc, loss = test_metrics(model, split, device=device)
     return {"examples": len(split), "accuracy": acc, "loss": loss}
+
+
+def stats_task(
+    split: Split, state: dict[str, torch.Tensor], task: Mapping[str, Any]
+) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """FedAF's class statistics of the global ``state`` on this client's real data.
+
+    Returns
+    -------
+    tensors, metrics
+        :func:`fedistill.federated.fedaf.class_stats` (``class_logits``, ``class_soft``,
+        ``class_counts``) at ``task["temperature"]`` and ``{"examples", "seconds"}``.
+    """
+    device = _setup(task)
+    start = time.perf_counter()
+    spec = model_spec(task["model"])
+    model = build_model(spec.name, split.info, **spec.kwargs)
+    model.load_state_dict(state)
+    stats = class_stats(model, split, temperature=float(task.get("temperature", 2.0)), device=device)
+    return stats, {"examples": len(split), "seconds": round(time.perf_counter() - start, 3)}
