@@ -188,15 +188,18 @@ def redistill(
 
 @register_policy("screen")
 def screen(
-    parts: Parts, ctx: PolicyContext, *, threshold: float = 3.0, min_holders: int = 3, reweight: bool = True
+    parts: Parts, ctx: PolicyContext, *, threshold: float = 3.5, min_holders: int = 3, reweight: bool = True
 ) -> PolicyResult:
-    """Drop clients with a class prototype more than ``threshold`` x the typical distance from the median.
+    """Drop clients whose class prototypes lie far from the robust (median) prototype.
 
     For every class held by at least ``min_holders`` clients: each client's prototype is
-    the mean embedding of its rows of that class (global model's ``embed``, or a seeded
-    random network before the first update); the median prototype is the coordinate-wise
-    median over clients; a client's score is its distance to it divided by the median of
-    those distances. A client is dropped when its worst class scores above ``threshold``.
+    the mean embedding of its rows of that class (the global model's ``embed``: a seeded
+    initialization before the first update); the median prototype is the coordinate-wise
+    median over clients; a client's class score is the robust z-score of its distance to
+    it, ``(d - median(d)) / (1.4826 MAD(d))``. A client's score is the mean over its
+    screened classes (a mean, not the worst class: one few-sample class is noisy, a
+    poisoned or broken client is off in all of them); it is dropped above ``threshold``
+    (3.5, the usual cut-off for modified z-scores).
     At most half of the clients are dropped (the worst ones); the rest are merged as by
     ``union``.
     """
@@ -207,32 +210,33 @@ def screen(
             emb = embed(syn.images.to(ctx.device)).float().cpu()
             labels = syn.hard_labels
             protos.append({c: emb[labels == c].mean(0) for c in labels.unique().tolist()})
-    scores = [(0.0, -1)] * len(parts)
+    ratios: list[dict[int, float]] = [{} for _ in parts]
     for c in range(ctx.info.num_classes):
         holders = [i for i, p in enumerate(protos) if c in p]
         if len(holders) < min_holders:
             continue
         stack = torch.stack([protos[i][c] for i in holders])
         dist = (stack - stack.median(0).values).norm(dim=1)
-        scale = float(dist.median()) + 1e-8
+        mid = dist.median()
+        mad = max(1.4826 * float((dist - mid).abs().median()), 1e-3 * float(mid) + 1e-8)
         for i, d in zip(holders, dist.tolist(), strict=True):
-            if d / scale > scores[i][0]:
-                scores[i] = (d / scale, c)
-    flagged = sorted((i for i, (s, _) in enumerate(scores) if s > threshold), key=lambda i: -scores[i][0])
+            ratios[i][c] = (d - float(mid)) / mad
+    scores = [sum(r.values()) / len(r) if r else 0.0 for r in ratios]
+    flagged = sorted((i for i, s in enumerate(scores) if s > threshold), key=lambda i: -scores[i])
     flagged = flagged[: len(parts) // 2]
-    dropped = [
-        {
-            "client": parts[i][0],
-            "reason": f"class {scores[i][1]} prototype is {scores[i][0]:.1f}x the median distance "
-            f"from the median prototype (threshold {threshold})",
-            "score": round(scores[i][0], 3),
-        }
-        for i in flagged
-    ]
+    dropped = []
+    for i in flagged:
+        worst = max(ratios[i], key=ratios[i].get)
+        reason = (
+            f"distance of its class prototypes from the median prototype has a mean robust z-score of "
+            f"{scores[i]:.1f} over {len(ratios[i])} classes (threshold {threshold}; worst: class {worst}, "
+            f"{ratios[i][worst]:.1f})"
+        )
+        dropped.append({"client": parts[i][0], "reason": reason, "score": round(scores[i], 3)})
     kept = [p for i, p in enumerate(parts) if i not in set(flagged)]
     result = union(kept, ctx, reweight=reweight)
     result.dropped = dropped
-    result.metrics["scores"] = {parts[i][0]: round(s, 3) for i, (s, _) in enumerate(scores)}
+    result.metrics["scores"] = {parts[i][0]: round(s, 3) for i, s in enumerate(scores)}
     return result
 
 
