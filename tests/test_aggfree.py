@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import time
 
 import pytest
@@ -258,3 +259,25 @@ def test_dynafed_distills_from_the_recorded_trajectory_then_finetunes(tmp_path, 
     assert len(s.trajectory) == 3  # the initial model and two aggregates
     assert "distill_seconds" in s.history[1] and "finetune_seconds" in s.history[2]
     assert len(s.synthetic) == 10 and (tmp_path / "synthetic.safetensors").is_file()
+
+
+def test_screen_policy_drops_a_noise_client_in_a_fedaf_round(tmp_path, grid):
+    s = _strategy(
+        "fedaf",
+        tmp_path,
+        "clients=5",
+        "rounds=1",
+        "partition=iid",
+        "policy=screen",
+        "+faults.2=noise",
+        "method.iterations=5",
+        "strategy.server.epochs=2",
+        "strategy.random_baseline=false",
+    )
+    s.run_rounds(grid(5))
+    (rec,) = s.history
+    assert rec["clients_succeeded"] == 5 and rec["policy"] == "screen" and rec["policy_dropped"] == ["p2"]
+    assert [p["client"] for p in s.synthetic.metadata["clients"]] == ["p0", "p1", "p3", "p4"]
+    events = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    (drop,) = [e for e in events if e["event"] == "policy_dropped"]
+    assert drop["client"] == "p2" and drop["round"] == 1 and "z-score" in drop["reason"]

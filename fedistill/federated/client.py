@@ -27,7 +27,8 @@ from fedistill.registry import Registry
 __all__ = ["ENGINE_INPUTS", "FAULTS", "distill_task", "evaluate_task", "fit_task", "model_spec", "stats_task"]
 
 FAULTS: Registry[Callable[[SyntheticSet], SyntheticSet]] = Registry("fault")
-"""Deliberate client misbehaviour: ``crash`` raises; the others corrupt the reply."""
+"""Deliberate client misbehaviour: ``crash`` raises; the others corrupt the reply (``noise``
+passes validation: only a screening server policy can catch it)."""
 
 
 class InjectedFault(RuntimeError):
@@ -42,6 +43,13 @@ def _crash(syn: SyntheticSet) -> SyntheticSet:
 @FAULTS.register("nan")
 def _nan(syn: SyntheticSet) -> SyntheticSet:
     syn.images[0, 0, 0, 0] = float("nan")
+    return syn
+
+
+@FAULTS.register("noise")
+def _noise(syn: SyntheticSet) -> SyntheticSet:
+    """A well-formed but useless set (a broken or poisoning client): Gaussian noise images."""
+    syn.images = torch.randn(syn.images.shape, generator=torch.Generator().manual_seed(0)) * syn.images.std()
     return syn
 
 
