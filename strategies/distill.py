@@ -94,6 +94,7 @@ class DistillStrategy(Strategy):
             round_=round_,
             device=self.device,
             state=self.global_model.state,
+            val=self.bundle.val,
         )
         result = apply_policy(name, parts, ctx, **opts)
         for d in result.dropped:

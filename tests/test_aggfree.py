@@ -205,6 +205,16 @@ def test_screen_drops_a_planted_outlier_and_keeps_honest_clients(digits, outlier
     assert honest.dropped == []
 
 
+def test_screen_validation_check_drops_a_client_that_raises_the_validation_loss(digits):
+    parts = [(f"p{i}", _real_part(digits, i)) for i in range(5)]
+    parts.insert(2, ("p9", _real_part(digits, 99, flip=True)))  # well-formed, labels shifted by 3
+    ctx = _ctx(digits, val=digits.val)
+    res = apply_policy("screen", parts, ctx, min_holders=99, val_epochs=40)  # prototypes off: loss check only
+    assert [d["client"] for d in res.dropped] == ["p9"] and "validation loss" in res.dropped[0]["reason"]
+    with pytest.raises(ValueError, match="validation split"):
+        apply_policy("screen", parts, _ctx(digits), min_holders=99, val_epochs=1)
+
+
 # ------------------------------------------------------------------------------ in-process rounds
 def test_fedaf_round_trains_on_synthetic_sets_and_never_averages_weights(tmp_path, monkeypatch, grid):
     import fedistill.federated.server as server

@@ -32,7 +32,7 @@ import torch
 from fedistill.data.base import DatasetInfo, Split
 from fedistill.data.synthetic import SyntheticSet
 from fedistill.engines import ENGINES, build_engine
-from fedistill.evaluation import ModelSpec
+from fedistill.evaluation import EvalRecipe, ModelSpec, test_metrics, train_model
 from fedistill.federated.server import FederationError, merge_sets
 from fedistill.models import build_model
 from fedistill.registry import Registry
@@ -61,6 +61,8 @@ class PolicyContext:
         Where server-side computation runs.
     state
         The global model's current weights (``screen`` embeds with them), or ``None``.
+    val
+        A server-held validation split (``screen``'s optional loss check), or ``None``.
     """
 
     info: DatasetInfo
@@ -70,6 +72,7 @@ class PolicyContext:
     round_: int
     device: torch.device
     state: Mapping[str, torch.Tensor] | None = None
+    val: Split | None = None
 
 
 @dataclass
@@ -188,7 +191,15 @@ def redistill(
 
 @register_policy("screen")
 def screen(
-    parts: Parts, ctx: PolicyContext, *, threshold: float = 3.5, min_holders: int = 3, reweight: bool = True
+    parts: Parts,
+    ctx: PolicyContext,
+    *,
+    threshold: float = 3.5,
+    min_holders: int = 3,
+    reweight: bool = True,
+    val_epochs: int = 0,
+    val_lr: float = 0.1,
+    val_margin: float = 0.02,
 ) -> PolicyResult:
     """Drop clients whose class prototypes lie far from the robust (median) prototype.
 
@@ -200,9 +211,40 @@ def screen(
     screened classes (a mean, not the worst class: one few-sample class is noisy, a
     poisoned or broken client is off in all of them); it is dropped above ``threshold``
     (3.5, the usual cut-off for modified z-scores).
-    At most half of the clients are dropped (the worst ones); the rest are merged as by
+
+    With ``val_epochs > 0`` the clients that pass are also checked on the server-held
+    validation split (``ctx.val``): the global model is trained ``val_epochs`` on the
+    union of the passing sets and on that union without each client in turn (SGD at
+    ``val_lr``, batches of 64, from the global weights); a client
+    whose set raises the validation loss by more than ``val_margin`` is dropped too.
+    At most half of the clients are dropped (the worst first); the rest are merged as by
     ``union``.
     """
+    ratios = _prototype_scores(parts, ctx, min_holders=min_holders)
+    scores = [sum(r.values()) / len(r) if r else 0.0 for r in ratios]
+    flagged = sorted((i for i, s in enumerate(scores) if s > threshold), key=lambda i: -scores[i])
+    dropped = []
+    for i in flagged:
+        worst = max(ratios[i], key=ratios[i].get)
+        reason = (
+            f"distance of its class prototypes from the median prototype has a mean robust z-score of "
+            f"{scores[i]:.1f} over {len(ratios[i])} classes (threshold {threshold}; worst: class {worst}, "
+            f"{ratios[i][worst]:.1f})"
+        )
+        dropped.append({"client": parts[i][0], "reason": reason, "score": round(scores[i], 3)})
+    if val_epochs > 0:
+        dropped += _loss_screen(parts, ctx, set(flagged), epochs=val_epochs, lr=val_lr, margin=val_margin)
+    gone = {d["client"] for d in dropped[: len(parts) // 2]}
+    dropped = [d for d in dropped if d["client"] in gone]
+    kept = [p for p in parts if p[0] not in gone]
+    result = union(kept, ctx, reweight=reweight)
+    result.dropped = dropped
+    result.metrics["scores"] = {parts[i][0]: round(s, 3) for i, s in enumerate(scores)}
+    return result
+
+
+def _prototype_scores(parts: Parts, ctx: PolicyContext, *, min_holders: int) -> list[dict[int, float]]:
+    """Per client, ``{class: robust z-score of its prototype's distance from the median prototype}``."""
     embed = _embedder(ctx)
     protos: list[dict[int, torch.Tensor]] = []
     with torch.no_grad():
@@ -217,27 +259,11 @@ def screen(
             continue
         stack = torch.stack([protos[i][c] for i in holders])
         dist = (stack - stack.median(0).values).norm(dim=1)
-        mid = dist.median()
-        mad = max(1.4826 * float((dist - mid).abs().median()), 1e-3 * float(mid) + 1e-8)
+        mid = float(dist.median())
+        mad = max(1.4826 * float((dist - mid).abs().median()), 1e-3 * mid + 1e-8)
         for i, d in zip(holders, dist.tolist(), strict=True):
-            ratios[i][c] = (d - float(mid)) / mad
-    scores = [sum(r.values()) / len(r) if r else 0.0 for r in ratios]
-    flagged = sorted((i for i, s in enumerate(scores) if s > threshold), key=lambda i: -scores[i])
-    flagged = flagged[: len(parts) // 2]
-    dropped = []
-    for i in flagged:
-        worst = max(ratios[i], key=ratios[i].get)
-        reason = (
-            f"distance of its class prototypes from the median prototype has a mean robust z-score of "
-            f"{scores[i]:.1f} over {len(ratios[i])} classes (threshold {threshold}; worst: class {worst}, "
-            f"{ratios[i][worst]:.1f})"
-        )
-        dropped.append({"client": parts[i][0], "reason": reason, "score": round(scores[i], 3)})
-    kept = [p for i, p in enumerate(parts) if i not in set(flagged)]
-    result = union(kept, ctx, reweight=reweight)
-    result.dropped = dropped
-    result.metrics["scores"] = {parts[i][0]: round(s, 3) for i, s in enumerate(scores)}
-    return result
+            ratios[i][c] = (d - mid) / mad
+    return ratios
 
 
 def _embedder(ctx: PolicyContext) -> Callable[[torch.Tensor], torch.Tensor]:
@@ -246,3 +272,41 @@ def _embedder(ctx: PolicyContext) -> Callable[[torch.Tensor], torch.Tensor]:
         net.load_state_dict(dict(ctx.state))
     net = net.to(ctx.device).eval()
     return net.embed
+
+
+def _loss_screen(
+    parts: Parts, ctx: PolicyContext, skip: set[int], *, epochs: int, lr: float, margin: float
+) -> list[dict[str, Any]]:
+    """Leave-one-out check on the validation split: which passing clients raise its loss by more than ``margin``."""
+    if ctx.val is None:
+        raise ValueError("policy screen with val_epochs > 0 needs a server-held validation split")
+    idx = [i for i in range(len(parts)) if i not in skip]
+    if len(idx) < 3:
+        return []
+    recipe = EvalRecipe(epochs=epochs, lr=lr, batch_size=64, dsa=False, lr_decay=False)
+
+    def val_loss(members: list[int]) -> float:
+        syn = merge_sets([parts[i] for i in members], ctx.info)
+        model = train_model(
+            ctx.model,
+            ctx.info,
+            syn.images,
+            syn.hard_labels,
+            recipe=recipe,
+            seed=derive_seed(ctx.seed, "policy-screen-val", ctx.round_),
+            device=ctx.device,
+            init_state=None if ctx.state is None else dict(ctx.state),
+        )
+        return test_metrics(model, ctx.val, device=ctx.device)[1]
+
+    full = val_loss(idx)
+    out = []
+    for i in idx:
+        without = val_loss([j for j in idx if j != i])
+        if full - without > margin:
+            reason = (
+                f"validation loss {full:.3f} with its set and {without:.3f} without "
+                f"(it raises the loss by more than val_margin={margin})"
+            )
+            out.append({"client": parts[i][0], "reason": reason, "score": round(full - without, 4)})
+    return sorted(out, key=lambda d: -d["score"])
