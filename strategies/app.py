@@ -50,6 +50,7 @@ def serve(grid: Grid, cfg: dict[str, Any], out_dir: str | Path) -> dict[str, Any
     run.update_summary(
         strategy=cfg["strategy"]["name"],
         method=cfg["method"]["name"],
+        policy=(cfg.get("policy") or {}).get("name"),
         dataset=bundle.info.name,
         clients=int(cfg["clients"]),
         alpha=cfg.get("alpha"),
