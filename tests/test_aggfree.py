@@ -291,3 +291,23 @@ def test_screen_policy_drops_a_noise_client_in_a_fedaf_round(tmp_path, grid):
     events = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     (drop,) = [e for e in events if e["event"] == "policy_dropped"]
     assert drop["client"] == "p2" and drop["round"] == 1 and "z-score" in drop["reason"]
+
+
+def test_fedaf_client_failing_its_statistics_is_logged_once_and_skipped(tmp_path, grid):
+    s = _strategy(
+        "fedaf",
+        tmp_path,
+        "clients=3",
+        "rounds=1",
+        "+faults.1=crash",
+        "method.iterations=3",
+        "strategy.server.epochs=1",
+        "strategy.random_baseline=false",
+    )
+    g = grid(3)
+    s.run_rounds(g)
+    (rec,) = s.history
+    assert rec["clients_sampled"] == 3 and rec["clients_succeeded"] == 2 and rec["clients_failed"] == 1
+    (failure,) = rec["failures"]
+    assert failure["client"] == "p1" and "injected crash" in failure["reason"]
+    assert [n for n, k, _ in g.sent if k == "train.distill"] == [1, 3]  # p1 is not asked to condense
