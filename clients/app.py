@@ -9,6 +9,9 @@ Handlers
     Distill this node's data with the engine named in the task; reply with the
     synthetic set (ArrayRecord ``synthetic``), its metadata and metrics. Raw data
     never leaves the node.
+``query.stats``
+    FedAF: class-wise mean logits and soft labels of the global weights on this
+    node's real data (ArrayRecord ``stats``).
 ``train.fit``
     Local SGD from the global weights (the FedAvg baseline); reply with the weights.
 ``evaluate``
@@ -30,7 +33,7 @@ from flwr.app import ConfigRecord, Context, Error, Message
 from flwr.clientapp import ClientApp
 
 from fedistill.data.base import Split
-from fedistill.federated import distill_task, encode_synthetic, evaluate_task, fit_task, node_split
+from fedistill.federated import distill_task, encode_synthetic, evaluate_task, fit_task, node_split, stats_task
 from fedistill.federated.node import footprint, node_task
 from strategies.records import metrics_record, read_json, read_tensors, reply, tensor_record
 
@@ -81,16 +84,27 @@ def info(msg: Message, context: Context) -> Message:
     return reply(msg, metrics=metrics_record({"partition-id": _partition_id(context)}))
 
 
+@app.query("stats")
+@_guard
+def stats(msg: Message, context: Context) -> Message:
+    """FedAF's class statistics of the global weights on the node's data."""
+    task, split = _task(msg, context)
+    tensors, metrics = stats_task(split, read_tensors(msg.content.array_records["global"]), task)
+    _done(metrics, context)
+    return reply(msg, stats=tensor_record(tensors), metrics=metrics_record(metrics))
+
+
 @app.train("distill")
 @_guard
 def distill(msg: Message, context: Context) -> Message:
     """Distill the node's data; reply with the synthetic set."""
     task, split = _task(msg, context)
-    base = read_tensors(msg.content.array_records["global"]) if "global" in msg.content.array_records else None
+    records = msg.content.array_records
+    base = read_tensors(records["global"]) if "global" in records else None
+    inputs = read_tensors(records["inputs"]) if "inputs" in records else None
     saved = context.state.config_records.get(LEDGER)
-    syn, metrics = distill_task(
-        split, task, base_state=base, ledger_state=json.loads(str(saved["json"])) if saved else None
-    )
+    ledger = json.loads(str(saved["json"])) if saved else None
+    syn, metrics = distill_task(split, task, base_state=base, inputs=inputs, ledger_state=ledger)
     _done(metrics, context)
     if syn is not None and "privacy" in syn.metadata:  # the node keeps its own cumulative ledger
         context.state[LEDGER] = ConfigRecord({"json": json.dumps(syn.metadata["privacy"]["ledger"])})

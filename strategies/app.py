@@ -23,7 +23,7 @@ from fedistill.federated import partition_indices
 from fedistill.io import atomic_write_text
 from fedistill.privacy import privacy_line
 from fedistill.reporting import RunDir, save_partition_plot
-from strategies import fedavg, feddm, oneshot  # noqa: F401  (registration)
+from strategies import dynafed, fedaf, fedavg, feddm, oneshot  # noqa: F401  (registration)
 from strategies.base import STRATEGIES, data_spec
 
 __all__ = ["app", "make_server_app", "serve"]
@@ -56,6 +56,7 @@ def serve(grid: Grid, cfg: dict[str, Any], out_dir: str | Path, *, node_data: st
     run.update_summary(
         strategy=cfg["strategy"]["name"],
         method=cfg["method"]["name"],
+        policy=(cfg.get("policy") or {}).get("name"),
         dataset=bundle.info.name,
         clients=int(cfg["clients"]),
         alpha=cfg.get("alpha"),

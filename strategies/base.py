@@ -151,12 +151,30 @@ class Strategy:
     def exchange(self, grid: Grid, round_: int, nodes: list[int]) -> tuple[list[Reply], list[ClientFailure], int, int]:
         """Send the round's messages, gather replies; returns replies, failures, bytes down, bytes up."""
         task, arrays = self.configure(round_)
-        record = tensor_record(arrays) if arrays is not None else None  # serialized once per round
+        return self.send(grid, round_, nodes, self.message_type, task, arrays)
+
+    def send(
+        self,
+        grid: Grid,
+        round_: int,
+        nodes: list[int],
+        message_type: str,
+        task: dict[str, Any],
+        arrays: dict[str, torch.Tensor] | None,
+        inputs: dict[str, torch.Tensor] | None = None,
+    ) -> tuple[list[Reply], list[ClientFailure], int, int]:
+        """One message of ``message_type`` to each node; returns replies, failures, bytes down, bytes up.
+
+        ``arrays`` go as the ``global`` record (the global weights), ``inputs`` as the
+        ``inputs`` record (engine inputs); each is serialized once for all nodes.
+        """
+        record = tensor_record(arrays) if arrays is not None else None
+        extra = tensor_record(inputs) if inputs is not None else None
         msgs, down = [], 0
         for n in nodes:
-            content = task_content(self.client_task(task, self.clients[n], round_), record)
+            content = task_content(self.client_task(task, self.clients[n], round_), record, extra)
             down += content_bytes(content)
-            msgs.append(Message(content, dst_node_id=n, message_type=self.message_type))
+            msgs.append(Message(content, dst_node_id=n, message_type=message_type))
         replies, failures, up, seen = [], [], 0, set()
         for rep in grid.send_and_receive(msgs, timeout=float(self.opts.get("round_timeout", 600))):
             node = rep.metadata.src_node_id

@@ -37,11 +37,18 @@ def read_tensors(record: ArrayRecord) -> dict[str, torch.Tensor]:
     return dict(record.to_torch_state_dict())
 
 
-def task_content(task: Mapping[str, Any], arrays: Mapping[str, torch.Tensor] | ArrayRecord | None = None) -> RecordDict:
-    """A message body: the task as JSON and, optionally, the global weights (tensors or a built record)."""
+def task_content(
+    task: Mapping[str, Any],
+    arrays: Mapping[str, torch.Tensor] | ArrayRecord | None = None,
+    inputs: Mapping[str, torch.Tensor] | ArrayRecord | None = None,
+) -> RecordDict:
+    """A message body: the task as JSON and, optionally, the global weights (``global``) and
+    other server arrays for the client's engine (``inputs``, e.g. FedAF's global logits),
+    each given as tensors or a built record."""
     content = RecordDict({"config": ConfigRecord({"task": json.dumps(task)})})
-    if arrays is not None:
-        content["global"] = arrays if isinstance(arrays, ArrayRecord) else tensor_record(arrays)
+    for name, value in (("global", arrays), ("inputs", inputs)):
+        if value is not None:
+            content[name] = value if isinstance(value, ArrayRecord) else tensor_record(value)
     return content
 
 

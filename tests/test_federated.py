@@ -238,6 +238,7 @@ TINY_ENGINES = {
     "dm": {"iterations": 3, "compile": False, "batch_real": 16},
     "dm_hom": {"iterations": 3, "compile": False, "batch_real": 16},
     "feddm": {"iterations": 3, "compile": False, "batch_real": 16, "min_class_samples": 1},
+    "fedaf": {"iterations": 3, "compile": False, "batch_real": 16},
     "dc": {"iterations": 2, "batch_real": 16},
     "dsa": {"iterations": 2, "batch_real": 16},
     "mtt": {"iterations": 2, "num_experts": 1, "expert_train_epochs": 2, "syn_steps": 2, "max_start_epoch": 0},

@@ -314,6 +314,7 @@ class DMEngine(Engine):
             "real_aug_groups": real_aug,
             "syn_aug_groups": syn_aug,
             "counts": sampler.counts,
+            "classes": torch.tensor(classes, device=dev),
             "real_embed": (
                 torch.compile(self.features(real_net), dynamic=False) if self.compiles(dev) else self.features(real_net)
             ),

@@ -9,8 +9,8 @@ accepts only the expected arrays and runs :meth:`SyntheticSet.validate` against 
 from __future__ import annotations
 
 import time
-from collections.abc import Mapping, Sequence
-from dataclasses import asdict, dataclass
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -18,7 +18,7 @@ import torch
 
 from fedistill.data.base import DataBundle, DatasetInfo
 from fedistill.data.synthetic import SyntheticSet, SyntheticSetError
-from fedistill.evaluation import EvalRecipe, ModelSpec, test_metrics, train_model
+from fedistill.evaluation import EvalRecipe, ModelSpec, random_subset, test_metrics, train_model
 from fedistill.io import atomic_save_tensors
 from fedistill.models import build_model
 from fedistill.seeding import derive_seed
@@ -31,6 +31,7 @@ __all__ = [
     "decode_synthetic",
     "encode_synthetic",
     "merge_sets",
+    "random_baseline",
     "weighted_average",
 ]
 
@@ -159,8 +160,19 @@ class GlobalModel:
         model = build_model(spec.name, bundle.info, seed=derive_seed(seed, "global-init"), **spec.kwargs)
         self.state = {k: v.detach().clone() for k, v in model.state_dict().items()}
 
-    def train_on(self, syn: SyntheticSet, *, round_: int) -> float:
-        """Train on ``syn`` (soft labels when present); returns seconds spent."""
+    def train_on(
+        self,
+        syn: SyntheticSet,
+        *,
+        round_: int,
+        weights: torch.Tensor | None = None,
+        regularizer: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
+    ) -> float:
+        """Train on ``syn`` (soft labels when present); returns seconds spent.
+
+        ``weights`` (per row) and ``regularizer`` (``(logits, targets) -> loss``) are
+        passed to :func:`~fedistill.evaluation.train_model`.
+        """
         start = time.perf_counter()
         targets = syn.soft_labels if syn.soft_labels is not None else syn.hard_labels
         model = train_model(
@@ -172,6 +184,8 @@ class GlobalModel:
             seed=derive_seed(self.seed, "global-train", round_),
             device=self.device,
             init_state=self.state if self.continue_training else None,
+            sample_weights=weights,
+            regularizer=regularizer,
         )
         self.state = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
         return time.perf_counter() - start
@@ -185,3 +199,19 @@ class GlobalModel:
     def save(self, path: str | Path) -> Path:
         """Write the weights as safetensors (atomically)."""
         return atomic_save_tensors(path, self.state, metadata={"model": self.spec.name})
+
+
+def random_baseline(model: GlobalModel, labels: torch.Tensor, *, epochs: int) -> dict[str, Any]:
+    """A fresh model with ``model``'s architecture and recipe, trained ``epochs`` on random real images.
+
+    The images are drawn from the server's training split with the per-class counts of
+    ``labels`` (a synthetic set's labels): the baseline every synthetic set must beat.
+    """
+    real = random_subset(model.bundle.train, labels, seed=model.seed)
+    recipe = replace(model.recipe, epochs=int(epochs))
+    baseline = GlobalModel(
+        model.spec, model.bundle, recipe=recipe, device=model.device, seed=model.seed, continue_training=False
+    )
+    baseline.train_on(SyntheticSet(real.images, real.labels, model.bundle.info), round_=0)
+    acc, _ = baseline.evaluate()
+    return {"images": len(real), "epochs": recipe.epochs, "accuracy": round(100 * acc, 4)}
