@@ -12,14 +12,14 @@ from typing import Any
 
 import torch
 
-from fedistill.checkpoint import Checkpoint, CheckpointError, config_key
+from fedistill.checkpoint import Checkpoint, CheckpointError, config_key, resume_config
 from fedistill.data import DataBundle, SyntheticSet, load_dataset
 from fedistill.engines import ENGINES, build_engine, resolve_device
 from fedistill.evaluation import EvalRecipe, ModelSpec, evaluate_synthetic
 from fedistill.privacy import privacy_line, privacy_summary
 from fedistill.reporting import RunDir, progress_bars, results_table, save_grid
 
-__all__ = ["eval_settings", "resume_config", "run_central", "run_evaluate"]
+__all__ = ["eval_settings", "run_central", "run_evaluate"]
 
 
 def _model_spec(model_cfg: dict[str, Any] | str) -> ModelSpec:
@@ -136,17 +136,6 @@ def run_central(cfg: dict[str, Any], out_dir: str | Path) -> dict[str, Any]:
     run.log("summary", accuracy=res["accuracy"], random_subset=res["baselines"]["random_subset"])
     _print_table(summary)
     return summary
-
-
-def resume_config(run_dir: str | Path) -> dict[str, Any]:
-    """The resolved config a run was started with (its ``config.yaml``), to continue it."""
-    from omegaconf import OmegaConf
-
-    path = Path(run_dir) / "config.yaml"
-    if not path.is_file():
-        raise CheckpointError(f"{path} not found: resume=RUN_DIR needs the directory of an interrupted run")
-    cfg: dict[str, Any] = OmegaConf.to_container(OmegaConf.load(path), resolve=True)  # type: ignore[assignment]
-    return cfg
 
 
 def _checkpoint(engine: Any, cfg: dict[str, Any], path: Path) -> Checkpoint:

@@ -17,7 +17,7 @@ import torch
 
 from fedistill.io import atomic_save_tensors, cache_key
 
-__all__ = ["Checkpoint", "CheckpointError", "config_key"]
+__all__ = ["Checkpoint", "CheckpointError", "config_key", "resume_config"]
 
 _META = "fedistill-checkpoint"
 
@@ -83,3 +83,15 @@ class Checkpoint:
                 "(fedistill <command> resume=RUN_DIR, no other overrides) or delete the checkpoint to start over"
             )
         return tensors, state
+
+
+def resume_config(run_dir: str | Path) -> dict[str, Any]:
+    """The resolved config a run was started with (its ``config.yaml``), with ``resume`` set to ``run_dir``."""
+    from omegaconf import OmegaConf
+
+    path = Path(run_dir) / "config.yaml"
+    if not path.is_file():
+        raise CheckpointError(f"{path} not found: resume=RUN_DIR needs the directory of an interrupted run")
+    cfg: dict[str, Any] = OmegaConf.to_container(OmegaConf.load(path), resolve=True)  # type: ignore[assignment]
+    cfg["resume"] = str(run_dir)
+    return cfg

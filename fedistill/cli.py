@@ -146,7 +146,8 @@ def _print_audit(run: Callable[[dict, Path], dict]) -> Callable[[dict, Path], di
 def _simulate(args: list[str]) -> int:
     from strategies.simulation import run_simulate
 
-    return _hydra_app("simulate", run_simulate, "fedistill simulate", args)
+    argv = _resume_args(args, "simulate")
+    return 2 if argv is None else _hydra_app("simulate", run_simulate, "fedistill simulate", argv)
 
 
 def _deploy(args: list[str]) -> int:

@@ -17,6 +17,7 @@ import numpy as np
 from flwr.app import Context
 from flwr.serverapp import Grid, ServerApp
 
+from fedistill.checkpoint import CheckpointError
 from fedistill.data import DataBundle, load_dataset
 from fedistill.data.partition import class_histogram
 from fedistill.federated import partition_indices
@@ -49,7 +50,10 @@ def serve(grid: Grid, cfg: dict[str, Any], out_dir: str | Path, *, node_data: st
     ``node_data="own"`` (a deployment: nodes hold their own data) skips the plot of the
     simulated partition, which no node uses then.
     """
-    run = RunDir(out_dir)
+    resume = bool(cfg.get("resume"))
+    run = RunDir(out_dir, resume=resume)
+    if resume and run.summary.get("status") == "done":
+        raise CheckpointError(f"{out_dir} already finished (summary.json status: done); nothing to resume")
     bundle = load_dataset(
         cfg["dataset"]["name"], root=cfg["data"].get("root"), val_fraction=float(cfg["data"]["val_fraction"])
     )
@@ -70,7 +74,7 @@ def serve(grid: Grid, cfg: dict[str, Any], out_dir: str | Path, *, node_data: st
     if cfg.get("partition") and node_data == "partition":
         _write_partition(cfg, run, bundle)
     strategy = STRATEGIES.get(cfg["strategy"]["name"])(cfg, run, bundle)
-    summary = strategy.run_rounds(grid)
+    summary = strategy.run_rounds(grid, resume=resume)
     _print_table(summary, strategy.history)
     return summary
 

@@ -20,12 +20,14 @@ import torch
 from flwr.app import Message
 from flwr.serverapp import Grid
 
+from fedistill.checkpoint import Checkpoint, config_key
 from fedistill.data.base import DataBundle
 from fedistill.engines import resolve_device
 from fedistill.evaluation import EvalRecipe
 from fedistill.federated import ClientFailure, FederationError, GlobalModel
 from fedistill.federated.client import model_spec
 from fedistill.federated.node import data_spec
+from fedistill.federated.state import get_path, pack, set_path, unpack
 from fedistill.registry import Registry
 from fedistill.reporting import RunDir, progress_bars, save_accuracy_plot
 from fedistill.seeding import derive_seed, numpy_rng
@@ -64,6 +66,15 @@ class Strategy:
     name: ClassVar[str] = ""
     message_type: ClassVar[str] = "train.distill"
     continue_training: ClassVar[bool] = True
+    #: Attributes (dotted paths) a round checkpoint saves and a resumed run restores;
+    #: subclasses extend it with their own state.
+    checkpoint_attrs: ClassVar[tuple[str, ...]] = (
+        "history",
+        "bytes_up",
+        "bytes_down",
+        "failed_total",
+        "global_model.state",
+    )
 
     def __init__(self, cfg: dict[str, Any], run: RunDir, bundle: DataBundle) -> None:
         self.cfg, self.run, self.bundle = cfg, run, bundle
@@ -191,16 +202,43 @@ class Strategy:
         replies.sort(key=lambda r: _client_order(r.client))
         return replies, failures, down, up
 
-    def run_rounds(self, grid: Grid) -> dict[str, Any]:
-        """Run every round; returns the summary (also in ``summary.json``)."""
+    # ---------------------------------------------------------- checkpoints
+    def checkpoint(self) -> Checkpoint:
+        """This run's round checkpoint (keyed by the config, so another config cannot resume it)."""
+        skip = ("resume", "device", "verbose", "ray", "client")
+        key = config_key({k: v for k, v in self.cfg.items() if k not in skip})
+        return Checkpoint(self.run.path / "checkpoint.safetensors", key=key)
+
+    def save_checkpoint(self) -> None:
+        """Atomically save everything the next round needs (after every completed round)."""
+        tensors: dict[str, torch.Tensor] = {}
+        state = {attr: pack(get_path(self, attr), tensors, attr) for attr in self.checkpoint_attrs}
+        self.checkpoint().save(tensors, state)
+
+    def restore_checkpoint(self) -> int:
+        """Load the last round checkpoint, if any; returns the number of completed rounds."""
+        loaded = self.checkpoint().load()
+        if loaded is None:
+            return 0
+        tensors, state = loaded
+        for attr in self.checkpoint_attrs:
+            set_path(self, attr, unpack(state[attr], tensors, get_path(self, attr)))
+        return len(self.history)
+
+    def run_rounds(self, grid: Grid, *, resume: bool = False) -> dict[str, Any]:
+        """Run every round (after the last checkpointed one when ``resume``); returns the summary."""
         start = time.perf_counter()
+        done = self.restore_checkpoint() if resume else 0
+        if resume:
+            self.run.log("resumed", completed_rounds=done)
         nodes = self.wait_for_nodes(grid)
         self.discover(grid, nodes)
         self.run.log("nodes", count=len(nodes), clients=sorted(self.clients.values(), key=_client_order))
         with progress_bars() as bars:
-            bar = bars.add_task(f"{self.name} rounds", total=self.rounds, info="")
-            for r in range(1, self.rounds + 1):
+            bar = bars.add_task(f"{self.name} rounds", total=self.rounds, info="", completed=done)
+            for r in range(done + 1, self.rounds + 1):
                 rec = self.run_round(grid, r)
+                self.save_checkpoint()
                 bars.update(bar, advance=1, info=f"acc {rec['accuracy']:.2f}%  failed {rec['clients_failed']}")
         extra = self.finish()
         self.global_model.save(self.run.path / "global_model.safetensors")

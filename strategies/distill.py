@@ -30,6 +30,7 @@ class DistillStrategy(Strategy):
     """
 
     message_type = "train.distill"
+    checkpoint_attrs = (*Strategy.checkpoint_attrs, "synthetic", "ledgers")
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)

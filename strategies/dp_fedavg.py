@@ -93,6 +93,14 @@ class FlowerCentralDP:
         arrays, _ = self.wrapper.aggregate_train(round_, [r.msg for r in accepted])
         return None if arrays is None else read_tensors(arrays)
 
+    def state_dict(self) -> dict[str, Any]:
+        """Flower's accountant state (JSON-able), for round checkpoints."""
+        return self.accountant.state_dict()
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore the accountant from :meth:`state_dict` output (a resumed run keeps its spent epsilon)."""
+        self.accountant.load_state_dict(state)
+
     def epsilon(self) -> float:
         """Cumulative client-level epsilon at ``delta`` (0 before the first release)."""
         spent = self.wrapper.privacy_spent()

@@ -28,6 +28,7 @@ class DynaFed(FedAvg):
 
     name = "dynafed"
     message_type = "train.fit"
+    checkpoint_attrs = (*FedAvg.checkpoint_attrs, "synthetic", "trajectory.points")
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)

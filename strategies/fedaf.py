@@ -38,6 +38,7 @@ class FedAF(DistillStrategy):
 
     name = "fedaf"
     continue_training = True
+    checkpoint_attrs = (*DistillStrategy.checkpoint_attrs, "global_stats")
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)

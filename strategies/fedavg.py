@@ -29,6 +29,7 @@ class FedAvg(Strategy):
 
     name = "fedavg"
     message_type = "train.fit"
+    checkpoint_attrs = (*Strategy.checkpoint_attrs, "dp")
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)

@@ -22,6 +22,7 @@ class OneShot(DistillStrategy):
 
     name = "oneshot"
     continue_training = False
+    checkpoint_attrs = (*DistillStrategy.checkpoint_attrs, "collected")
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
