@@ -80,7 +80,7 @@ def stats(msg: Message, context: Context) -> Message:
 @app.train("distill")
 @_guard
 def distill(msg: Message, context: Context) -> Message:
-    """Distill the node's data; reply with the synthetic set."""
+    """Distill the node's data; reply with the synthetic set (and FedAF's class statistics when asked)."""
     task = read_json(msg)
     split = node_split(context.node_config, task["data"])
     records = msg.content.array_records
@@ -88,8 +88,14 @@ def distill(msg: Message, context: Context) -> Message:
     inputs = read_tensors(records["inputs"]) if "inputs" in records else None
     syn, metrics = distill_task(split, task, base_state=base, inputs=inputs)
     metrics["partition-id"] = _partition_id(context)
+    records = {}
+    if "stats_temperature" in task:  # FedAF with stats_exchange=piggyback: class statistics ride along
+        if base is None:
+            raise ValueError("class statistics need the global model ('global' record)")
+        stats_tensors, _ = stats_task(split, base, {**task, "temperature": task["stats_temperature"]})
+        records["stats"] = tensor_record(stats_tensors)
     if syn is None:  # no class with enough samples: succeed with nothing to contribute
-        return reply(msg, metrics=metrics_record(metrics))
+        return reply(msg, metrics=metrics_record(metrics), **records)
     tensors, meta = encode_synthetic(syn)
     arrays = tensor_record(tensors)
     metrics["bytes"] = arrays.count_bytes()
@@ -98,6 +104,7 @@ def distill(msg: Message, context: Context) -> Message:
         synthetic=arrays,
         meta=ConfigRecord({"json": json.dumps(meta, default=str)}),
         metrics=metrics_record(metrics),
+        **records,
     )
 
 
