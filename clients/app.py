@@ -97,7 +97,7 @@ def stats(msg: Message, context: Context) -> Message:
 @app.train("distill")
 @_guard
 def distill(msg: Message, context: Context) -> Message:
-    """Distill the node's data; reply with the synthetic set."""
+    """Distill the node's data; reply with the synthetic set (and FedAF's class statistics when asked)."""
     task, split = _task(msg, context)
     records = msg.content.array_records
     base = read_tensors(records["global"]) if "global" in records else None
@@ -108,8 +108,14 @@ def distill(msg: Message, context: Context) -> Message:
     _done(metrics, context)
     if syn is not None and "privacy" in syn.metadata:  # the node keeps its own cumulative ledger
         context.state[LEDGER] = ConfigRecord({"json": json.dumps(syn.metadata["privacy"]["ledger"])})
+    records = {}
+    if "stats_temperature" in task:  # FedAF with stats_exchange=piggyback: class statistics ride along
+        if base is None:
+            raise ValueError("class statistics need the global model ('global' record)")
+        stats_tensors, _ = stats_task(split, base, {**task, "temperature": task["stats_temperature"]})
+        records["stats"] = tensor_record(stats_tensors)
     if syn is None:  # no class with enough samples: succeed with nothing to contribute
-        return reply(msg, metrics=metrics_record(metrics))
+        return reply(msg, metrics=metrics_record(metrics), **records)
     tensors, meta = encode_synthetic(syn)
     arrays = tensor_record(tensors)
     metrics["bytes"] = arrays.count_bytes()
@@ -118,6 +124,7 @@ def distill(msg: Message, context: Context) -> Message:
         synthetic=arrays,
         meta=ConfigRecord({"json": json.dumps(meta, default=str)}),
         metrics=metrics_record(metrics),
+        **records,
     )
 
 

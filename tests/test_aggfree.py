@@ -311,3 +311,23 @@ def test_fedaf_client_failing_its_statistics_is_logged_once_and_skipped(tmp_path
     (failure,) = rec["failures"]
     assert failure["client"] == "p1" and "injected crash" in failure["reason"]
     assert [n for n, k, _ in g.sent if k == "train.distill"] == [1, 3]  # p1 is not asked to condense
+
+
+def test_fedaf_piggyback_sends_the_model_once_and_lags_the_global_logits(tmp_path, grid):
+    s = _strategy(
+        "fedaf",
+        tmp_path,
+        "clients=3",
+        "rounds=2",
+        "strategy.stats_exchange=piggyback",
+        "method.iterations=3",
+        "strategy.server.epochs=1",
+        "strategy.random_baseline=false",
+    )
+    g = grid(3)
+    s.run_rounds(g)
+    sent = [(k, a) for _, k, a in g.sent if k != "query.info"]
+    assert [k for k, _ in sent] == ["train.distill"] * 6  # one exchange per round
+    assert [a for _, a in sent] == [{"global"}] * 3 + [{"global", "inputs"}] * 3  # logits from round 2 on
+    assert {frozenset(a) for _, k, a in g.replies if k == "train.distill"} == {frozenset({"synthetic", "stats"})}
+    assert s.global_stats is not None and all(r["clients_succeeded"] == 3 for r in s.history)
