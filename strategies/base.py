@@ -27,6 +27,7 @@ from fedistill.evaluation import EvalRecipe
 from fedistill.federated import ClientFailure, FederationError, GlobalModel
 from fedistill.federated.client import model_spec
 from fedistill.federated.node import data_spec
+from fedistill.federated.server import assign_faults
 from fedistill.federated.state import get_path, pack, set_path, unpack
 from fedistill.registry import Registry
 from fedistill.reporting import RunDir, progress_bars, save_accuracy_plot
@@ -92,6 +93,7 @@ class Strategy:
         )
         self.clients: dict[int, str] = {}
         self.bytes_up = self.bytes_down = self.failed_total = 0
+        self._faults: dict[str, str] | None = None
         self.history: list[dict[str, Any]] = []
 
     # ----------------------------------------------------------------- hooks
@@ -121,10 +123,26 @@ class Strategy:
         client_res = self.cfg.get("client", {})
         out["threads"] = max(1, int(client_res.get("num_cpus", 1)))
         out["device"] = "cuda" if float(client_res.get("num_gpus", 0.0)) > 0 else "cpu"
-        fault = (self.cfg.get("faults") or {}).get(client.removeprefix("p"))
-        if fault:
-            out["fault"] = str(fault)  # Hydra parses `nan` as a float
+        faults = dict(self.cfg.get("faults") or {})
+        fault = self.fault_plan().get(client)
+        if fault and round_ >= int(faults.get("start_round", 1)):
+            out["fault"] = fault
+            if fault == "slow":
+                out["fault_seconds"] = float(faults.get("slow_seconds", 3.0))
+            elif fault == "timeout":  # reply only after the server stopped waiting
+                out["fault_seconds"] = float(self.opts.get("round_timeout", 600)) + 2.0
         return out
+
+    def fault_plan(self) -> dict[str, str]:
+        """Injected faults per client (``faults`` config: by partition id or by fraction of clients)."""
+        if self._faults is None:
+            from fedistill.federated.client import FAULTS
+
+            clients = sorted(self.clients.values(), key=_client_order)
+            self._faults = assign_faults(self.cfg.get("faults") or {}, clients, seed=self.seed, kinds=FAULTS.names())
+            for client, kind in sorted(self._faults.items(), key=lambda kv: _client_order(kv[0])):
+                self.run.log("fault_planned", client=client, kind=kind)
+        return self._faults
 
     def wait_for_nodes(self, grid: Grid) -> list[int]:
         """Block until the expected number of nodes registered (or time out with a clear error)."""

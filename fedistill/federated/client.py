@@ -90,10 +90,23 @@ def model_spec(model: Mapping[str, Any]) -> ModelSpec:
     return ModelSpec(opts.pop("name"), opts)
 
 
+@FAULTS.register("slow")
+def _slow(syn: SyntheticSet) -> SyntheticSet:
+    return syn  # the delay happens before any work (``_setup``)
+
+
+@FAULTS.register("timeout")
+def _timeout(syn: SyntheticSet) -> SyntheticSet:
+    return syn  # the client sleeps past the server's round timeout (``_setup``)
+
+
 def _setup(task: Mapping[str, Any]) -> torch.device:
-    """Threads and device for a task; a ``crash`` fault raises here, before any work."""
-    if task.get("fault") == "crash":
+    """Threads and device for a task; ``crash`` raises and ``slow``/``timeout`` sleep here, before any work."""
+    fault = task.get("fault")
+    if fault == "crash":
         FAULTS.get("crash")(None)  # type: ignore[arg-type]
+    if fault in ("slow", "timeout"):
+        time.sleep(float(task.get("fault_seconds", 3.0)))
     torch.set_num_threads(max(1, int(task.get("threads", 1))))
     return resolve_device(task.get("device", "cpu"))
 

@@ -24,10 +24,12 @@ from fedistill.models import build_model
 from fedistill.seeding import derive_seed
 
 __all__ = [
+    "FAULT_OPTIONS",
     "PAYLOAD_KEYS",
     "ClientFailure",
     "FederationError",
     "GlobalModel",
+    "assign_faults",
     "decode_synthetic",
     "encode_synthetic",
     "merge_sets",
@@ -215,3 +217,55 @@ def random_baseline(model: GlobalModel, labels: torch.Tensor, *, epochs: int) ->
     baseline.train_on(SyntheticSet(real.images, real.labels, model.bundle.info), round_=0)
     acc, _ = baseline.evaluate()
     return {"images": len(real), "epochs": recipe.epochs, "accuracy": round(100 * acc, 4)}
+
+
+#: Reserved keys of the ``faults`` config (not fault kinds).
+FAULT_OPTIONS = ("start_round", "slow_seconds")
+
+
+def assign_faults(
+    faults: Mapping[str, Any], clients: Sequence[str], *, seed: int, kinds: Sequence[str]
+) -> dict[str, str]:
+    """Which client gets which injected fault.
+
+    ``faults`` maps a partition id to a kind (``{"3": "crash"}``) or a kind to the
+    fraction of clients that get it (``{"crash": 0.2, "slow": 0.1}``, chosen from the seed,
+    disjoint across kinds and from explicitly assigned clients); ``start_round`` and
+    ``slow_seconds`` are options, not kinds.
+
+    Raises
+    ------
+    FederationError
+        For an unknown kind or a fraction outside [0, 1], naming the valid kinds.
+    """
+    import numpy as np
+
+    from fedistill.seeding import numpy_rng
+
+    plan: dict[str, str] = {}
+    fractions: dict[str, float] = {}
+    for key, value in faults.items():
+        key = str(key)
+        if key in FAULT_OPTIONS:
+            continue
+        if key.isdigit():
+            kind = str(value)  # Hydra parses `nan` as a float
+            if kind not in kinds:
+                raise FederationError(f"faults.{key}={kind}: unknown fault; valid: {', '.join(kinds)}")
+            plan[f"p{key}"] = kind
+        elif key in kinds:
+            frac = float(value)
+            if not 0 <= frac <= 1:
+                raise FederationError(f"faults.{key}={value}: a fraction of clients must lie in [0, 1]")
+            fractions[key] = frac
+        else:
+            raise FederationError(
+                f"faults.{key}: neither a partition id nor a fault kind; kinds: {', '.join(kinds)}; "
+                f"options: {', '.join(FAULT_OPTIONS)}"
+            )
+    for kind, frac in sorted(fractions.items()):
+        free = [c for c in clients if c not in plan]
+        count = min(len(free), int(np.ceil(frac * len(clients) - 1e-9)))
+        for i in sorted(numpy_rng(seed, "faults", kind).choice(len(free), size=count, replace=False)):
+            plan[free[i]] = kind
+    return plan
