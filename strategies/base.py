@@ -94,6 +94,7 @@ class Strategy:
         self.clients: dict[int, str] = {}
         self.bytes_up = self.bytes_down = self.failed_total = 0
         self._faults: dict[str, str] | None = None
+        self._attackers: list[str] | None = None
         self.history: list[dict[str, Any]] = []
 
     # ----------------------------------------------------------------- hooks
@@ -123,6 +124,9 @@ class Strategy:
         client_res = self.cfg.get("client", {})
         out["threads"] = max(1, int(client_res.get("num_cpus", 1)))
         out["device"] = "cuda" if float(client_res.get("num_gpus", 0.0)) > 0 else "cpu"
+        attack = dict(self.cfg.get("attack") or {})
+        if client in self.attackers():
+            out["attack"] = attack
         faults = dict(self.cfg.get("faults") or {})
         fault = self.fault_plan().get(client)
         if fault and round_ >= int(faults.get("start_round", 1)):
@@ -132,6 +136,29 @@ class Strategy:
             elif fault == "timeout":  # reply only after the server stopped waiting
                 out["fault_seconds"] = float(self.opts.get("round_timeout", 600)) + 2.0
         return out
+
+    def attackers(self) -> list[str]:
+        """The hostile clients: ``attack.fraction`` of all, chosen from the seed (``attack.kind``)."""
+        if self._attackers is None:
+            attack = dict(self.cfg.get("attack") or {})
+            self._attackers = []
+            if attack.get("kind"):
+                clients = sorted(self.clients.values(), key=_client_order)
+                plan = assign_faults({"attack": attack.get("fraction", 0.0)}, clients, seed=self.seed, kinds=["attack"])
+                self._attackers = sorted(plan, key=_client_order)
+                self.run.log("attack_planned", kind=attack["kind"], clients=self._attackers)
+        return self._attackers
+
+    def attack_summary(self) -> dict[str, Any]:
+        """``attack`` fields of the summary: kind, hostile clients, a backdoor's success rate."""
+        attack = dict(self.cfg.get("attack") or {})
+        if not attack.get("kind"):
+            return {}
+        out: dict[str, Any] = {"kind": attack["kind"], "fraction": attack.get("fraction"), "clients": self.attackers()}
+        if attack["kind"] == "backdoor":
+            out["target"] = int(attack.get("target", 0))
+            out["attack_success_rate"] = round(100 * self.global_model.backdoor_success(attack), 4)
+        return {"attack": out}
 
     def fault_plan(self) -> dict[str, str]:
         """Injected faults per client (``faults`` config: by partition id or by fraction of clients)."""
@@ -258,7 +285,7 @@ class Strategy:
                 rec = self.run_round(grid, r)
                 self.save_checkpoint()
                 bars.update(bar, advance=1, info=f"acc {rec['accuracy']:.2f}%  failed {rec['clients_failed']}")
-        extra = self.finish()
+        extra = self.finish() | self.attack_summary()
         self.global_model.save(self.run.path / "global_model.safetensors")
         save_accuracy_plot(
             self.history, self.run.path / "accuracy.png", title=f"{self.name} on {self.bundle.info.name}"

@@ -252,3 +252,28 @@ def test_dp_oneshot_accounts_every_client_cumulatively(tmp_path):
     assert any("class_counts" in p for p in privacy["public"])
     meta = SyntheticSet.load(run / "synthetic.safetensors")
     assert len(meta) > 0
+
+
+def test_backdoor_clients_are_planned_and_the_success_rate_is_reported(tmp_path):
+    """40% of 5 clients plant a backdoor before distilling; the summary names them and reports the
+    attack success rate of the global model on triggered test images (a measurement, not a claim)."""
+    run, _ = _simulate(
+        tmp_path,
+        "backdoor",
+        "clients=5",
+        "ipc=2",
+        "device=cpu",
+        "model.width=16",
+        "method.iterations=30",
+        "strategy.server.epochs=50",
+        "strategy.random_baseline=false",
+        "attack.kind=backdoor",
+        "attack.fraction=0.4",
+        "attack.target=0",
+        "attack.poison_rate=0.5",
+    )
+    attack = json.loads((run / "summary.json").read_text())["attack"]
+    assert attack["kind"] == "backdoor" and len(attack["clients"]) == 2 and attack["target"] == 0
+    assert 0.0 <= attack["attack_success_rate"] <= 100.0
+    events = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [e["clients"] for e in events if e["event"] == "attack_planned"] == [attack["clients"]]

@@ -20,6 +20,7 @@ from fedistill.data.synthetic import SyntheticSet
 from fedistill.engines import ENGINES, build_engine, resolve_device
 from fedistill.engines.base import NothingToDistillError
 from fedistill.evaluation import EvalRecipe, ModelSpec, test_metrics, train_model
+from fedistill.federated.attacks import poison_split, poison_synthetic
 from fedistill.federated.fedaf import class_stats
 from fedistill.models import build_model
 from fedistill.privacy import PrivacyLedger
@@ -174,12 +175,14 @@ def distill_task(
     engine = build_engine(task["method"], model=spec.name, model_kwargs=spec.kwargs, **options)
     init = engine.resolve_init(task.get("init", "auto"))
     metrics = {"examples": len(split), "class_counts": split.class_counts().tolist()}
+    split = poison_split(split, task.get("attack"), int(task["seed"]))
     try:
         syn = engine.distill(split, int(task["ipc"]), init=init, device=device, seed=int(task["seed"]), **extra)
     except NothingToDistillError:
         syn = None
     if "ledger" in extra:
         metrics["epsilon"] = round(extra["ledger"].epsilon, 6)
+    syn = poison_synthetic(syn, task.get("attack"))
     if syn is not None:
         syn.metadata.pop("loss_history", None)
         if task.get("fault"):
@@ -198,6 +201,7 @@ def fit_task(
     """Local SGD from the global ``state`` on this client's data (the FedAvg baseline)."""
     device = _setup(task)
     start = time.perf_counter()
+    split = poison_split(split, task.get("attack"), int(task["seed"]))
     model = train_model(
         model_spec(task["model"]),
         split.info,

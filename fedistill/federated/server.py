@@ -198,6 +198,20 @@ class GlobalModel:
         model.load_state_dict(self.state)
         return test_metrics(model, self.bundle.test, device=self.device)
 
+    def backdoor_success(self, attack: Mapping[str, Any]) -> float:
+        """Attack success rate (fraction) of a backdoor ``attack`` on the current weights."""
+        from fedistill.federated.attacks import attack_success_rate
+
+        model = build_model(self.spec.name, self.bundle.info, **self.spec.kwargs).to(self.device)
+        model.load_state_dict(self.state)
+        return attack_success_rate(
+            model,
+            self.bundle.test,
+            target=int(attack.get("target", 0)),
+            device=self.device,
+            trigger_size=int(attack.get("trigger_size", 2)),
+        )
+
     def save(self, path: str | Path) -> Path:
         """Write the weights as safetensors (atomically)."""
         return atomic_save_tensors(path, self.state, metadata={"model": self.spec.name})
