@@ -315,4 +315,4 @@ def test_slow_fault_delays_the_client_before_any_work():
     task = {**TASK, "method_options": {"iterations": 1, "compile": False}, "fault": "slow", "fault_seconds": 0.5}
     start = time.perf_counter()
     syn, metrics = distill_task(split, task)
-    assert time.perf_counter() - start >= 0.5 and metrics["seconds"] >= 0.5 and syn is not None
+    assert time.perf_counter() - start >= 0.5 and syn is not None and metrics["rows"] > 0
