@@ -16,6 +16,7 @@ import torch
 from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 
 __all__ = [
+    "as_flower_train_replies",
     "content_bytes",
     "metrics_record",
     "read_json",
@@ -82,3 +83,16 @@ def content_bytes(content: RecordDict) -> int:
         else:
             total += len(json.dumps(dict(rec), default=str))
     return total
+
+
+def as_flower_train_replies(replies: list[Any], weights: list[float]) -> list[Message]:
+    """Reshape fedistill's FedAvg replies (``model`` + ``metrics``) into what Flower's
+    strategies aggregate: one ArrayRecord ``arrays`` and one MetricRecord ``{"weight": w}``.
+
+    ``replies`` are :class:`strategies.base.Reply` objects; their messages are changed in place.
+    """
+    for r, w in zip(replies, weights, strict=True):
+        r.msg.content = RecordDict(
+            {"arrays": r.msg.content.array_records["model"], "metrics": MetricRecord({"weight": w})}
+        )
+    return [r.msg for r in replies]
