@@ -11,11 +11,21 @@ keeps what it measured.
         --clients 10,100 --alphas 0.1,0.5 --out federated_fmnist
     python benchmarks/federated.py --dataset fashion_mnist --strategies oneshot --clients 100,500 \\
         --alphas 0.5 --out federated_scale
+    python benchmarks/federated.py --dataset digits --strategies fedavg,fedaf,dynafed --policies union,screen \\
+        --clients 10 --alphas 0.1 --out federated_digits
+
+``--policies`` varies the server policy of the strategies that receive synthetic sets
+(``fedavg`` and ``dynafed`` run once). Beside the table it writes ``<out>-<date>.json``
+(every point's per-round accuracy and cumulative bytes) and ``<out>-<date>.png``
+(accuracy against cumulative uplink + downlink bytes); "rounds to FedAvg" is the first
+round at which a point reaches the final accuracy of the ``fedavg`` point with the same
+clients and alpha (when one ran first).
 """
 
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import os
 import subprocess
@@ -84,6 +94,7 @@ def main() -> None:
     ap.add_argument("--strategies", default="oneshot,feddm,fedavg")
     ap.add_argument("--clients", default="10,100")
     ap.add_argument("--alphas", default="0.1,0.5")
+    ap.add_argument("--policies", default="union", help="server policies for the synthetic-set strategies")
     ap.add_argument("--extra", default="", help="extra Hydra overrides for every point, space-separated")
     ap.add_argument("--out", default="federated")
     opts = ap.parse_args()
@@ -99,33 +110,86 @@ def main() -> None:
         "Each point is one `fedistill simulate` subprocess (Flower simulation engine on Ray, local cluster).",
         "Accuracy: global model on the real test set after the last round. Peak memory: resident memory",
         "of the whole process tree (driver, Ray GCS/raylet, workers). Random subset: the server recipe on",
-        "random real images with the merged synthetic set's class counts.",
+        "random real images with the merged synthetic set's class counts. Server s: the server's own",
+        "work summed over rounds (aggregation, policy, training, evaluation). Rounds to FedAvg: first",
+        "round reaching the final accuracy of the FedAvg point with the same clients and alpha.",
         "",
-        "| strategy | clients | alpha | rounds | accuracy % | random subset % | uplink MB | downlink MB "
-        "| failed | wall s | peak GB | status |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "| strategy | policy | clients | alpha | rounds | accuracy % | random subset % | rounds to FedAvg "
+        "| uplink MB | downlink MB | server s | failed | wall s | peak GB | status |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     path.write_text("\n".join(lines) + "\n")
     extra = opts.extra.split() if opts.extra else []
+    curves: list[dict] = []
+    fedavg_final: dict[tuple[str, str], float] = {}
     with tempfile.TemporaryDirectory() as tmp:
         for strategy in opts.strategies.split(","):
-            for clients in opts.clients.split(","):
-                for alpha in opts.alphas.split(","):
-                    args = [f"dataset={opts.dataset}", f"strategy={strategy}", f"clients={clients}", f"alpha={alpha}"]
-                    out = Path(tmp) / f"{strategy}-{clients}-{alpha}"
-                    s, wall, peak, rc = run_point([*args, *extra], out)
-                    base = (s.get("baselines") or {}).get("random_subset") or {}
-                    row = (
-                        f"| {strategy} | {clients} | {alpha} | {s.get('rounds_completed', '-')} "
-                        f"| {s.get('final_accuracy', float('nan')):.2f} | {base.get('accuracy', float('nan')):.2f} "
-                        f"| {s.get('bytes_up', 0) / 1e6:.3f} | {s.get('bytes_down', 0) / 1e6:.3f} "
-                        f"| {s.get('clients_failed', '-')} | {wall:.0f} | {peak / 2**30:.2f} "
-                        f"| {'ok' if rc == 0 else s.get('error', 'failed')} |"
-                    )
-                    print(row, flush=True)
-                    with open(path, "a") as f:
-                        f.write(row + "\n")
+            policies = ["-"] if strategy in MODEL_STRATEGIES else opts.policies.split(",")
+            for policy, clients, alpha in itertools.product(policies, opts.clients.split(","), opts.alphas.split(",")):
+                args = [f"dataset={opts.dataset}", f"strategy={strategy}", f"clients={clients}", f"alpha={alpha}"]
+                args += [] if policy == "-" else [f"policy={policy}"]
+                out = Path(tmp) / f"{strategy}-{policy}-{clients}-{alpha}"
+                s, wall, peak, rc = run_point([*args, *extra], out)
+                rounds = _round_records(out)
+                if strategy == "fedavg" and rounds:
+                    fedavg_final[(clients, alpha)] = rounds[-1]["accuracy"]
+                target = fedavg_final.get((clients, alpha))
+                reach = next((r["round"] for r in rounds if target is not None and r["accuracy"] >= target), "-")
+                base = (s.get("baselines") or {}).get("random_subset") or {}
+                row = (
+                    f"| {strategy} | {policy} | {clients} | {alpha} | {s.get('rounds_completed', '-')} "
+                    f"| {s.get('final_accuracy', float('nan')):.2f} | {base.get('accuracy', float('nan')):.2f} "
+                    f"| {reach} | {s.get('bytes_up', 0) / 1e6:.3f} | {s.get('bytes_down', 0) / 1e6:.3f} "
+                    f"| {sum(r.get('server_seconds', 0.0) for r in rounds):.0f} "
+                    f"| {s.get('clients_failed', '-')} | {wall:.0f} | {peak / 2**30:.2f} "
+                    f"| {'ok' if rc == 0 else s.get('error', 'failed')} |"
+                )
+                print(row, flush=True)
+                with open(path, "a") as f:
+                    f.write(row + "\n")
+                curves.append(
+                    {
+                        "label": f"{strategy}" + ("" if policy == "-" else f"/{policy}") + f" c{clients} a{alpha}",
+                        "accuracy": [r["accuracy"] for r in rounds],
+                        "bytes": [r["bytes_up_total"] + r["bytes_down_total"] for r in rounds],
+                    }
+                )
+                _write_curves(path, curves)
     print(f"wrote {path}")
+
+
+MODEL_STRATEGIES = {"fedavg", "dynafed"}
+"""Strategies whose clients send models: the server policy does not apply."""
+
+
+def _round_records(run: Path) -> list[dict]:
+    metrics = run / "metrics.jsonl"
+    if not metrics.is_file():
+        return []
+    events = [json.loads(line) for line in metrics.read_text().splitlines()]
+    return [e for e in events if e["event"] == "round"]
+
+
+def _write_curves(table: Path, curves: list[dict]) -> None:
+    """The per-round curves as JSON and as a plot of accuracy against cumulative bytes."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    table.with_suffix(".json").write_text(json.dumps(curves, indent=1) + "\n")
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for c in curves:
+        if c["bytes"]:
+            ax.plot([b / 1e6 for b in c["bytes"]], c["accuracy"], marker="o", ms=3, label=c["label"])
+    ax.set_xscale("log")
+    ax.set_xlabel("cumulative uplink + downlink (MB)")
+    ax.set_ylabel("test accuracy (%)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(table.with_suffix(".png"), dpi=120)
+    plt.close(fig)
 
 
 if __name__ == "__main__":

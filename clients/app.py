@@ -9,6 +9,9 @@ Handlers
     Distill this node's data with the engine named in the task; reply with the
     synthetic set (ArrayRecord ``synthetic``), its metadata and metrics. Raw data
     never leaves the node.
+``query.stats``
+    FedAF: class-wise mean logits and soft labels of the global weights on this
+    node's real data (ArrayRecord ``stats``).
 ``train.fit``
     Local SGD from the global weights (the FedAvg baseline); reply with the weights.
 ``train.generator``
@@ -36,7 +39,7 @@ from flwr.app import ConfigRecord, Context, Error, Message
 from flwr.clientapp import ClientApp
 
 from fedistill.data.base import Split
-from fedistill.federated import distill_task, encode_synthetic, evaluate_task, fit_task, node_split
+from fedistill.federated import distill_task, encode_synthetic, evaluate_task, fit_task, node_split, stats_task
 from fedistill.federated.generator import generator_task, latent_task
 from fedistill.federated.node import footprint, node_task
 from strategies.records import metrics_record, read_json, read_tensors, reply, tensor_record
@@ -88,21 +91,38 @@ def info(msg: Message, context: Context) -> Message:
     return reply(msg, metrics=metrics_record({"partition-id": _partition_id(context)}))
 
 
+@app.query("stats")
+@_guard
+def stats(msg: Message, context: Context) -> Message:
+    """FedAF's class statistics of the global weights on the node's data."""
+    task, split = _task(msg, context)
+    tensors, metrics = stats_task(split, read_tensors(msg.content.array_records["global"]), task)
+    _done(metrics, context)
+    return reply(msg, stats=tensor_record(tensors), metrics=metrics_record(metrics))
+
+
 @app.train("distill")
 @_guard
 def distill(msg: Message, context: Context) -> Message:
-    """Distill the node's data; reply with the synthetic set."""
+    """Distill the node's data; reply with the synthetic set (and FedAF's class statistics when asked)."""
     task, split = _task(msg, context)
-    base = read_tensors(msg.content.array_records["global"]) if "global" in msg.content.array_records else None
+    records = msg.content.array_records
+    base = read_tensors(records["global"]) if "global" in records else None
+    inputs = read_tensors(records["inputs"]) if "inputs" in records else None
     saved = context.state.config_records.get(LEDGER)
-    syn, metrics = distill_task(
-        split, task, base_state=base, ledger_state=json.loads(str(saved["json"])) if saved else None
-    )
+    ledger = json.loads(str(saved["json"])) if saved else None
+    syn, metrics = distill_task(split, task, base_state=base, inputs=inputs, ledger_state=ledger)
     _done(metrics, context)
     if syn is not None and "privacy" in syn.metadata:  # the node keeps its own cumulative ledger
         context.state[LEDGER] = ConfigRecord({"json": json.dumps(syn.metadata["privacy"]["ledger"])})
+    records = {}
+    if "stats_temperature" in task:  # FedAF with stats_exchange=piggyback: class statistics ride along
+        if base is None:
+            raise ValueError("class statistics need the global model ('global' record)")
+        stats_tensors, _ = stats_task(split, base, {**task, "temperature": task["stats_temperature"]})
+        records["stats"] = tensor_record(stats_tensors)
     if syn is None:  # no class with enough samples: succeed with nothing to contribute
-        return reply(msg, metrics=metrics_record(metrics))
+        return reply(msg, metrics=metrics_record(metrics), **records)
     tensors, meta = encode_synthetic(syn)
     arrays = tensor_record(tensors)
     metrics["bytes"] = arrays.count_bytes()
@@ -111,6 +131,7 @@ def distill(msg: Message, context: Context) -> Message:
         synthetic=arrays,
         meta=ConfigRecord({"json": json.dumps(meta, default=str)}),
         metrics=metrics_record(metrics),
+        **records,
     )
 
 

@@ -12,8 +12,9 @@ from typing import Any
 
 import torch
 
+from fedistill.checkpoint import Checkpoint, CheckpointError, config_key, resume_config
 from fedistill.data import DataBundle, SyntheticSet, load_dataset
-from fedistill.engines import build_engine, resolve_device
+from fedistill.engines import ENGINES, build_engine, resolve_device
 from fedistill.evaluation import EvalRecipe, ModelSpec, evaluate_synthetic
 from fedistill.privacy import privacy_line, privacy_summary
 from fedistill.reporting import RunDir, progress_bars, results_table, save_grid
@@ -92,7 +93,12 @@ def run_central(cfg: dict[str, Any], out_dir: str | Path) -> dict[str, Any]:
     dict
         The summary also written to ``summary.json``.
     """
-    run = RunDir(out_dir)
+    resume = cfg.get("resume")
+    if resume:
+        cfg = resume_config(resume)
+    run = RunDir(out_dir, resume=bool(resume))
+    if resume and run.summary.get("status") == "done":
+        raise CheckpointError(f"{out_dir} already finished (summary.json status: done); nothing to resume")
     device = resolve_device(cfg.get("device", "auto"))
     bundle = _load(cfg, cfg["dataset"]["name"])
     method = dict(cfg["method"])
@@ -100,6 +106,9 @@ def run_central(cfg: dict[str, Any], out_dir: str | Path) -> dict[str, Any]:
     model = dict(cfg["model"])
     engine = build_engine(name, model=model.pop("name"), model_kwargs=model, **method)
     ipc, seed = int(cfg["ipc"]), int(cfg["seed"])
+    extra = {}
+    if int(cfg.get("checkpoint_every") or 0) or resume:
+        extra["checkpoint"] = _checkpoint(engine, cfg, run.path)
     run.update_summary(method=name, dataset=bundle.info.name, ipc=ipc, seed=seed, status="distilling")
     start = time.perf_counter()
     with progress_bars() as bars:
@@ -109,14 +118,8 @@ def run_central(cfg: dict[str, Any], out_dir: str | Path) -> dict[str, Any]:
             bars.update(task, completed=step, total=total, info=f"loss {metrics.get('loss', float('nan')):.4f}")
             run.log("distill", **metrics)
 
-        syn = engine.distill(
-            bundle.train,
-            ipc,
-            init=engine.resolve_init(cfg.get("init", "auto")),
-            device=device,
-            progress=on_step,
-            seed=seed,
-        )
+        init = engine.resolve_init(cfg.get("init", "auto"))
+        syn = engine.distill(bundle.train, ipc, init=init, device=device, progress=on_step, seed=seed, **extra)
     distill_seconds = time.perf_counter() - start
     syn.metadata.pop("loss_history", None)
     syn.metadata.update(dataset=bundle.info.name, model=cfg["model"], distill_seconds=round(distill_seconds, 3))
@@ -133,6 +136,17 @@ def run_central(cfg: dict[str, Any], out_dir: str | Path) -> dict[str, Any]:
     run.log("summary", accuracy=res["accuracy"], random_subset=res["baselines"]["random_subset"])
     _print_table(summary)
     return summary
+
+
+def _checkpoint(engine: Any, cfg: dict[str, Any], path: Path) -> Checkpoint:
+    """The distillation checkpoint of a run (keyed by everything that determines the result)."""
+    if not engine.resumable:
+        raise CheckpointError(
+            f"method={engine.name} does not checkpoint its distillation; resumable engines: "
+            f"{', '.join(n for n in ENGINES.names() if ENGINES.get(n).resumable)} (set checkpoint_every=0)"
+        )
+    key = config_key({k: v for k, v in cfg.items() if k not in ("resume", "checkpoint_every", "device", "eval")})
+    return Checkpoint(path / "distill_checkpoint.safetensors", key=key, every=int(cfg.get("checkpoint_every") or 0))
 
 
 def run_evaluate(cfg: dict[str, Any], out_dir: str | Path) -> dict[str, Any]:

@@ -33,6 +33,7 @@ def _hydra_app(config_name: str, task: Callable[[dict, Path], object], prog: str
     from omegaconf import DictConfig, OmegaConf
 
     def job(cfg: DictConfig) -> None:
+        from fedistill.checkpoint import CheckpointError
         from fedistill.data import DatasetFormatError, DatasetNotFoundError, SyntheticSetError
         from fedistill.federated import FederationError, NodeDataError
         from fedistill.privacy import BudgetExceededError
@@ -40,7 +41,8 @@ def _hydra_app(config_name: str, task: Callable[[dict, Path], object], prog: str
         from fedistill.reporting import RunDir
 
         out = Path(HydraConfig.get().runtime.output_dir)
-        RunDir(out).write_config(OmegaConf.to_yaml(cfg, resolve=True))
+        if not cfg.get("resume"):  # a resumed run keeps the config.yaml it was started with
+            RunDir(out).write_config(OmegaConf.to_yaml(cfg, resolve=True))
         try:
             task(OmegaConf.to_container(cfg, resolve=True), out)  # type: ignore[arg-type]
         except (
@@ -52,6 +54,7 @@ def _hydra_app(config_name: str, task: Callable[[dict, Path], object], prog: str
             NodeDataError,
             BudgetExceededError,
             RunDirError,
+            CheckpointError,
         ) as exc:
             # input errors carry their own explanation and fix: no traceback
             print(f"fedistill {config_name}: error: {exc}", file=sys.stderr)
@@ -78,10 +81,27 @@ def compose_config(config_name: str, overrides: list[str]) -> dict:
     return OmegaConf.to_container(cfg, resolve=True)  # type: ignore[return-value]
 
 
+def _resume_args(args: list[str], command: str) -> list[str] | None:
+    """``resume=RUN_DIR`` alone -> run in RUN_DIR with its own config (``None``: usage error)."""
+    resume = [a for a in args if a.startswith("resume=")]
+    if not resume:
+        return args
+    others = [a for a in args if a not in resume and not a.startswith("device=")]
+    if others:
+        print(
+            f"fedistill {command}: resume=RUN_DIR continues a run with its own config.yaml; drop the other "
+            f"overrides {others}",
+            file=sys.stderr,
+        )
+        return None
+    return [*args, f"hydra.run.dir={resume[-1].split('=', 1)[1]}"]
+
+
 def _central(args: list[str]) -> int:
     from fedistill.central import run_central
 
-    return _hydra_app("central", run_central, "fedistill central", args)
+    argv = _resume_args(args, "central")
+    return 2 if argv is None else _hydra_app("central", run_central, "fedistill central", argv)
 
 
 def _positional(args: list[str], key: str, usage: str) -> list[str] | None:
@@ -126,7 +146,8 @@ def _print_audit(run: Callable[[dict, Path], dict]) -> Callable[[dict, Path], di
 def _simulate(args: list[str]) -> int:
     from strategies.simulation import run_simulate
 
-    return _hydra_app("simulate", run_simulate, "fedistill simulate", args)
+    argv = _resume_args(args, "simulate")
+    return 2 if argv is None else _hydra_app("simulate", run_simulate, "fedistill simulate", argv)
 
 
 def _deploy(args: list[str]) -> int:

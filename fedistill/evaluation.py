@@ -107,6 +107,8 @@ def train_model(
     device: torch.device,
     init_state: dict[str, torch.Tensor] | None = None,
     relabel: Callable[[torch.Tensor], torch.Tensor] | None = None,
+    sample_weights: torch.Tensor | None = None,
+    regularizer: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
 ) -> nn.Module:
     """Train a fresh ``spec`` model on ``images`` (or continue from ``init_state``).
 
@@ -122,6 +124,11 @@ def train_model(
     relabel
         For soft targets: ``relabel(augmented batch) -> probabilities`` replaces the stored
         rows on every view (online teacher labels).
+    sample_weights
+        ``[N]`` per-row loss weights (e.g. a server policy's class reweighting), or ``None``.
+    regularizer
+        ``regularizer(logits, targets)`` of each batch, added to the loss (e.g. FedAF's
+        knowledge-matching term), or ``None``.
     """
     model = build_model(spec.name, info, seed=derive_seed(seed, "init"), **spec.kwargs).to(device)
     if init_state is not None:
@@ -134,6 +141,7 @@ def train_model(
     gen = torch_generator(seed, "batches")
     dsa = DSA(DSAConfig(flip=info.flip)) if recipe.dsa else None
     images, targets = images.to(device), targets.to(device)
+    weights = None if sample_weights is None else sample_weights.to(device, torch.float32)
     t = recipe.temperature
     model.train()
     for _ in range(recipe.epochs):
@@ -146,15 +154,26 @@ def train_model(
             if soft and relabel is not None:
                 y = relabel(x)
             out = model(x)
-            if soft:
+            if weights is not None:
+                loss = (_per_row_loss(out, y, t) * weights[idx]).mean()
+            elif soft:
                 loss = F.kl_div(F.log_softmax(out / t, 1), y, reduction="batchmean") * t * t
             else:
                 loss = F.cross_entropy(out, y)
+            if regularizer is not None:
+                loss = loss + regularizer(out, targets[idx])
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
         sched.step()
     return model
+
+
+def _per_row_loss(out: torch.Tensor, y: torch.Tensor, t: float) -> torch.Tensor:
+    """Cross-entropy (hard ``y``) or KD at temperature ``t`` (soft ``y``), one value per row."""
+    if y.ndim == 2:
+        return F.kl_div(F.log_softmax(out / t, 1), y, reduction="none").sum(1) * t * t
+    return F.cross_entropy(out, y, reduction="none")
 
 
 @torch.no_grad()

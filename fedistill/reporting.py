@@ -40,12 +40,16 @@ class RunDir:
     ----------
     path
         Directory (created if missing). Existing results are never deleted.
+    resume
+        Start from the directory's ``summary.json`` (a resumed run) instead of an empty summary.
     """
 
-    def __init__(self, path: str | Path) -> None:
+    def __init__(self, path: str | Path, *, resume: bool = False) -> None:
         self.path = Path(path)
         self.path.mkdir(parents=True, exist_ok=True)
         self.summary: dict[str, Any] = {}
+        if resume and (self.path / "summary.json").is_file():  # continue the interrupted run's summary
+            self.summary = json.loads((self.path / "summary.json").read_text())
         self._t0 = time.time()
 
     def write_config(self, yaml_text: str) -> None:

@@ -17,13 +17,14 @@ import numpy as np
 from flwr.app import Context
 from flwr.serverapp import Grid, ServerApp
 
+from fedistill.checkpoint import CheckpointError
 from fedistill.data import DataBundle, load_dataset
 from fedistill.data.partition import class_histogram
 from fedistill.federated import partition_indices
 from fedistill.io import atomic_write_text
 from fedistill.privacy import privacy_line
 from fedistill.reporting import RunDir, save_partition_plot
-from strategies import fedavg, feddm, fedgen, oneshot  # noqa: F401  (registration)
+from strategies import dynafed, fedaf, fedavg, feddm, fedgen, oneshot  # noqa: F401  (registration)
 from strategies.base import STRATEGIES, data_spec
 
 __all__ = ["app", "make_server_app", "serve"]
@@ -49,13 +50,17 @@ def serve(grid: Grid, cfg: dict[str, Any], out_dir: str | Path, *, node_data: st
     ``node_data="own"`` (a deployment: nodes hold their own data) skips the plot of the
     simulated partition, which no node uses then.
     """
-    run = RunDir(out_dir)
+    resume = bool(cfg.get("resume"))
+    run = RunDir(out_dir, resume=resume)
+    if resume and run.summary.get("status") == "done":
+        raise CheckpointError(f"{out_dir} already finished (summary.json status: done); nothing to resume")
     bundle = load_dataset(
         cfg["dataset"]["name"], root=cfg["data"].get("root"), val_fraction=float(cfg["data"]["val_fraction"])
     )
     run.update_summary(
         strategy=cfg["strategy"]["name"],
         method=cfg["method"]["name"],
+        policy=(cfg.get("policy") or {}).get("name"),
         dataset=bundle.info.name,
         clients=int(cfg["clients"]),
         alpha=cfg.get("alpha"),
@@ -69,7 +74,7 @@ def serve(grid: Grid, cfg: dict[str, Any], out_dir: str | Path, *, node_data: st
     if cfg.get("partition") and node_data == "partition":
         _write_partition(cfg, run, bundle)
     strategy = STRATEGIES.get(cfg["strategy"]["name"])(cfg, run, bundle)
-    summary = strategy.run_rounds(grid)
+    summary = strategy.run_rounds(grid, resume=resume)
     _print_table(summary, strategy.history)
     return summary
 

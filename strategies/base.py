@@ -20,12 +20,15 @@ import torch
 from flwr.app import Message
 from flwr.serverapp import Grid
 
+from fedistill.checkpoint import Checkpoint, config_key
 from fedistill.data.base import DataBundle
 from fedistill.engines import resolve_device
 from fedistill.evaluation import EvalRecipe
 from fedistill.federated import ClientFailure, FederationError, GlobalModel
 from fedistill.federated.client import model_spec
 from fedistill.federated.node import data_spec
+from fedistill.federated.server import assign_faults
+from fedistill.federated.state import get_path, pack, set_path, unpack
 from fedistill.registry import Registry
 from fedistill.reporting import RunDir, progress_bars, save_accuracy_plot
 from fedistill.seeding import derive_seed, numpy_rng
@@ -64,6 +67,15 @@ class Strategy:
     name: ClassVar[str] = ""
     message_type: ClassVar[str] = "train.distill"
     continue_training: ClassVar[bool] = True
+    #: Attributes (dotted paths) a round checkpoint saves and a resumed run restores;
+    #: subclasses extend it with their own state.
+    checkpoint_attrs: ClassVar[tuple[str, ...]] = (
+        "history",
+        "bytes_up",
+        "bytes_down",
+        "failed_total",
+        "global_model.state",
+    )
 
     def __init__(self, cfg: dict[str, Any], run: RunDir, bundle: DataBundle) -> None:
         self.cfg, self.run, self.bundle = cfg, run, bundle
@@ -81,6 +93,8 @@ class Strategy:
         )
         self.clients: dict[int, str] = {}
         self.bytes_up = self.bytes_down = self.failed_total = 0
+        self._faults: dict[str, str] | None = None
+        self._attackers: list[str] | None = None
         self.history: list[dict[str, Any]] = []
 
     # ----------------------------------------------------------------- hooks
@@ -110,10 +124,52 @@ class Strategy:
         client_res = self.cfg.get("client", {})
         out["threads"] = max(1, int(client_res.get("num_cpus", 1)))
         out["device"] = "cuda" if float(client_res.get("num_gpus", 0.0)) > 0 else "cpu"
-        fault = (self.cfg.get("faults") or {}).get(client.removeprefix("p"))
-        if fault:
-            out["fault"] = str(fault)  # Hydra parses `nan` as a float
+        attack = dict(self.cfg.get("attack") or {})
+        if client in self.attackers():
+            out["attack"] = attack
+        faults = dict(self.cfg.get("faults") or {})
+        fault = self.fault_plan().get(client)
+        if fault and round_ >= int(faults.get("start_round", 1)):
+            out["fault"] = fault
+            if fault == "slow":
+                out["fault_seconds"] = float(faults.get("slow_seconds", 3.0))
+            elif fault == "timeout":  # reply only after the server stopped waiting
+                out["fault_seconds"] = float(self.opts.get("round_timeout", 600)) + 2.0
         return out
+
+    def attackers(self) -> list[str]:
+        """The hostile clients: ``attack.fraction`` of all, chosen from the seed (``attack.kind``)."""
+        if self._attackers is None:
+            attack = dict(self.cfg.get("attack") or {})
+            self._attackers = []
+            if attack.get("kind"):
+                clients = sorted(self.clients.values(), key=_client_order)
+                plan = assign_faults({"attack": attack.get("fraction", 0.0)}, clients, seed=self.seed, kinds=["attack"])
+                self._attackers = sorted(plan, key=_client_order)
+                self.run.log("attack_planned", kind=attack["kind"], clients=self._attackers)
+        return self._attackers
+
+    def attack_summary(self) -> dict[str, Any]:
+        """``attack`` fields of the summary: kind, hostile clients, a backdoor's success rate."""
+        attack = dict(self.cfg.get("attack") or {})
+        if not attack.get("kind"):
+            return {}
+        out: dict[str, Any] = {"kind": attack["kind"], "fraction": attack.get("fraction"), "clients": self.attackers()}
+        if attack["kind"] == "backdoor":
+            out["target"] = int(attack.get("target", 0))
+            out["attack_success_rate"] = round(100 * self.global_model.backdoor_success(attack), 4)
+        return {"attack": out}
+
+    def fault_plan(self) -> dict[str, str]:
+        """Injected faults per client (``faults`` config: by partition id or by fraction of clients)."""
+        if self._faults is None:
+            from fedistill.federated.client import FAULTS
+
+            clients = sorted(self.clients.values(), key=_client_order)
+            self._faults = assign_faults(self.cfg.get("faults") or {}, clients, seed=self.seed, kinds=FAULTS.names())
+            for client, kind in sorted(self._faults.items(), key=lambda kv: _client_order(kv[0])):
+                self.run.log("fault_planned", client=client, kind=kind)
+        return self._faults
 
     def wait_for_nodes(self, grid: Grid) -> list[int]:
         """Block until the expected number of nodes registered (or time out with a clear error)."""
@@ -151,12 +207,30 @@ class Strategy:
     def exchange(self, grid: Grid, round_: int, nodes: list[int]) -> tuple[list[Reply], list[ClientFailure], int, int]:
         """Send the round's messages, gather replies; returns replies, failures, bytes down, bytes up."""
         task, arrays = self.configure(round_)
-        record = tensor_record(arrays) if arrays is not None else None  # serialized once per round
+        return self.send(grid, round_, nodes, self.message_type, task, arrays)
+
+    def send(
+        self,
+        grid: Grid,
+        round_: int,
+        nodes: list[int],
+        message_type: str,
+        task: dict[str, Any],
+        arrays: dict[str, torch.Tensor] | None,
+        inputs: dict[str, torch.Tensor] | None = None,
+    ) -> tuple[list[Reply], list[ClientFailure], int, int]:
+        """One message of ``message_type`` to each node; returns replies, failures, bytes down, bytes up.
+
+        ``arrays`` go as the ``global`` record (the global weights), ``inputs`` as the
+        ``inputs`` record (engine inputs); each is serialized once for all nodes.
+        """
+        record = tensor_record(arrays) if arrays is not None else None
+        extra = tensor_record(inputs) if inputs is not None else None
         msgs, down = [], 0
         for n in nodes:
-            content = task_content(self.client_task(task, self.clients[n], round_), record)
+            content = task_content(self.client_task(task, self.clients[n], round_), record, extra)
             down += content_bytes(content)
-            msgs.append(Message(content, dst_node_id=n, message_type=self.message_type))
+            msgs.append(Message(content, dst_node_id=n, message_type=message_type))
         replies, failures, up, seen = [], [], 0, set()
         for rep in grid.send_and_receive(msgs, timeout=float(self.opts.get("round_timeout", 600))):
             node = rep.metadata.src_node_id
@@ -173,18 +247,45 @@ class Strategy:
         replies.sort(key=lambda r: _client_order(r.client))
         return replies, failures, down, up
 
-    def run_rounds(self, grid: Grid) -> dict[str, Any]:
-        """Run every round; returns the summary (also in ``summary.json``)."""
+    # ---------------------------------------------------------- checkpoints
+    def checkpoint(self) -> Checkpoint:
+        """This run's round checkpoint (keyed by the config, so another config cannot resume it)."""
+        skip = ("resume", "device", "verbose", "ray", "client")
+        key = config_key({k: v for k, v in self.cfg.items() if k not in skip})
+        return Checkpoint(self.run.path / "checkpoint.safetensors", key=key)
+
+    def save_checkpoint(self) -> None:
+        """Atomically save everything the next round needs (after every completed round)."""
+        tensors: dict[str, torch.Tensor] = {}
+        state = {attr: pack(get_path(self, attr), tensors, attr) for attr in self.checkpoint_attrs}
+        self.checkpoint().save(tensors, state)
+
+    def restore_checkpoint(self) -> int:
+        """Load the last round checkpoint, if any; returns the number of completed rounds."""
+        loaded = self.checkpoint().load()
+        if loaded is None:
+            return 0
+        tensors, state = loaded
+        for attr in self.checkpoint_attrs:
+            set_path(self, attr, unpack(state[attr], tensors, get_path(self, attr)))
+        return len(self.history)
+
+    def run_rounds(self, grid: Grid, *, resume: bool = False) -> dict[str, Any]:
+        """Run every round (after the last checkpointed one when ``resume``); returns the summary."""
         start = time.perf_counter()
+        done = self.restore_checkpoint() if resume else 0
+        if resume:
+            self.run.log("resumed", completed_rounds=done)
         nodes = self.wait_for_nodes(grid)
         self.discover(grid, nodes)
         self.run.log("nodes", count=len(nodes), clients=sorted(self.clients.values(), key=_client_order))
         with progress_bars() as bars:
-            bar = bars.add_task(f"{self.name} rounds", total=self.rounds, info="")
-            for r in range(1, self.rounds + 1):
+            bar = bars.add_task(f"{self.name} rounds", total=self.rounds, info="", completed=done)
+            for r in range(done + 1, self.rounds + 1):
                 rec = self.run_round(grid, r)
+                self.save_checkpoint()
                 bars.update(bar, advance=1, info=f"acc {rec['accuracy']:.2f}%  failed {rec['clients_failed']}")
-        extra = self.finish()
+        extra = self.finish() | self.attack_summary()
         self.global_model.save(self.run.path / "global_model.safetensors")
         save_accuracy_plot(
             self.history, self.run.path / "accuracy.png", title=f"{self.name} on {self.bundle.info.name}"

@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
-import dataclasses
 import json
+from collections.abc import Callable
 from typing import Any
 
+import torch
+
 from fedistill.data.synthetic import SyntheticSet, SyntheticSetError
-from fedistill.evaluation import random_subset
-from fedistill.federated import ClientFailure, GlobalModel, decode_synthetic, merge_sets
+from fedistill.federated import ClientFailure, decode_synthetic
+from fedistill.federated.policies import PolicyContext, PolicyResult, apply_policy
+from fedistill.federated.server import random_baseline
 from fedistill.privacy import ClientLedgers
 from fedistill.reporting import save_grid
 from strategies.base import Reply, Strategy
@@ -21,10 +24,13 @@ class DistillStrategy(Strategy):
     """Clients distill (``train.distill``); the server validates, merges and trains on the union.
 
     Options (``strategy.*``): ``max_client_images`` (per-client size cap; default
-    ``ipc x classes``), ``server`` (the global model's training recipe).
+    ``ipc x classes``), ``server`` (the global model's training recipe). The ``policy``
+    group chooses how the server turns the sets into training data
+    (:mod:`fedistill.federated.policies`).
     """
 
     message_type = "train.distill"
+    checkpoint_attrs = (*Strategy.checkpoint_attrs, "synthetic", "ledgers")
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
@@ -87,48 +93,80 @@ class DistillStrategy(Strategy):
             ok.append(r)
         return ok, bad
 
-    def merge(self, accepted: list[Reply]) -> SyntheticSet | None:
-        """The union of this round's accepted sets, with provenance (``None`` when all are empty)."""
-        parts = [(r.client, r.metrics["synthetic"]) for r in accepted if r.metrics["synthetic"] is not None]
-        return merge_sets(parts, self.bundle.info) if parts else None
+    def parts(self, accepted: list[Reply]) -> list[tuple[str, SyntheticSet]]:
+        """``(client, set)`` of this round's accepted, non-empty replies, in client order."""
+        return [(r.client, r.metrics["synthetic"]) for r in accepted if r.metrics["synthetic"] is not None]
 
-    def train_global(self, round_: int, syn: SyntheticSet | None) -> dict[str, Any]:
-        """Train the global model on ``syn`` (skipped when no client had anything to send); round metrics.
+    def aggregate(self, round_: int, parts: list[tuple[str, SyntheticSet]]) -> PolicyResult | None:
+        """Apply the configured server policy (``policy=union|balance|redistill|screen``) to ``parts``.
 
-        With a DP engine the metrics carry every replying client's cumulative ``epsilon``.
+        Dropped clients are logged (``policy_dropped`` events) with the reason. ``None`` when
+        no client sent anything.
+        """
+        if not parts:
+            return None
+        opts = dict(self.cfg.get("policy") or {"name": "union"})
+        name = str(opts.pop("name"))
+        ctx = PolicyContext(
+            info=self.bundle.info,
+            model=self.global_model.spec,
+            ipc=int(self.cfg["ipc"]),
+            seed=self.seed,
+            round_=round_,
+            device=self.device,
+            state=self.global_model.state,
+            val=self.bundle.val,
+        )
+        result = apply_policy(name, parts, ctx, **opts)
+        for d in result.dropped:
+            self.run.log("policy_dropped", round=round_, policy=name, **d)
+        result.metrics["policy"] = name
+        return result
+
+    def merge(self, round_: int, accepted: list[Reply]) -> PolicyResult | None:
+        """This round's accepted sets through the server policy."""
+        return self.aggregate(round_, self.parts(accepted))
+
+    def train_global(
+        self,
+        round_: int,
+        result: PolicyResult | None,
+        *,
+        regularizer: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
+    ) -> dict[str, Any]:
+        """Train the global model on a policy's output (skipped when no client had anything to send).
+
+        Returns the round's metrics: images, empty clients, training and policy seconds,
+        the clients the policy dropped, and with a DP engine every replying client's
+        cumulative ``epsilon``.
         """
         rec: dict[str, Any] = {"clients_empty": self.round_empty}
         if self.round_epsilon:
             rec["epsilon"] = dict(self.round_epsilon)
-        if syn is None:
+        if result is None:
             self.run.log("no_synthetic_data", round=round_)
             return {"synthetic_images": 0, **rec, "train_seconds": 0.0}
+        syn = result.synthetic
         self.synthetic = syn
-        seconds = self.global_model.train_on(syn, round_=round_)
-        return {"synthetic_images": len(syn), **rec, "train_seconds": round(seconds, 3)}
+        seconds = self.global_model.train_on(syn, round_=round_, weights=result.weights, regularizer=regularizer)
+        return {
+            "synthetic_images": len(syn),
+            **rec,
+            "train_seconds": round(seconds, 3),
+            "policy_dropped": [d["client"] for d in result.dropped],
+            **{k: v for k, v in result.metrics.items() if k != "scores"},
+        }
 
     def random_baseline(self) -> dict[str, Any]:
-        """A fresh global model trained on random real images with the merged set's class counts.
+        """A fresh global model trained on random real images with the last set's class counts.
 
-        It gets as many epochs as the global model had in total (``rounds x epochs`` when
-        the global model continues training across rounds).
+        Rows a policy duplicated (``balance``) are not counted. It gets as many epochs as
+        the global model had in total (``rounds x epochs`` when it continues training).
         """
         assert self.synthetic is not None
-        real = random_subset(self.bundle.train, self.synthetic.hard_labels, seed=self.seed)
-        recipe = self.global_model.recipe
-        if self.continue_training:
-            recipe = dataclasses.replace(recipe, epochs=recipe.epochs * len(self.history))
-        baseline = GlobalModel(
-            self.global_model.spec,
-            self.bundle,
-            recipe=recipe,
-            device=self.device,
-            seed=self.seed,
-            continue_training=False,
-        )
-        baseline.train_on(SyntheticSet(real.images, real.labels, self.bundle.info), round_=0)
-        acc, _ = baseline.evaluate()
-        return {"images": len(real), "epochs": recipe.epochs, "accuracy": round(100 * acc, 4)}
+        unique = len(self.synthetic) - int(self.synthetic.metadata.get("duplicates", 0))
+        epochs = self.global_model.recipe.epochs * (len(self.history) if self.continue_training else 1)
+        return random_baseline(self.global_model, self.synthetic.hard_labels[:unique], epochs=epochs)
 
     def finish(self) -> dict[str, Any]:
         """Save the last merged set and its grid; report the random-real baseline."""
@@ -143,7 +181,7 @@ class DistillStrategy(Strategy):
         return {
             "synthetic_path": str(path.resolve()),
             "synthetic_images": len(self.synthetic),
-            "provenance": json.loads(json.dumps(self.synthetic.metadata.get("clients", []))),
+            "provenance": json.loads(json.dumps(self.synthetic.metadata.get("clients") or [])),
             "baselines": {"random_subset": baseline},
             **privacy,
         }

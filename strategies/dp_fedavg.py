@@ -17,7 +17,7 @@ from typing import Any
 
 import numpy as np
 import torch
-from flwr.app import ConfigRecord, MetricRecord, RecordDict
+from flwr.app import ConfigRecord
 from flwr.serverapp.strategy import DifferentialPrivacyServerSideFixedClipping
 from flwr.serverapp.strategy import FedAvg as FlowerFedAvg
 from flwr.supercore.privacy_accounting import NeighboringRelation, PrivacyConfig, SamplingMethod
@@ -25,7 +25,7 @@ from flwr.supercore.privacy_accounting.rdp_accountant import RdpAccountant
 
 from fedistill.seeding import derive_seed
 from strategies.base import Reply
-from strategies.records import read_tensors, tensor_record
+from strategies.records import as_flower_train_replies, read_tensors, tensor_record
 
 __all__ = ["FlowerCentralDP"]
 
@@ -85,13 +85,18 @@ class FlowerCentralDP:
 
         Returns ``None`` when Flower skips the release (not every sampled client replied).
         """
-        for r in accepted:
-            r.msg.content = RecordDict(
-                {"arrays": r.msg.content.array_records["model"], "metrics": MetricRecord({"weight": 1})}
-            )
+        msgs = as_flower_train_replies(accepted, [1.0] * len(accepted))
         np.random.seed(derive_seed(self.seed, "flower-dp-noise", round_) % 2**32)
-        arrays, _ = self.wrapper.aggregate_train(round_, [r.msg for r in accepted])
+        arrays, _ = self.wrapper.aggregate_train(round_, msgs)
         return None if arrays is None else read_tensors(arrays)
+
+    def state_dict(self) -> dict[str, Any]:
+        """Flower's accountant state (JSON-able), for round checkpoints."""
+        return self.accountant.state_dict()
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore the accountant from :meth:`state_dict` output (a resumed run keeps its spent epsilon)."""
+        self.accountant.load_state_dict(state)
 
     def epsilon(self) -> float:
         """Cumulative client-level epsilon at ``delta`` (0 before the first release)."""

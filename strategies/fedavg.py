@@ -13,6 +13,7 @@ from fedistill.federated import ClientFailure, FederationError, weighted_average
 from strategies.base import Reply, Strategy, register_strategy
 from strategies.dp_fedavg import FlowerCentralDP
 from strategies.records import read_tensors
+from strategies.robust import robust_aggregate
 
 __all__ = ["FedAvg"]
 
@@ -23,12 +24,14 @@ class FedAvg(Strategy):
     weighted by local example counts.
 
     Options (``strategy.*``): ``local_epochs``, ``lr``, ``momentum``, ``weight_decay``, ``batch_size``;
-    ``dp.noise_multiplier`` (> 0 turns on Flower's central DP wrapper, see
+    ``aggregator`` (``mean``, or Flower's ``median``, ``trimmed_mean``, ``krum``: see
+    :mod:`strategies.robust`), ``dp.noise_multiplier`` (> 0 turns on Flower's central DP wrapper, see
     :mod:`strategies.dp_fedavg`), ``dp.clip``, ``dp.delta``, ``dp.max_epsilon``.
     """
 
     name = "fedavg"
     message_type = "train.fit"
+    checkpoint_attrs = (*Strategy.checkpoint_attrs, "dp")
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
@@ -82,6 +85,12 @@ class FedAvg(Strategy):
     def update(self, round_: int, accepted: list[Reply]) -> dict[str, Any]:
         """Average the accepted weights (by example count; uniformly, clipped and noised with DP)."""
         weights = [float(r.metrics.get("examples", 1)) for r in accepted]
+        aggregator = str(self.opts.get("aggregator", "mean"))
+        if self.dp is None and aggregator != "mean":
+            new = robust_aggregate(aggregator, self.opts, round_, accepted, weights)
+            if new is not None:
+                self.global_model.state = {k: v.to(self.global_model.state[k].dtype) for k, v in new.items()}
+            return {"examples": int(sum(weights)), "aggregator": aggregator}
         if self.dp is None:
             self.global_model.state = weighted_average([r.metrics["state"] for r in accepted], weights)
             return {"examples": int(sum(weights))}

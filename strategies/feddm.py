@@ -45,5 +45,5 @@ class FedDM(DistillStrategy):
         return self.engine_task(), self.global_model.state
 
     def update(self, round_: int, accepted: list[Reply]) -> dict[str, Any]:
-        """Train the global model (continuing) on the union of this round's sets."""
-        return self.train_global(round_, self.merge(accepted))
+        """Train the global model (continuing) on this round's sets, through the server policy."""
+        return self.train_global(round_, self.merge(round_, accepted))

@@ -40,6 +40,7 @@ class FedGen(DistillStrategy):
 
     name = "fedgen"
     continue_training = False
+    checkpoint_attrs = (*DistillStrategy.checkpoint_attrs, "generator_state", "payload")
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
@@ -158,7 +159,7 @@ class FedGen(DistillStrategy):
                 "client_recon_mse": round(client_mse / sum(weights), 6),
                 "generator_test_mse": round(reconstruction_error(self.generator, self.bundle.test), 6),
             }
-        rec = self.train_global(round_, self.merge(accepted))
+        rec = self.train_global(round_, self.merge(round_, accepted))
         sent = [r for r in accepted if r.metrics.get("synthetic") is not None]
         self.payload = {
             "latent": sum(int(r.metrics["latent_bytes"]) for r in sent),

@@ -6,7 +6,6 @@ from typing import Any
 
 import torch
 
-from fedistill.federated import merge_sets
 from strategies.base import Reply, register_strategy
 from strategies.distill import DistillStrategy
 
@@ -23,20 +22,21 @@ class OneShot(DistillStrategy):
 
     name = "oneshot"
     continue_training = False
+    checkpoint_attrs = (*DistillStrategy.checkpoint_attrs, "collected")
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
-        self.parts: list[tuple[str, Any]] = []
+        self.collected: list[tuple[str, Any]] = []
 
     def configure(self, round_: int) -> tuple[dict[str, Any], dict[str, torch.Tensor] | None]:
         """The engine task; no arrays are sent."""
         return self.engine_task(), None
 
     def update(self, round_: int, accepted: list[Reply]) -> dict[str, Any]:
-        """Add this round's sets to the union and retrain the global model on it."""
-        self.parts += [
+        """Add this round's sets to those collected and retrain the global model on them (through the policy)."""
+        self.collected += [
             (f"{r.client}@r{round_}" if round_ > 1 else r.client, r.metrics["synthetic"])
             for r in accepted
             if r.metrics["synthetic"] is not None
         ]
-        return self.train_global(round_, merge_sets(self.parts, self.bundle.info) if self.parts else None)
+        return self.train_global(round_, self.aggregate(round_, self.collected))

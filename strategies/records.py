@@ -16,6 +16,7 @@ import torch
 from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 
 __all__ = [
+    "as_flower_train_replies",
     "content_bytes",
     "metrics_record",
     "read_json",
@@ -37,11 +38,18 @@ def read_tensors(record: ArrayRecord) -> dict[str, torch.Tensor]:
     return dict(record.to_torch_state_dict())
 
 
-def task_content(task: Mapping[str, Any], arrays: Mapping[str, torch.Tensor] | ArrayRecord | None = None) -> RecordDict:
-    """A message body: the task as JSON and, optionally, the global weights (tensors or a built record)."""
+def task_content(
+    task: Mapping[str, Any],
+    arrays: Mapping[str, torch.Tensor] | ArrayRecord | None = None,
+    inputs: Mapping[str, torch.Tensor] | ArrayRecord | None = None,
+) -> RecordDict:
+    """A message body: the task as JSON and, optionally, the global weights (``global``) and
+    other server arrays for the client's engine (``inputs``, e.g. FedAF's global logits),
+    each given as tensors or a built record."""
     content = RecordDict({"config": ConfigRecord({"task": json.dumps(task)})})
-    if arrays is not None:
-        content["global"] = arrays if isinstance(arrays, ArrayRecord) else tensor_record(arrays)
+    for name, value in (("global", arrays), ("inputs", inputs)):
+        if value is not None:
+            content[name] = value if isinstance(value, ArrayRecord) else tensor_record(value)
     return content
 
 
@@ -75,3 +83,16 @@ def content_bytes(content: RecordDict) -> int:
         else:
             total += len(json.dumps(dict(rec), default=str))
     return total
+
+
+def as_flower_train_replies(replies: list[Any], weights: list[float]) -> list[Message]:
+    """Reshape fedistill's FedAvg replies (``model`` + ``metrics``) into what Flower's
+    strategies aggregate: one ArrayRecord ``arrays`` and one MetricRecord ``{"weight": w}``.
+
+    ``replies`` are :class:`strategies.base.Reply` objects; their messages are changed in place.
+    """
+    for r, w in zip(replies, weights, strict=True):
+        r.msg.content = RecordDict(
+            {"arrays": r.msg.content.array_records["model"], "metrics": MetricRecord({"weight": w})}
+        )
+    return [r.msg for r in replies]

@@ -43,6 +43,7 @@ def run_simulate(cfg: dict[str, Any], out_dir: str | Path) -> dict[str, Any]:
     from flwr.simulation import run_simulation
 
     from clients.app import app as client_app
+    from fedistill.checkpoint import resume_config
     from strategies.app import make_server_app
 
     # Flower logs the deprecation of run_simulation (this module is its one caller) and its
@@ -52,6 +53,8 @@ def run_simulate(cfg: dict[str, Any], out_dir: str | Path) -> dict[str, Any]:
     os.environ.setdefault("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0")
     os.environ.setdefault("RAY_DEDUP_LOGS", "1")
     os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
+    if cfg.get("resume"):  # continue an interrupted run with the config it was started with
+        cfg = resume_config(cfg["resume"])
     started_here = not ray.is_initialized()
     try:
         with warnings.catch_warnings():

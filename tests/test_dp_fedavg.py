@@ -1,4 +1,4 @@
-"""Flower's central-DP wrapper around the FedAvg baseline: clipping, noise, Flower's accountant."""
+"""Flower's central-DP wrapper and robust aggregators around the FedAvg baseline."""
 
 from __future__ import annotations
 
@@ -66,3 +66,20 @@ def test_noise_is_reproducible_for_a_seed():
         dp.start_round(1, {"w": torch.zeros(4000)}, nodes=[0, 1])
         outs.append(dp.aggregate(1, _replies(1.0, 2))["w"])
     assert torch.equal(outs[0], outs[1])
+
+
+@pytest.mark.parametrize("name", ["median", "trimmed_mean", "krum"])
+def test_flower_robust_aggregators_resist_a_hostile_update(name):
+    """Four honest updates near 1, one hostile at 1000: the mean moves to ~200, Flower's robust
+    aggregators stay near 1."""
+    from strategies.robust import robust_aggregate
+
+    g = torch.Generator().manual_seed(0)
+    values = [1.0 + 0.01 * torch.randn(100, generator=g) for _ in range(4)] + [torch.full((100,), 1000.0)]
+    replies = [
+        Reply(i, f"p{i}", _message(RecordDict({"model": tensor_record({"w": v})}), "train.fit"))
+        for i, v in enumerate(values)
+    ]
+    new = robust_aggregate(name, {"trim_beta": 0.2, "krum_malicious": 1}, 1, replies, [10.0] * 5)["w"]
+    assert float(new.mean()) == pytest.approx(1.0, abs=0.05)
+    assert float(torch.stack(values).mean()) > 100  # what the plain mean would have given

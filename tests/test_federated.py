@@ -238,6 +238,7 @@ TINY_ENGINES = {
     "dm": {"iterations": 3, "compile": False, "batch_real": 16},
     "dm_hom": {"iterations": 3, "compile": False, "batch_real": 16},
     "feddm": {"iterations": 3, "compile": False, "batch_real": 16, "min_class_samples": 1},
+    "fedaf": {"iterations": 3, "compile": False, "batch_real": 16},
     "dc": {"iterations": 2, "batch_real": 16},
     "dsa": {"iterations": 2, "batch_real": 16},
     "mtt": {"iterations": 2, "num_experts": 1, "expert_train_epochs": 2, "syn_steps": 2, "max_start_epoch": 0},
@@ -288,3 +289,30 @@ def test_client_sampling_is_deterministic_per_round(tmp_path):
     assert len({tuple(p) for p in picks}) > 1  # rounds draw different clients
     cfg["seed"] = 1
     assert [strategy().sample(r) for r in range(1, 6)] != picks
+
+
+def test_fault_plan_by_fraction_is_deterministic_and_disjoint():
+    from fedistill.federated import FederationError
+    from fedistill.federated.client import FAULTS
+    from fedistill.federated.server import assign_faults
+
+    clients = [f"p{i}" for i in range(10)]
+    kinds = FAULTS.names()
+    plan = assign_faults({"crash": 0.2, "slow": 0.1, "3": "nan", "start_round": 2}, clients, seed=0, kinds=kinds)
+    assert plan == assign_faults({"crash": 0.2, "slow": 0.1, "3": "nan"}, clients, seed=0, kinds=kinds)
+    assert plan["p3"] == "nan" and sorted(plan.values()).count("crash") == 2 and list(plan.values()).count("slow") == 1
+    assert plan != assign_faults({"crash": 0.2, "slow": 0.1, "3": "nan"}, clients, seed=1, kinds=kinds)
+    with pytest.raises(FederationError, match="neither a partition id nor a fault kind"):
+        assign_faults({"crsh": 0.2}, clients, seed=0, kinds=kinds)
+    with pytest.raises(FederationError, match=r"must lie in \[0, 1\]"):
+        assign_faults({"crash": 1.5}, clients, seed=0, kinds=kinds)
+
+
+def test_slow_fault_delays_the_client_before_any_work():
+    from fedistill.federated import distill_task
+
+    split = node_split({"partition-id": 0, "num-partitions": 4}, DATA)
+    task = {**TASK, "method_options": {"iterations": 1, "compile": False}, "fault": "slow", "fault_seconds": 0.5}
+    start = time.perf_counter()
+    syn, metrics = distill_task(split, task)
+    assert time.perf_counter() - start >= 0.5 and syn is not None and metrics["rows"] > 0

@@ -167,3 +167,16 @@ def test_generator_checkpoint_skips_the_generator_rounds(tmp_path):
         _strategy(tmp_path / "d", f"strategy.generator_path={tmp_path / 'missing.safetensors'}")
     with pytest.raises(UnknownNameError, match="needs method=gen"):
         _strategy(tmp_path / "e", "method=dm")
+
+
+def test_round_checkpoint_keeps_the_generator(tmp_path):
+    """A resumed fedgen run continues from the averaged generator, not a fresh one."""
+    s = _strategy(tmp_path, "strategy.gen_rounds=2")
+    replies = [_ask(s, 1, pid) for pid in range(3)]
+    s.update(1, s.accept(1, replies)[0])
+    s.history.append({"round": 1, "accuracy": 10.0})
+    s.save_checkpoint()
+    t = _strategy(tmp_path, "strategy.gen_rounds=2")
+    assert generator_digest(t.generator_state) != generator_digest(s.generator_state)
+    assert t.restore_checkpoint() == 1
+    assert generator_digest(t.generator_state) == generator_digest(s.generator_state)

@@ -56,6 +56,8 @@ class Engine(ABC):
     default_init: ClassVar[str] = "real"
     #: Differentially private: :meth:`distill` takes ``ledger=`` (a holder's cumulative budget).
     private: ClassVar[bool] = False
+    #: :meth:`distill` takes ``checkpoint=`` (a :class:`~fedistill.checkpoint.Checkpoint`) and resumes from it.
+    resumable: ClassVar[bool] = False
 
     def __init__(self, config: Any = None, **overrides: Any) -> None:
         base = config if config is not None else self.Config()

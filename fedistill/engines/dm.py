@@ -18,6 +18,7 @@ import torch
 from torch import nn
 
 from fedistill.augment import DSA, DSAConfig, DSAParams
+from fedistill.checkpoint import Checkpoint, CheckpointError
 from fedistill.data.base import Split
 from fedistill.data.synthetic import SyntheticSet
 from fedistill.engines.base import (
@@ -164,6 +165,37 @@ def synthetic_class_means(x: torch.Tensor, ctx: dict[str, Any]) -> torch.Tensor:
     return out.index_add(0, ctx["syn_groups"], x) / ctx["syn_counts"].unsqueeze(1).to(x.dtype)
 
 
+def _save(
+    ckpt: Checkpoint, done: int, syn: torch.Tensor, opt: torch.optim.Optimizer, gens: dict, steps: StepLog
+) -> None:
+    """Checkpoint after ``done`` iterations: images, momentum, generator states, loss history."""
+    tensors = {"syn": syn.detach()} | {f"gen.{k}": g.get_state() for k, g in gens.items()}
+    buf = opt.state.get(syn, {}).get("momentum_buffer")
+    if buf is not None:
+        tensors["momentum"] = buf
+    ckpt.save(tensors, {"iteration": done, "history": steps.history})
+
+
+def _resume(ckpt: Checkpoint | None, syn: torch.Tensor, opt: torch.optim.Optimizer, gens: dict, steps: StepLog) -> int:
+    """Restore a checkpoint into the loop's state; returns the first iteration to run."""
+    loaded = ckpt.load() if ckpt is not None else None
+    if loaded is None:
+        return 0
+    tensors, state = loaded
+    if tensors["syn"].shape != syn.shape:
+        raise CheckpointError(
+            f"{ckpt.path}: images of shape {tuple(tensors['syn'].shape)}, expected {tuple(syn.shape)}"
+        )
+    with torch.no_grad():
+        syn.copy_(tensors["syn"].to(syn.device))
+    if "momentum" in tensors:
+        opt.state[syn]["momentum_buffer"] = tensors["momentum"].to(syn.device)
+    for k, g in gens.items():
+        g.set_state(tensors[f"gen.{k}"])
+    steps.history = list(state.get("history", []))
+    return int(state["iteration"])
+
+
 def _tensors(net: nn.Module) -> list[torch.Tensor]:
     return [*net.parameters(), *net.buffers()]
 
@@ -174,6 +206,7 @@ class DMEngine(Engine):
 
     name = "dm"
     Config = DMConfig
+    resumable = True
 
     def embedding_loss(
         self, net: nn.Module, real: torch.Tensor, syn: torch.Tensor, ctx: dict[str, Any]
@@ -244,8 +277,14 @@ class DMEngine(Engine):
         device: str | torch.device = "cpu",
         progress: Progress | None = None,
         seed: int = 0,
+        checkpoint: Checkpoint | None = None,
     ) -> SyntheticSet:
-        """See :meth:`Engine.distill`."""
+        """See :meth:`Engine.distill`.
+
+        ``checkpoint`` saves the optimisation state every ``checkpoint.every`` iterations
+        and, when it already holds one, resumes from it: the result equals an
+        uninterrupted run's.
+        """
         cfg = self.config
         dev = resolve_device(device)
         images, labels = init_synthetic(
@@ -275,13 +314,16 @@ class DMEngine(Engine):
             "real_aug_groups": real_aug,
             "syn_aug_groups": syn_aug,
             "counts": sampler.counts,
+            "classes": torch.tensor(classes, device=dev),
             "real_embed": (
                 torch.compile(self.features(real_net), dynamic=False) if self.compiles(dev) else self.features(real_net)
             ),
             "real_dtype": real_dtype or torch.float32,
         }
         steps = StepLog(cfg.iterations, every=cfg.log_every, progress=progress)
-        for it in range(cfg.iterations):
+        gens = {"real": sampler.generator, "dsa": aug_gen}
+        start = _resume(checkpoint, syn, opt, gens, steps)
+        for it in range(start, cfg.iterations):
             self.prepare_network(net, it, seed)
             for dst, src in pairs:
                 dst.copy_(src)
@@ -295,6 +337,8 @@ class DMEngine(Engine):
             loss.backward()
             opt.step()
             steps.log(it, loss=float(loss.detach()) / len(classes))
+            if checkpoint is not None and checkpoint.due(it + 1):
+                _save(checkpoint, it + 1, syn, opt, gens, steps)
         meta = {"method": self.name, "ipc": ipc, "init": init, "seed": seed, "iterations": cfg.iterations}
         meta["loss_history"] = steps.history
         return SyntheticSet(syn.detach().cpu().contiguous(), labels, data.info, metadata=meta)

@@ -67,6 +67,7 @@ class DMHomEngine(DMEngine):
 
     name = "dm_hom"
     Config = DMHomConfig
+    resumable = False  # the random-feature stream is not checkpointed
 
     def distill(
         self,

@@ -114,6 +114,7 @@ class DPDMEngine(DMEngine):
     Config = DPDMConfig
     default_init = "noise"
     private = True
+    resumable = False  # releases are reserved in the ledger up front; a resumed run would spend them twice
 
     def distill(
         self,

@@ -25,6 +25,7 @@ of real-data training before any distillation (cached per client data afterwards
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -238,11 +239,19 @@ class MTTEngine(Engine):
         device: str | torch.device = "cpu",
         progress: Progress | None = None,
         seed: int = 0,
+        experts: Sequence[torch.Tensor] | None = None,
     ) -> SyntheticSet:
-        """See :meth:`Engine.distill`. Trains (or loads) the expert buffer first."""
+        """See :meth:`Engine.distill`. Trains (or loads) the expert buffer first.
+
+        ``experts`` (``[T, P]`` parameter vectors each, in the student's parameter
+        order) replaces the buffer: e.g. the server's recorded global-model
+        trajectory in DynaFed, where ``data`` only fixes the classes.
+        """
         cfg = self.config
         dev = resolve_device(device)
-        experts = [t.to(dev) for t in expert_trajectories(data, cfg, seed=seed, device=dev).values()]
+        if experts is None:
+            experts = list(expert_trajectories(data, cfg, seed=seed, device=dev).values())
+        experts = [t.to(dev) for t in experts]
         images, labels = init_synthetic(data, ipc, init=init, seed=seed, min_class_samples=cfg.min_class_samples)
         net = build_model(cfg.model, data.info, seed=derive_seed(seed, "mtt-student"), **cfg.model_kwargs).to(dev)
         model = FlatModel(net)

@@ -4,7 +4,7 @@ The Flower layer (``clients/``, ``strategies/``) only moves records between thes
 functions; everything here is plain torch/numpy and testable without Flower.
 """
 
-from fedistill.federated.client import distill_task, evaluate_task, fit_task
+from fedistill.federated.client import distill_task, evaluate_task, fit_task, stats_task
 from fedistill.federated.node import NodeDataError, node_split, partition_indices
 from fedistill.federated.server import (
     ClientFailure,
@@ -29,5 +29,6 @@ __all__ = [
     "merge_sets",
     "node_split",
     "partition_indices",
+    "stats_task",
     "weighted_average",
 ]

@@ -20,14 +20,26 @@ from fedistill.data.synthetic import SyntheticSet
 from fedistill.engines import ENGINES, build_engine, resolve_device
 from fedistill.engines.base import NothingToDistillError
 from fedistill.evaluation import EvalRecipe, ModelSpec, test_metrics, train_model
+from fedistill.federated.attacks import poison_split, poison_synthetic
+from fedistill.federated.fedaf import class_stats
 from fedistill.models import build_model
 from fedistill.privacy import PrivacyLedger
 from fedistill.registry import Registry
 
-__all__ = ["FAULTS", "client_ledger", "distill_task", "evaluate_task", "fit_task", "model_spec"]
+__all__ = [
+    "ENGINE_INPUTS",
+    "FAULTS",
+    "client_ledger",
+    "distill_task",
+    "evaluate_task",
+    "fit_task",
+    "model_spec",
+    "stats_task",
+]
 
 FAULTS: Registry[Callable[[SyntheticSet], SyntheticSet]] = Registry("fault")
-"""Deliberate client misbehaviour: ``crash`` raises; the others corrupt the reply."""
+"""Deliberate client misbehaviour: ``crash`` raises; the others corrupt the reply (``noise``
+passes validation: only a screening server policy can catch it)."""
 
 
 class InjectedFault(RuntimeError):
@@ -42,6 +54,13 @@ def _crash(syn: SyntheticSet) -> SyntheticSet:
 @FAULTS.register("nan")
 def _nan(syn: SyntheticSet) -> SyntheticSet:
     syn.images[0, 0, 0, 0] = float("nan")
+    return syn
+
+
+@FAULTS.register("noise")
+def _noise(syn: SyntheticSet) -> SyntheticSet:
+    """A well-formed but useless set (a broken or poisoning client): Gaussian noise images."""
+    syn.images = torch.randn(syn.images.shape, generator=torch.Generator().manual_seed(0)) * syn.images.std()
     return syn
 
 
@@ -72,12 +91,29 @@ def model_spec(model: Mapping[str, Any]) -> ModelSpec:
     return ModelSpec(opts.pop("name"), opts)
 
 
+@FAULTS.register("slow")
+def _slow(syn: SyntheticSet) -> SyntheticSet:
+    return syn  # the delay happens before any work (``_setup``)
+
+
+@FAULTS.register("timeout")
+def _timeout(syn: SyntheticSet) -> SyntheticSet:
+    return syn  # the client sleeps past the server's round timeout (``_setup``)
+
+
 def _setup(task: Mapping[str, Any]) -> torch.device:
-    """Threads and device for a task; a ``crash`` fault raises here, before any work."""
-    if task.get("fault") == "crash":
+    """Threads and device for a task; ``crash`` raises and ``slow``/``timeout`` sleep here, before any work."""
+    fault = task.get("fault")
+    if fault == "crash":
         FAULTS.get("crash")(None)  # type: ignore[arg-type]
+    if fault in ("slow", "timeout"):
+        time.sleep(float(task.get("fault_seconds", 3.0)))
     torch.set_num_threads(max(1, int(task.get("threads", 1))))
     return resolve_device(task.get("device", "cpu"))
+
+
+ENGINE_INPUTS = ("global_logits",)
+"""Server arrays a client passes on to its engine's ``distill`` (FedAF's global class logits)."""
 
 
 def client_ledger(
@@ -104,13 +140,16 @@ def distill_task(
     task: Mapping[str, Any],
     *,
     base_state: dict[str, torch.Tensor] | None = None,
+    inputs: Mapping[str, torch.Tensor] | None = None,
     ledger_state: Mapping[str, Any] | None = None,
 ) -> tuple[SyntheticSet | None, dict[str, Any]]:
     """Distill this client's data with the task's engine.
 
-    A differentially private engine continues the client's ledger (``ledger_state``, the
-    node's own copy, or the server's copy in the task), plans its noise over the task's
-    ``rounds`` and refuses a release over budget (:class:`~fedistill.privacy.BudgetExceededError`).
+    ``base_state`` (the global model) and ``inputs`` (arrays named in
+    :data:`ENGINE_INPUTS`) are passed to the engine when given. A differentially
+    private engine continues the client's ledger (``ledger_state``, the node's own copy,
+    or the server's copy in the task), plans its noise over the task's ``rounds`` and
+    refuses a release over budget (:class:`~fedistill.privacy.BudgetExceededError`).
     The updated ledger is in ``synthetic.metadata["privacy"]["ledger"]``.
 
     Returns
@@ -125,6 +164,10 @@ def distill_task(
     spec = model_spec(task["model"])
     options = dict(task.get("method_options", {}))
     extra: dict[str, Any] = {"base_state": base_state} if base_state is not None else {}
+    unknown = sorted(set(inputs or {}) - set(ENGINE_INPUTS))
+    if unknown:
+        raise ValueError(f"unexpected engine inputs {unknown}; valid: {list(ENGINE_INPUTS)}")
+    extra |= dict(inputs or {})
     if ENGINES.get(task["method"]).private:
         if options.get("planned_rounds") is None:
             options["planned_rounds"] = int(task.get("rounds", 1))
@@ -132,12 +175,14 @@ def distill_task(
     engine = build_engine(task["method"], model=spec.name, model_kwargs=spec.kwargs, **options)
     init = engine.resolve_init(task.get("init", "auto"))
     metrics = {"examples": len(split), "class_counts": split.class_counts().tolist()}
+    split = poison_split(split, task.get("attack"), int(task["seed"]))
     try:
         syn = engine.distill(split, int(task["ipc"]), init=init, device=device, seed=int(task["seed"]), **extra)
     except NothingToDistillError:
         syn = None
     if "ledger" in extra:
         metrics["epsilon"] = round(extra["ledger"].epsilon, 6)
+    syn = poison_synthetic(syn, task.get("attack"))
     if syn is not None:
         syn.metadata.pop("loss_history", None)
         if task.get("fault"):
@@ -156,6 +201,7 @@ def fit_task(
     """Local SGD from the global ``state`` on this client's data (the FedAvg baseline)."""
     device = _setup(task)
     start = time.perf_counter()
+    split = poison_split(split, task.get("attack"), int(task["seed"]))
     model = train_model(
         model_spec(task["model"]),
         split.info,
@@ -184,3 +230,23 @@ def evaluate_task(split: Split, state: dict[str, torch.Tensor], task: Mapping[st
     model.load_state_dict(state)
     acc, loss = test_metrics(model, split, device=device)
     return {"examples": len(split), "accuracy": acc, "loss": loss}
+
+
+def stats_task(
+    split: Split, state: dict[str, torch.Tensor], task: Mapping[str, Any]
+) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """FedAF's class statistics of the global ``state`` on this client's real data.
+
+    Returns
+    -------
+    tensors, metrics
+        :func:`fedistill.federated.fedaf.class_stats` (``class_logits``, ``class_soft``,
+        ``class_counts``) at ``task["temperature"]`` and ``{"examples", "seconds"}``.
+    """
+    device = _setup(task)
+    start = time.perf_counter()
+    spec = model_spec(task["model"])
+    model = build_model(spec.name, split.info, **spec.kwargs)
+    model.load_state_dict(state)
+    stats = class_stats(model, split, temperature=float(task.get("temperature", 2.0)), device=device)
+    return stats, {"examples": len(split), "seconds": round(time.perf_counter() - start, 3)}

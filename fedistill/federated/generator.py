@@ -174,7 +174,7 @@ def latent_task(
             generator_state=state,
         )
         tensors, meta = encode_latents(syn)
-        if task.get("fault"):
+        if str(task.get("fault")) in LATENT_FAULTS:  # others (crash, slow, timeout) act in _setup
             tensors = LATENT_FAULTS.get(str(task["fault"]))(tensors, split.info.num_classes)
     except NothingToDistillError:
         pass

@@ -9,8 +9,8 @@ accepts only the expected arrays and runs :meth:`SyntheticSet.validate` against 
 from __future__ import annotations
 
 import time
-from collections.abc import Mapping, Sequence
-from dataclasses import asdict, dataclass
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -18,19 +18,22 @@ import torch
 
 from fedistill.data.base import DataBundle, DatasetInfo
 from fedistill.data.synthetic import SyntheticSet, SyntheticSetError
-from fedistill.evaluation import EvalRecipe, ModelSpec, test_metrics, train_model
+from fedistill.evaluation import EvalRecipe, ModelSpec, random_subset, test_metrics, train_model
 from fedistill.io import atomic_save_tensors
 from fedistill.models import build_model
 from fedistill.seeding import derive_seed
 
 __all__ = [
+    "FAULT_OPTIONS",
     "PAYLOAD_KEYS",
     "ClientFailure",
     "FederationError",
     "GlobalModel",
+    "assign_faults",
     "decode_synthetic",
     "encode_synthetic",
     "merge_sets",
+    "random_baseline",
     "weighted_average",
 ]
 
@@ -159,8 +162,19 @@ class GlobalModel:
         model = build_model(spec.name, bundle.info, seed=derive_seed(seed, "global-init"), **spec.kwargs)
         self.state = {k: v.detach().clone() for k, v in model.state_dict().items()}
 
-    def train_on(self, syn: SyntheticSet, *, round_: int) -> float:
-        """Train on ``syn`` (soft labels when present); returns seconds spent."""
+    def train_on(
+        self,
+        syn: SyntheticSet,
+        *,
+        round_: int,
+        weights: torch.Tensor | None = None,
+        regularizer: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
+    ) -> float:
+        """Train on ``syn`` (soft labels when present); returns seconds spent.
+
+        ``weights`` (per row) and ``regularizer`` (``(logits, targets) -> loss``) are
+        passed to :func:`~fedistill.evaluation.train_model`.
+        """
         start = time.perf_counter()
         targets = syn.soft_labels if syn.soft_labels is not None else syn.hard_labels
         model = train_model(
@@ -172,6 +186,8 @@ class GlobalModel:
             seed=derive_seed(self.seed, "global-train", round_),
             device=self.device,
             init_state=self.state if self.continue_training else None,
+            sample_weights=weights,
+            regularizer=regularizer,
         )
         self.state = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
         return time.perf_counter() - start
@@ -182,6 +198,88 @@ class GlobalModel:
         model.load_state_dict(self.state)
         return test_metrics(model, self.bundle.test, device=self.device)
 
+    def backdoor_success(self, attack: Mapping[str, Any]) -> float:
+        """Attack success rate (fraction) of a backdoor ``attack`` on the current weights."""
+        from fedistill.federated.attacks import attack_success_rate
+
+        model = build_model(self.spec.name, self.bundle.info, **self.spec.kwargs).to(self.device)
+        model.load_state_dict(self.state)
+        return attack_success_rate(
+            model,
+            self.bundle.test,
+            target=int(attack.get("target", 0)),
+            device=self.device,
+            trigger_size=int(attack.get("trigger_size", 2)),
+        )
+
     def save(self, path: str | Path) -> Path:
         """Write the weights as safetensors (atomically)."""
         return atomic_save_tensors(path, self.state, metadata={"model": self.spec.name})
+
+
+def random_baseline(model: GlobalModel, labels: torch.Tensor, *, epochs: int) -> dict[str, Any]:
+    """A fresh model with ``model``'s architecture and recipe, trained ``epochs`` on random real images.
+
+    The images are drawn from the server's training split with the per-class counts of
+    ``labels`` (a synthetic set's labels): the baseline every synthetic set must beat.
+    """
+    real = random_subset(model.bundle.train, labels, seed=model.seed)
+    recipe = replace(model.recipe, epochs=int(epochs))
+    baseline = GlobalModel(
+        model.spec, model.bundle, recipe=recipe, device=model.device, seed=model.seed, continue_training=False
+    )
+    baseline.train_on(SyntheticSet(real.images, real.labels, model.bundle.info), round_=0)
+    acc, _ = baseline.evaluate()
+    return {"images": len(real), "epochs": recipe.epochs, "accuracy": round(100 * acc, 4)}
+
+
+#: Reserved keys of the ``faults`` config (not fault kinds).
+FAULT_OPTIONS = ("start_round", "slow_seconds")
+
+
+def assign_faults(
+    faults: Mapping[str, Any], clients: Sequence[str], *, seed: int, kinds: Sequence[str]
+) -> dict[str, str]:
+    """Which client gets which injected fault.
+
+    ``faults`` maps a partition id to a kind (``{"3": "crash"}``) or a kind to the
+    fraction of clients that get it (``{"crash": 0.2, "slow": 0.1}``, chosen from the seed,
+    disjoint across kinds and from explicitly assigned clients); ``start_round`` and
+    ``slow_seconds`` are options, not kinds.
+
+    Raises
+    ------
+    FederationError
+        For an unknown kind or a fraction outside [0, 1], naming the valid kinds.
+    """
+    import numpy as np
+
+    from fedistill.seeding import numpy_rng
+
+    plan: dict[str, str] = {}
+    fractions: dict[str, float] = {}
+    for key, value in faults.items():
+        key = str(key)
+        if key in FAULT_OPTIONS:
+            continue
+        if key.isdigit():
+            kind = str(value)  # Hydra parses `nan` as a float
+            if kind not in kinds:
+                raise FederationError(f"faults.{key}={kind}: unknown fault; valid: {', '.join(kinds)}")
+            plan[f"p{key}"] = kind
+        elif key in kinds:
+            frac = float(value)
+            if not 0 <= frac <= 1:
+                raise FederationError(f"faults.{key}={value}: a fraction of clients must lie in [0, 1]")
+            fractions[key] = frac
+        else:
+            raise FederationError(
+                f"faults.{key}: neither a partition id nor a fault kind; kinds: {', '.join(kinds)}; "
+                f"options: {', '.join(FAULT_OPTIONS)}"
+            )
+    for kind, frac in sorted(fractions.items()):
+        free = [c for c in clients if c not in plan]
+        count = min(len(free), int(np.ceil(frac * len(clients) - 1e-9)))
+        for i in sorted(numpy_rng(seed, "faults", kind).choice(len(free), size=count, replace=False)):
+            plan[free[i]] = kind
+    return plan

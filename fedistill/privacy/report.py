@@ -114,4 +114,6 @@ def privacy_line(privacy: Mapping[str, Any] | None) -> str:
             f"privacy: epsilon {privacy['epsilon_spent']:.3f} of {privacy.get('target_epsilon')} "
             f"(delta {delta:g}, sigma {privacy['sigma']:.3f}, {privacy['releases']} releases, record-level)"
         )
-    return f"privacy: epsilon {privacy['epsilon']:.3f} (delta {delta:g}, {privacy.get('level', '')})"
+    if "epsilon" in privacy:
+        return f"privacy: epsilon {privacy['epsilon']:.3f} (delta {delta:g}, {privacy.get('level', '')})"
+    return "privacy: no DP; released without noise: " + "; ".join(p.split(":")[0] for p in privacy.get("public", []))

@@ -1,0 +1,312 @@
+"""Server policies for the synthetic sets clients send: how a round's sets become training data.
+
+A policy takes the accepted ``(client, SyntheticSet)`` parts of a round and returns
+the set the global model trains on, optional per-row loss weights, and the clients it
+dropped with the reason. Policies are registered by name (``policy=screen``):
+
+``union`` (default)
+    All rows, with per-class weights ``1 / (clients holding the class)`` (normalized to
+    mean 1), so a class many clients distilled does not outweigh a rare one.
+``balance``
+    Class-balanced resampling: every class is topped up with replacement to the largest
+    class's row count (the union's rows come first, so provenance stays valid).
+``redistill``
+    Compress the union to exactly ``budget_ipc`` images per class with a registered
+    engine run on the server.
+``screen``
+    Drop clients whose per-class embedding prototypes lie far from the robust (median)
+    prototype of the clients holding that class; the union of the rest, reweighted.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import inspect
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from fedistill.data.base import DatasetInfo, Split
+from fedistill.data.synthetic import SyntheticSet
+from fedistill.engines import ENGINES, build_engine
+from fedistill.evaluation import EvalRecipe, ModelSpec, test_metrics, train_model
+from fedistill.federated.server import FederationError, merge_sets
+from fedistill.models import build_model
+from fedistill.registry import Registry
+from fedistill.seeding import derive_seed, torch_generator
+
+__all__ = ["POLICIES", "PolicyContext", "PolicyResult", "apply_policy", "class_holders", "register_policy"]
+
+Parts = Sequence[tuple[str, SyntheticSet]]
+
+
+@dataclass
+class PolicyContext:
+    """What a policy may use besides the parts.
+
+    Attributes
+    ----------
+    info
+        The server's dataset description.
+    model
+        The global model's architecture (embeddings for ``screen``, the engine's network for ``redistill``).
+    ipc
+        The run's images per class (``redistill``'s default budget).
+    seed, round_
+        Drive the policy's random streams.
+    device
+        Where server-side computation runs.
+    state
+        The global model's current weights (``screen`` embeds with them), or ``None``.
+    val
+        A server-held validation split (``screen``'s optional loss check), or ``None``.
+    """
+
+    info: DatasetInfo
+    model: ModelSpec
+    ipc: int
+    seed: int
+    round_: int
+    device: torch.device
+    state: Mapping[str, torch.Tensor] | None = None
+    val: Split | None = None
+
+
+@dataclass
+class PolicyResult:
+    """A policy's output: the training set, per-row weights (or ``None``), dropped clients, extra metrics."""
+
+    synthetic: SyntheticSet
+    weights: torch.Tensor | None = None
+    dropped: list[dict[str, Any]] = field(default_factory=list)
+    metrics: dict[str, Any] = field(default_factory=dict)
+
+
+Policy = Callable[..., PolicyResult]
+POLICIES: Registry[Policy] = Registry("policy")
+register_policy = POLICIES.register
+
+
+def apply_policy(name: str, parts: Parts, ctx: PolicyContext, **options: Any) -> PolicyResult:
+    """Run the policy registered as ``name`` with keyword ``options``; adds ``policy_seconds``.
+
+    Raises
+    ------
+    UnknownNameError
+        For an unknown policy (the message lists the valid ones).
+    TypeError
+        For an option the policy does not take (the message lists the valid ones).
+    """
+    fn = POLICIES.get(name)
+    valid = [p.name for p in inspect.signature(fn).parameters.values() if p.kind is inspect.Parameter.KEYWORD_ONLY]
+    unknown = sorted(set(options) - set(valid))
+    if unknown:
+        raise TypeError(f"policy {name!r}: unknown option(s) {unknown}; valid options: {valid}")
+    if not parts:
+        raise FederationError("no synthetic set to aggregate")
+    start = time.perf_counter()
+    result = fn(parts, ctx, **options)
+    result.metrics["policy_seconds"] = round(time.perf_counter() - start, 3)
+    return result
+
+
+def class_holders(parts: Parts, num_classes: int) -> torch.Tensor:
+    """``[K]`` number of parts with at least one row of each class."""
+    held = [torch.bincount(s.hard_labels, minlength=num_classes) > 0 for _, s in parts]
+    return torch.stack(held).sum(0)
+
+
+def _holder_weights(syn: SyntheticSet, holders: torch.Tensor) -> torch.Tensor:
+    w = 1.0 / holders[syn.hard_labels].clamp(min=1).float()
+    return w * (len(w) / w.sum())
+
+
+@register_policy("union")
+def union(parts: Parts, ctx: PolicyContext, *, reweight: bool = True) -> PolicyResult:
+    """All rows; per-class weights ``1 / holders`` (normalized to mean 1) when ``reweight``."""
+    syn = merge_sets(parts, ctx.info)
+    weights = _holder_weights(syn, class_holders(parts, ctx.info.num_classes)) if reweight else None
+    return PolicyResult(syn, weights)
+
+
+@register_policy("balance")
+def balance(parts: Parts, ctx: PolicyContext) -> PolicyResult:
+    """Top every class up, by resampling its rows with replacement, to the largest class's count."""
+    syn = merge_sets(parts, ctx.info)
+    labels = syn.hard_labels
+    counts = torch.bincount(labels, minlength=ctx.info.num_classes)
+    target = int(counts.max())
+    g = torch_generator(ctx.seed, "policy-balance", ctx.round_)
+    extra = []
+    for c in torch.nonzero(counts).flatten().tolist():
+        idx = torch.nonzero(labels == c).flatten()
+        extra.append(idx[torch.randint(len(idx), (target - len(idx),), generator=g)])
+    rows = torch.cat([torch.arange(len(syn)), *extra])
+    out = SyntheticSet(
+        syn.images[rows],
+        labels[rows],
+        ctx.info,
+        None if syn.soft_labels is None else syn.soft_labels[rows],
+        metadata={**syn.metadata, "policy": "balance", "duplicates": len(rows) - len(syn)},
+    )
+    return PolicyResult(out, metrics={"duplicates": len(rows) - len(syn)})
+
+
+@register_policy("redistill")
+def redistill(
+    parts: Parts,
+    ctx: PolicyContext,
+    *,
+    budget_ipc: int | None = None,
+    method: str = "dm",
+    method_options: Mapping[str, Any] | None = None,
+) -> PolicyResult:
+    """Distill the union again on the server to exactly ``budget_ipc`` (default ``ipc``) images per class.
+
+    The union's rows are the engine's "real" data; classes with fewer rows than the
+    budget are padded with noise images where the engine supports it, so the result
+    always has the budget.
+    """
+    budget = int(budget_ipc or ctx.ipc)
+    union_set = merge_sets(parts, ctx.info)
+    opts = dict(method_options or {})
+    fields = {f.name for f in dataclasses.fields(ENGINES.get(method).Config)}
+    opts |= {k: v for k, v in (("pad_small_classes", True), ("min_class_samples", 1)) if k in fields}
+    engine = build_engine(method, model=ctx.model.name, model_kwargs=dict(ctx.model.kwargs), **opts)
+    data = Split(union_set.images, union_set.hard_labels, ctx.info)
+    seed = derive_seed(ctx.seed, "policy-redistill", ctx.round_)
+    syn = engine.distill(data, budget, init="real", device=ctx.device, seed=seed)
+    syn.metadata.pop("loss_history", None)
+    present = torch.bincount(union_set.hard_labels, minlength=ctx.info.num_classes) > 0
+    got = torch.bincount(syn.hard_labels, minlength=ctx.info.num_classes)
+    if not torch.equal(got, present.long() * budget):
+        raise FederationError(f"redistill with method={method} returned {got.tolist()} rows per class, not {budget}")
+    provenance = [{"client": c, "rows": len(s)} for c, s in parts]
+    syn.metadata.update(policy="redistill", budget_ipc=budget, sources=provenance, union_images=len(union_set))
+    return PolicyResult(syn, metrics={"union_images": len(union_set)})
+
+
+@register_policy("screen")
+def screen(
+    parts: Parts,
+    ctx: PolicyContext,
+    *,
+    threshold: float = 3.5,
+    min_holders: int = 3,
+    reweight: bool = True,
+    val_epochs: int = 0,
+    val_lr: float = 0.1,
+    val_margin: float = 0.02,
+) -> PolicyResult:
+    """Drop clients whose class prototypes lie far from the robust (median) prototype.
+
+    For every class held by at least ``min_holders`` clients: each client's prototype is
+    the mean embedding of its rows of that class (the global model's ``embed``: a seeded
+    initialization before the first update); the median prototype is the coordinate-wise
+    median over clients; a client's class score is the robust z-score of its distance to
+    it, ``(d - median(d)) / (1.4826 MAD(d))``. A client's score is the mean over its
+    screened classes (a mean, not the worst class: one few-sample class is noisy, a
+    poisoned or broken client is off in all of them); it is dropped above ``threshold``
+    (3.5, the usual cut-off for modified z-scores).
+
+    With ``val_epochs > 0`` the clients that pass are also checked on the server-held
+    validation split (``ctx.val``): the global model is trained ``val_epochs`` on the
+    union of the passing sets and on that union without each client in turn (SGD at
+    ``val_lr``, batches of 64, from the global weights); a client
+    whose set raises the validation loss by more than ``val_margin`` is dropped too.
+    At most half of the clients are dropped (the worst first); the rest are merged as by
+    ``union``.
+    """
+    ratios = _prototype_scores(parts, ctx, min_holders=min_holders)
+    scores = [sum(r.values()) / len(r) if r else 0.0 for r in ratios]
+    flagged = sorted((i for i, s in enumerate(scores) if s > threshold), key=lambda i: -scores[i])
+    dropped = []
+    for i in flagged:
+        worst = max(ratios[i], key=ratios[i].get)
+        reason = (
+            f"distance of its class prototypes from the median prototype has a mean robust z-score of "
+            f"{scores[i]:.1f} over {len(ratios[i])} classes (threshold {threshold}; worst: class {worst}, "
+            f"{ratios[i][worst]:.1f})"
+        )
+        dropped.append({"client": parts[i][0], "reason": reason, "score": round(scores[i], 3)})
+    if val_epochs > 0:
+        dropped += _loss_screen(parts, ctx, set(flagged), epochs=val_epochs, lr=val_lr, margin=val_margin)
+    gone = {d["client"] for d in dropped[: len(parts) // 2]}
+    dropped = [d for d in dropped if d["client"] in gone]
+    kept = [p for p in parts if p[0] not in gone]
+    result = union(kept, ctx, reweight=reweight)
+    result.dropped = dropped
+    result.metrics["scores"] = {parts[i][0]: round(s, 3) for i, s in enumerate(scores)}
+    return result
+
+
+def _prototype_scores(parts: Parts, ctx: PolicyContext, *, min_holders: int) -> list[dict[int, float]]:
+    """Per client, ``{class: robust z-score of its prototype's distance from the median prototype}``."""
+    embed = _embedder(ctx)
+    protos: list[dict[int, torch.Tensor]] = []
+    with torch.no_grad():
+        for _, syn in parts:
+            emb = embed(syn.images.to(ctx.device)).float().cpu()
+            labels = syn.hard_labels
+            protos.append({c: emb[labels == c].mean(0) for c in labels.unique().tolist()})
+    ratios: list[dict[int, float]] = [{} for _ in parts]
+    for c in range(ctx.info.num_classes):
+        holders = [i for i, p in enumerate(protos) if c in p]
+        if len(holders) < min_holders:
+            continue
+        stack = torch.stack([protos[i][c] for i in holders])
+        dist = (stack - stack.median(0).values).norm(dim=1)
+        mid = float(dist.median())
+        mad = max(1.4826 * float((dist - mid).abs().median()), 1e-3 * mid + 1e-8)
+        for i, d in zip(holders, dist.tolist(), strict=True):
+            ratios[i][c] = (d - mid) / mad
+    return ratios
+
+
+def _embedder(ctx: PolicyContext) -> Callable[[torch.Tensor], torch.Tensor]:
+    net = build_model(ctx.model.name, ctx.info, seed=derive_seed(ctx.seed, "policy-screen"), **ctx.model.kwargs)
+    if ctx.state is not None:
+        net.load_state_dict(dict(ctx.state))
+    net = net.to(ctx.device).eval()
+    return net.embed
+
+
+def _loss_screen(
+    parts: Parts, ctx: PolicyContext, skip: set[int], *, epochs: int, lr: float, margin: float
+) -> list[dict[str, Any]]:
+    """Leave-one-out check on the validation split: which passing clients raise its loss by more than ``margin``."""
+    if ctx.val is None:
+        raise ValueError("policy screen with val_epochs > 0 needs a server-held validation split")
+    idx = [i for i in range(len(parts)) if i not in skip]
+    if len(idx) < 3:
+        return []
+    recipe = EvalRecipe(epochs=epochs, lr=lr, batch_size=64, dsa=False, lr_decay=False)
+
+    def val_loss(members: list[int]) -> float:
+        syn = merge_sets([parts[i] for i in members], ctx.info)
+        model = train_model(
+            ctx.model,
+            ctx.info,
+            syn.images,
+            syn.hard_labels,
+            recipe=recipe,
+            seed=derive_seed(ctx.seed, "policy-screen-val", ctx.round_),
+            device=ctx.device,
+            init_state=None if ctx.state is None else dict(ctx.state),
+        )
+        return test_metrics(model, ctx.val, device=ctx.device)[1]
+
+    full = val_loss(idx)
+    out = []
+    for i in idx:
+        without = val_loss([j for j in idx if j != i])
+        if full - without > margin:
+            reason = (
+                f"validation loss {full:.3f} with its set and {without:.3f} without "
+                f"(it raises the loss by more than val_margin={margin})"
+            )
+            out.append({"client": parts[i][0], "reason": reason, "score": round(full - without, 4)})
+    return sorted(out, key=lambda d: -d["score"])

@@ -1,0 +1,144 @@
+"""FedAF (Wang et al., CVPR 2024): aggregation-free federated learning by condensed data."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from flwr.serverapp import Grid
+
+from fedistill.federated import ClientFailure
+from fedistill.federated.fedaf import StatsError, aggregate_stats, knowledge_matching, validate_stats
+from fedistill.registry import UnknownNameError
+from strategies.base import Reply, register_strategy
+from strategies.distill import DistillStrategy
+from strategies.records import read_tensors
+
+__all__ = ["FedAF"]
+
+
+@register_strategy("fedaf")
+class FedAF(DistillStrategy):
+    """Two exchanges per round, no weight averaging.
+
+    1. ``query.stats``: the global model goes down; clients reply with class-wise mean
+       logits and soft labels on their real data; the server averages them over the
+       clients holding each class.
+    2. ``train.distill``: the global model and the global class logits go down; clients
+       condense with DM + ``lambda_loc`` x SWD to the global logits around re-sampled
+       copies of the global model (engine ``fedaf``) and send their synthetic sets.
+
+    The server trains the global model (continuing) on the sets, through the ``policy``,
+    with cross-entropy plus ``lambda_glob`` x the symmetric KL between the clients'
+    class soft labels and its own on the synthetic data.
+
+    With ``stats_exchange=piggyback`` the two become one: clients condense with the
+    previous round's global logits (no SWD term in round 1) and send this round's
+    statistics with their sets, so the global model goes down once per round.
+
+    Options (``strategy.*``): ``lambda_loc``, ``gamma``, ``projections`` (client
+    condensation), ``lambda_glob``, ``temperature`` (soft labels, both sides),
+    ``stats_exchange`` (``separate`` | ``piggyback``), ``server``.
+    """
+
+    name = "fedaf"
+    continue_training = True
+    checkpoint_attrs = (*DistillStrategy.checkpoint_attrs, "global_stats")
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.global_stats: dict[str, torch.Tensor] | None = None
+
+    def engine_task(self) -> dict[str, Any]:
+        """The ``method`` group's DM settings, run by the ``fedaf`` engine with FedAF's options."""
+        task = super().engine_task()
+        if task["method"] not in ("dm", "fedaf"):
+            raise UnknownNameError(
+                f"strategy=fedaf condenses by distribution matching and needs method=dm "
+                f"(got method={task['method']}); use strategy=oneshot for other engines"
+            )
+        task["method"] = "fedaf"
+        for key in ("lambda_loc", "gamma", "projections"):
+            if key in self.opts:
+                task["method_options"][key] = self.opts[key]
+        return task
+
+    def configure(self, round_: int) -> tuple[dict[str, Any], dict[str, torch.Tensor] | None]:
+        """The FedAF engine task and the current global weights."""
+        return self.engine_task(), self.global_model.state
+
+    def exchange(self, grid: Grid, round_: int, nodes: list[int]) -> tuple[list[Reply], list[ClientFailure], int, int]:
+        """Statistics and condensation, as two exchanges (``separate``) or one (``piggyback``)."""
+        mode = str(self.opts.get("stats_exchange", "separate"))
+        if mode == "separate":
+            return self._exchange_separate(grid, round_, nodes)
+        if mode == "piggyback":
+            return self._exchange_piggyback(grid, round_, nodes)
+        raise ValueError(f"unknown strategy.stats_exchange {mode!r}; valid: separate, piggyback")
+
+    def _exchange_separate(
+        self, grid: Grid, round_: int, nodes: list[int]
+    ) -> tuple[list[Reply], list[ClientFailure], int, int]:
+        """Gather and aggregate class statistics, then ask the clients that sent valid ones to condense."""
+        task = {"temperature": float(self.opts.get("temperature", 2.0))}
+        replies, failures, down, up = self.send(grid, round_, nodes, "query.stats", task, self.global_model.state)
+        ok = self._collect_stats(replies, failures)
+        if not ok:
+            return [], failures, down, up
+        task, arrays = self.configure(round_)
+        inputs = {"global_logits": self.global_stats["class_logits"]}  # type: ignore[index]
+        ready = [r.node for r in ok]
+        replies, more, down2, up2 = self.send(grid, round_, ready, self.message_type, task, arrays, inputs)
+        return replies, failures + more, down + down2, up + up2
+
+    def _exchange_piggyback(
+        self, grid: Grid, round_: int, nodes: list[int]
+    ) -> tuple[list[Reply], list[ClientFailure], int, int]:
+        """One exchange: clients condense with the previous round's global logits (none in round 1)
+        and send this round's statistics with their sets (half the downlink of ``separate``)."""
+        task, arrays = self.configure(round_)
+        task["stats_temperature"] = float(self.opts.get("temperature", 2.0))
+        inputs = None if self.global_stats is None else {"global_logits": self.global_stats["class_logits"]}
+        replies, failures, down, up = self.send(grid, round_, nodes, self.message_type, task, arrays, inputs)
+        return self._collect_stats(replies, failures), failures, down, up
+
+    def _collect_stats(self, replies: list[Reply], failures: list[ClientFailure]) -> list[Reply]:
+        """Validate every reply's ``stats`` record (failures appended), aggregate the valid ones; those replies."""
+        ok, stats = [], []
+        for r in replies:
+            try:
+                stats.append(validate_stats(read_tensors(r.msg.content.array_records["stats"]), self.num_classes))
+                ok.append(r)
+            except (KeyError, StatsError) as err:
+                failures.append(ClientFailure(r.node, r.client, "rejected", f"class statistics: {err}"))
+        if stats:
+            self.global_stats = aggregate_stats(stats)
+        return ok
+
+    @property
+    def num_classes(self) -> int:
+        """Classes of the server's dataset."""
+        return self.bundle.info.num_classes
+
+    def update(self, round_: int, accepted: list[Reply]) -> dict[str, Any]:
+        """Train the global model on the round's sets with CE + the knowledge-matching term; nothing is averaged."""
+        assert self.global_stats is not None
+        regularizer = knowledge_matching(
+            self.global_stats["class_soft"],
+            weight=float(self.opts.get("lambda_glob", 0.8)),
+            temperature=float(self.opts.get("temperature", 2.0)),
+        )
+        rec = self.train_global(round_, self.merge(round_, accepted), regularizer=regularizer)
+        rec["classes_held"] = int((self.global_stats["holders"] > 0).sum())
+        return rec
+
+    def finish(self) -> dict[str, Any]:
+        """The distillation summary, plus the side channels FedAF releases without noise."""
+        out = super().finish()
+        privacy = dict(out.get("privacy") or {})
+        privacy["public"] = [
+            *privacy.get("public", []),
+            "class_logits, class_soft: every client's class-wise mean logits and soft labels (query.stats), not noised",
+            "holders: which classes every client holds",
+        ]
+        return {**out, "privacy": privacy}

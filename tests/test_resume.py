@@ -1,0 +1,162 @@
+"""Crash-safe resume: a run killed with SIGKILL continues from its last checkpoint to the same result."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from test_cli import fedistill
+
+from fedistill.checkpoint import Checkpoint, CheckpointError
+from fedistill.data import SyntheticSet
+
+pytestmark = pytest.mark.slow
+
+CENTRAL = [
+    "method.iterations=60",
+    "method.batch_real=32",
+    "model.width=16",
+    "eval.epochs=3",
+    "eval.runs=1",
+    "device=cpu",
+    "ipc=2",
+    "checkpoint_every=5",
+]
+
+
+def _spawn(args: list[str], cwd: Path) -> subprocess.Popen:
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    cmd = [sys.executable, "-m", "fedistill.cli", *args]
+    return subprocess.Popen(
+        cmd, cwd=cwd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True
+    )
+
+
+def _descendants(pid: int) -> set[int]:
+    children: dict[int, list[int]] = {}
+    for d in Path("/proc").iterdir():
+        if d.name.isdigit():
+            try:
+                ppid = int((d / "stat").read_text().rsplit(")", 1)[1].split()[1])
+            except (OSError, IndexError, ValueError):
+                continue
+            children.setdefault(ppid, []).append(int(d.name))
+    out, todo = set(), [pid]
+    while todo:
+        for c in children.get(todo.pop(), []):
+            if c not in out:
+                out.add(c)
+                todo.append(c)
+    return out
+
+
+def _kill_when(proc: subprocess.Popen, ready, timeout: float = 300) -> None:
+    """SIGKILL the run and everything it started (Ray's daemons too) once ``ready()``."""
+    start = time.monotonic()
+    try:
+        while not ready():
+            assert proc.poll() is None, "the run finished before it could be killed"
+            assert time.monotonic() - start < timeout, "timed out waiting for the kill point"
+            time.sleep(0.05)
+    finally:
+        tree = _descendants(proc.pid)
+        os.killpg(proc.pid, signal.SIGKILL)
+        for pid in tree:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+        proc.wait()
+
+
+def _checkpoint_state(path: Path) -> dict:
+    if not path.is_file():
+        return {}
+    try:
+        from safetensors import safe_open
+
+        with safe_open(str(path), framework="pt") as f:
+            return json.loads(f.metadata()["fedistill-checkpoint"])["state"]
+    except Exception:  # being replaced right now
+        return {}
+
+
+def _checkpoint_iteration(path: Path) -> int:
+    return int(_checkpoint_state(path).get("iteration", 0))
+
+
+def _checkpoint_rounds(path: Path) -> int:
+    return len(_checkpoint_state(path).get("history", []))
+
+
+def test_central_resumes_after_sigkill_to_the_same_set(tmp_path):
+    full = tmp_path / "full"
+    fedistill("central", *CENTRAL, f"hydra.run.dir={full}", cwd=tmp_path)
+    killed = tmp_path / "killed"
+    proc = _spawn(["central", *CENTRAL, f"hydra.run.dir={killed}"], tmp_path)
+    ckpt = killed / "distill_checkpoint.safetensors"
+    _kill_when(proc, lambda: _checkpoint_iteration(ckpt) >= 20)
+    assert not (killed / "synthetic.safetensors").exists()  # it really died mid-distillation
+    assert 20 <= _checkpoint_iteration(ckpt) < 60
+    fedistill("central", f"resume={killed}", cwd=tmp_path)
+    a, b = SyntheticSet.load(full / "synthetic.safetensors"), SyntheticSet.load(killed / "synthetic.safetensors")
+    assert torch.equal(a.images, b.images) and torch.equal(a.labels, b.labels)
+    sa, sb = (json.loads((d / "summary.json").read_text()) for d in (full, killed))
+    assert sa["accuracy"] == sb["accuracy"] and sb["status"] == "done"
+    again = fedistill("central", f"resume={killed}", cwd=tmp_path, check=False)
+    assert again.returncode == 1 and "nothing to resume" in again.stderr
+
+
+def test_checkpoint_refuses_another_configuration_and_corruption(tmp_path):
+    path = tmp_path / "c.safetensors"
+    Checkpoint(path, key="a").save({"x": torch.ones(2)}, {"iteration": 3})
+    tensors, state = Checkpoint(path, key="a").load()
+    assert torch.equal(tensors["x"], torch.ones(2)) and state == {"iteration": 3}
+    with pytest.raises(CheckpointError, match="different configuration"):
+        Checkpoint(path, key="b").load()
+    path.write_bytes(path.read_bytes()[:20])
+    with pytest.raises(CheckpointError, match=r"unreadable checkpoint.*delete it"):
+        Checkpoint(path, key="a").load()
+    assert Checkpoint(tmp_path / "none.safetensors", key="a").load() is None
+
+
+SIMULATE = [
+    "strategy=fedavg",
+    "clients=3",
+    "rounds=4",
+    "strategy.local_epochs=1",
+    "model.width=16",
+    "device=cpu",
+    "client.num_cpus=1",
+]
+
+
+def test_simulate_resumes_after_sigkill_to_the_same_model(tmp_path):
+    """A FedAvg run killed after round 2 of 4 and resumed ends with the uninterrupted run's
+    metrics and global model, bit for bit on CPU."""
+    from fedistill.io import load_tensors
+
+    full = tmp_path / "full"
+    fedistill("simulate", *SIMULATE, f"hydra.run.dir={full}", cwd=tmp_path)
+    killed = tmp_path / "killed"
+    proc = _spawn(["simulate", *SIMULATE, f"hydra.run.dir={killed}"], tmp_path)
+    _kill_when(proc, lambda: _checkpoint_rounds(killed / "checkpoint.safetensors") >= 2)
+    assert json.loads((killed / "summary.json").read_text())["status"] == "running"
+    done = _checkpoint_rounds(killed / "checkpoint.safetensors")
+    assert 2 <= done < 4
+    fedistill("simulate", f"resume={killed}", cwd=tmp_path)
+    sa, sb = (json.loads((d / "summary.json").read_text()) for d in (full, killed))
+    assert sb["status"] == "done" and sb["accuracy_history"] == sa["accuracy_history"]
+    assert sb["final_accuracy"] == sa["final_accuracy"]
+    # bytes include JSON metric records whose timings differ in digits between runs: equal up to a few bytes
+    assert abs(sb["bytes_up"] - sa["bytes_up"]) < 64
+    a, b = load_tensors(full / "global_model.safetensors"), load_tensors(killed / "global_model.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    events = [json.loads(line)["event"] for line in (killed / "metrics.jsonl").read_text().splitlines()]
+    assert "resumed" in events
