@@ -10,6 +10,7 @@ from flwr.serverapp import Grid
 from flwr.serverapp.exception import PrivacyBudgetExhausted
 
 from fedistill.federated import ClientFailure, FederationError, weighted_average
+from fedistill.federated.server import state_problem
 from strategies.base import Reply, Strategy, register_strategy
 from strategies.dp_fedavg import FlowerCentralDP
 from strategies.records import read_tensors
@@ -74,7 +75,7 @@ class FedAvg(Strategy):
             except KeyError:
                 bad.append(ClientFailure(r.node, r.client, "rejected", "reply has no 'model' ArrayRecord"))
                 continue
-            problem = _state_problem(state, ref)
+            problem = state_problem(state, ref)
             if problem:
                 bad.append(ClientFailure(r.node, r.client, "rejected", problem))
                 continue
@@ -104,14 +105,3 @@ class FedAvg(Strategy):
     def finish(self) -> dict[str, Any]:
         """The privacy summary of a DP run."""
         return {} if self.dp is None else {"privacy": self.dp.summary()}
-
-
-def _state_problem(state: dict[str, torch.Tensor], ref: dict[str, torch.Tensor]) -> str:
-    if set(state) != set(ref):
-        return f"model keys differ from the global model's (missing {sorted(set(ref) - set(state))[:3]})"
-    for k, v in ref.items():
-        if state[k].shape != v.shape:
-            return f"model['{k}'] has shape {tuple(state[k].shape)}, expected {tuple(v.shape)}"
-        if state[k].is_floating_point() and not torch.isfinite(state[k]).all():
-            return f"model['{k}'] contains NaN or infinite values"
-    return ""

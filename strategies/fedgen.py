@@ -12,11 +12,11 @@ from flwr.serverapp import Grid
 from fedistill.engines.gen import CVAE, generator_digest, new_cvae
 from fedistill.federated import ClientFailure, FederationError, weighted_average
 from fedistill.federated.generator import build_generator, decode_latent_payload, reconstruction_error
+from fedistill.federated.server import state_problem
 from fedistill.io import atomic_save_tensors, load_tensors
 from fedistill.registry import UnknownNameError
 from strategies.base import Reply, register_strategy
 from strategies.distill import DistillStrategy
-from strategies.fedavg import _state_problem
 from strategies.records import read_json, read_tensors, tensor_record
 
 __all__ = ["FedGen"]
@@ -68,7 +68,7 @@ class FedGen(DistillStrategy):
         if not path.is_file():
             raise FederationError(f"strategy.generator_path={path} does not exist (a safetensors CVAE state dict)")
         state = load_tensors(path)
-        problem = _state_problem(state, ref)
+        problem = state_problem(state, ref)
         if problem:
             raise FederationError(
                 f"strategy.generator_path={path}: {problem}; method.latent_dim and method.hidden must match it"
@@ -114,7 +114,7 @@ class FedGen(DistillStrategy):
         if "model" not in records:
             return "reply has no 'model' ArrayRecord"
         state = read_tensors(records["model"])
-        problem = _state_problem(state, self.generator_state)
+        problem = state_problem(state, self.generator_state)
         r.metrics["state"] = state
         return problem
 

@@ -34,6 +34,7 @@ __all__ = [
     "encode_synthetic",
     "merge_sets",
     "random_baseline",
+    "state_problem",
     "weighted_average",
 ]
 
@@ -283,3 +284,15 @@ def assign_faults(
         for i in sorted(numpy_rng(seed, "faults", kind).choice(len(free), size=count, replace=False)):
             plan[free[i]] = kind
     return plan
+
+
+def state_problem(state: Mapping[str, torch.Tensor], ref: Mapping[str, torch.Tensor]) -> str:
+    """Why a client's weights cannot be averaged with ``ref`` (keys, shapes, finiteness); ``""`` when they can."""
+    if set(state) != set(ref):
+        return f"model keys differ from the global model's (missing {sorted(set(ref) - set(state))[:3]})"
+    for k, v in ref.items():
+        if state[k].shape != v.shape:
+            return f"model['{k}'] has shape {tuple(state[k].shape)}, expected {tuple(v.shape)}"
+        if state[k].is_floating_point() and not torch.isfinite(state[k]).all():
+            return f"model['{k}'] contains NaN or infinite values"
+    return ""
