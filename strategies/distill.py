@@ -13,6 +13,7 @@ from fedistill.federated import ClientFailure, decode_synthetic
 from fedistill.federated.policies import PolicyContext, PolicyResult, apply_policy
 from fedistill.federated.server import random_baseline
 from fedistill.privacy import ClientLedgers
+from fedistill.registry import UnknownNameError
 from fedistill.reporting import save_grid
 from strategies.base import Reply, Strategy
 from strategies.records import read_json, read_tensors
@@ -57,6 +58,24 @@ class DistillStrategy(Strategy):
             "init": str(self.cfg.get("init", "auto")),
             "rounds": self.rounds,
         }
+
+    def dm_engine_task(self, engine: str, options: tuple[str, ...], why: str) -> dict[str, Any]:
+        """The ``method`` group's DM settings run by the strategy's own DM variant ``engine``.
+
+        ``options`` are strategy keys (``strategy.*``) that override the engine's; ``why``
+        says in the error why another ``method`` cannot be used.
+        """
+        task = DistillStrategy.engine_task(self)  # the method group itself, not the subclass override
+        if task["method"] not in ("dm", engine):
+            raise UnknownNameError(
+                f"strategy={self.name} {why} and needs method=dm (got method={task['method']}); "
+                "use strategy=oneshot for other engines"
+            )
+        task["method"] = engine
+        for key in options:
+            if key in self.opts:
+                task["method_options"][key] = self.opts[key]
+        return task
 
     def max_client_images(self) -> int:
         """Per-client size cap on a synthetic-set reply."""

@@ -9,7 +9,6 @@ from flwr.serverapp import Grid
 
 from fedistill.federated import ClientFailure
 from fedistill.federated.fedaf import StatsError, aggregate_stats, knowledge_matching, validate_stats
-from fedistill.registry import UnknownNameError
 from strategies.base import Reply, register_strategy
 from strategies.distill import DistillStrategy
 from strategies.records import read_tensors
@@ -51,17 +50,9 @@ class FedAF(DistillStrategy):
 
     def engine_task(self) -> dict[str, Any]:
         """The ``method`` group's DM settings, run by the ``fedaf`` engine with FedAF's options."""
-        task = super().engine_task()
-        if task["method"] not in ("dm", "fedaf"):
-            raise UnknownNameError(
-                f"strategy=fedaf condenses by distribution matching and needs method=dm "
-                f"(got method={task['method']}); use strategy=oneshot for other engines"
-            )
-        task["method"] = "fedaf"
-        for key in ("lambda_loc", "gamma", "projections"):
-            if key in self.opts:
-                task["method_options"][key] = self.opts[key]
-        return task
+        return self.dm_engine_task(
+            "fedaf", ("lambda_loc", "gamma", "projections"), "condenses by distribution matching"
+        )
 
     def configure(self, round_: int) -> tuple[dict[str, Any], dict[str, torch.Tensor] | None]:
         """The FedAF engine task and the current global weights."""

@@ -6,7 +6,6 @@ from typing import Any
 
 import torch
 
-from fedistill.registry import UnknownNameError
 from strategies.base import Reply, register_strategy
 from strategies.distill import DistillStrategy
 
@@ -28,17 +27,9 @@ class FedDM(DistillStrategy):
 
     def engine_task(self) -> dict[str, Any]:
         """DM settings from the ``method`` group, run by the ``feddm`` engine with FedDM's options."""
-        task = super().engine_task()
-        if task["method"] not in ("dm", "feddm"):
-            raise UnknownNameError(
-                f"strategy=feddm matches distributions around the global model and needs method=dm "
-                f"(got method={task['method']}); use strategy=oneshot for other engines"
-            )
-        task["method"] = "feddm"
-        for key in ("rho", "logit_weight", "min_class_samples"):
-            if key in self.opts:
-                task["method_options"][key] = self.opts[key]
-        return task
+        return self.dm_engine_task(
+            "feddm", ("rho", "logit_weight", "min_class_samples"), "matches distributions around the global model"
+        )
 
     def configure(self, round_: int) -> tuple[dict[str, Any], dict[str, torch.Tensor] | None]:
         """The FedDM engine task and the current global weights."""
