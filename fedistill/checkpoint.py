@@ -15,7 +15,7 @@ from typing import Any
 
 import torch
 
-from fedistill.io import atomic_save_tensors, cache_key
+from fedistill.io import atomic_save_tensors, cache_key, read_yaml_mapping
 
 __all__ = ["Checkpoint", "CheckpointError", "config_key", "resume_config"]
 
@@ -77,6 +77,11 @@ class Checkpoint:
             raise CheckpointError(
                 f"{self.path}: unreadable checkpoint ({type(err).__name__}: {err}); delete it to start over"
             ) from err
+        if not isinstance(state, dict):
+            raise CheckpointError(
+                f"{self.path}: unreadable checkpoint (its state is a {type(state).__name__}, not an object); "
+                "delete it to start over"
+            )
         if key != self.key:
             raise CheckpointError(
                 f"{self.path} was written by a different configuration; resume with the run's own config.yaml "
@@ -86,12 +91,17 @@ class Checkpoint:
 
 
 def resume_config(run_dir: str | Path) -> dict[str, Any]:
-    """The resolved config a run was started with (its ``config.yaml``), with ``resume`` set to ``run_dir``."""
-    from omegaconf import OmegaConf
+    """The resolved config a run was started with (its ``config.yaml``), with ``resume`` set to ``run_dir``.
 
+    Raises
+    ------
+    CheckpointError
+        When ``config.yaml`` is missing, unreadable or not a mapping (the message names it).
+    """
     path = Path(run_dir) / "config.yaml"
     if not path.is_file():
         raise CheckpointError(f"{path} not found: resume=RUN_DIR needs the directory of an interrupted run")
-    cfg: dict[str, Any] = OmegaConf.to_container(OmegaConf.load(path), resolve=True)  # type: ignore[assignment]
+    fix = "restore the run's config.yaml (written when the run started) or start a new run"
+    cfg = read_yaml_mapping(path, CheckpointError, fix)
     cfg["resume"] = str(run_dir)
     return cfg

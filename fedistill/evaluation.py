@@ -270,7 +270,10 @@ def _whole_dataset(bundle: DataBundle, *, cache_dir: Path | None, **common: Any)
     if cache_dir is not None:
         path = Path(cache_dir) / f"whole-{hashlib.sha256(key.encode()).hexdigest()[:16]}.json"
         if path.is_file():
-            return json.loads(path.read_text())["result"]
+            try:
+                return json.loads(path.read_text())["result"]
+            except (OSError, ValueError, KeyError, TypeError):  # a damaged cache entry: rebuild it
+                pass
     data = (bundle.train.images, bundle.train.labels)
     res = evaluate_images(data, bundle, label=f"whole set {spec.label}", **common)
     if path is not None:

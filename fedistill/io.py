@@ -19,7 +19,16 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file
 
-__all__ = ["atomic_save_tensors", "atomic_write_text", "cache_dir", "cache_key", "cached_tensors", "load_tensors"]
+__all__ = [
+    "atomic_save_tensors",
+    "atomic_write_text",
+    "cache_dir",
+    "cache_key",
+    "cached_tensors",
+    "load_tensors",
+    "read_json_object",
+    "read_yaml_mapping",
+]
 
 
 def atomic_write_text(path: str | Path, text: str) -> Path:
@@ -52,6 +61,42 @@ def load_tensors(path: str | Path) -> dict[str, torch.Tensor]:
         return load_file(str(path))
     except Exception as err:  # safetensors raises several types for corrupt input
         raise ValueError(f"{path}: not a readable safetensors file ({err}); delete it and run again") from err
+
+
+def read_json_object(path: str | Path, error: type[Exception], fix: str) -> dict[str, Any]:
+    """The JSON object in ``path`` (a run's ``summary.json`` ...); the file is never modified.
+
+    Parameters
+    ----------
+    path
+        The file to read.
+    error
+        Raised, naming the file, what is wrong and ``fix``, when it is unreadable or not an object.
+    fix
+        What the user should do about a damaged file.
+    """
+    path = Path(path)
+    try:
+        value = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise error(f"{path}: not a JSON object ({type(err).__name__}: {err}); {fix}") from err
+    if not isinstance(value, dict):
+        raise error(f"{path}: not a JSON object (it holds a {type(value).__name__}); {fix}")
+    return value
+
+
+def read_yaml_mapping(path: str | Path, error: type[Exception], fix: str) -> dict[str, Any]:
+    """The resolved YAML mapping in ``path`` (a run's ``config.yaml``); errors as :func:`read_json_object`."""
+    from omegaconf import OmegaConf
+
+    path = Path(path)
+    try:
+        value = OmegaConf.to_container(OmegaConf.load(path), resolve=True)
+    except Exception as err:  # yaml and omegaconf raise many types for a damaged file
+        raise error(f"{path}: not a readable config ({type(err).__name__}: {err}); {fix}") from err
+    if not isinstance(value, dict):
+        raise error(f"{path}: holds a {type(value).__name__}, not a mapping of settings; {fix}")
+    return value  # type: ignore[return-value]
 
 
 def cache_dir(root: str | Path | None = None) -> Path:

@@ -17,8 +17,9 @@ from typing import Any
 
 import torch
 
+from fedistill.checkpoint import CheckpointError
 from fedistill.data.synthetic import SyntheticSet
-from fedistill.io import atomic_write_text
+from fedistill.io import atomic_write_text, read_json_object
 
 __all__ = ["RunDir", "progress_bars", "results_table", "save_accuracy_plot", "save_grid", "save_partition_plot"]
 
@@ -49,7 +50,8 @@ class RunDir:
         self.path.mkdir(parents=True, exist_ok=True)
         self.summary: dict[str, Any] = {}
         if resume and (self.path / "summary.json").is_file():  # continue the interrupted run's summary
-            self.summary = json.loads((self.path / "summary.json").read_text())
+            fix = "repair it, or move it away to resume with a fresh summary"
+            self.summary = read_json_object(self.path / "summary.json", CheckpointError, fix)
         self._t0 = time.time()
 
     def write_config(self, yaml_text: str) -> None:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import torch
 
 from fedistill import evaluation
@@ -68,3 +70,8 @@ def test_whole_dataset_baseline_is_cached(digits, tmp_path, monkeypatch):
     monkeypatch.setattr(evaluation, "evaluate_images", lambda *a, **k: calls.append(k.get("label")) or real(*a, **k))
     again = evaluate_synthetic(syn, digits, whole_recipe=EvalRecipe(epochs=1), **kw)["baselines"]["whole_dataset"]
     assert again == first and not any("whole" in (c or "") for c in calls)
+    cache = next(tmp_path.glob("whole-*.json"))
+    cache.write_text('{"key": ')  # a damaged cache entry is rebuilt, not a crash
+    rebuilt = evaluate_synthetic(syn, digits, whole_recipe=EvalRecipe(epochs=1), **kw)["baselines"]["whole_dataset"]
+    assert rebuilt == first and any("whole" in (c or "") for c in calls)
+    assert json.loads(cache.read_text())["result"] == first

@@ -34,7 +34,7 @@ class SyntheticSetError(ValueError):
     """
 
     def __init__(self, field: str, problem: str, fix: str = "") -> None:
-        self.field = field
+        self.field, self.problem, self.fix = field, problem, fix
         msg = f"synthetic set field {field!r}: {problem}"
         super().__init__(f"{msg}. Fix: {fix}" if fix else msg)
 
@@ -223,4 +223,9 @@ class SyntheticSet:
             soft_labels=tensors.get("soft_labels"),
             metadata=header.get("metadata", {}),
         )
-        return out.validate(max_size=max(len(out), 1)) if validate else out
+        if not validate:
+            return out
+        try:
+            return out.validate(max_size=max(len(out), 1))
+        except SyntheticSetError as exc:  # name the file the bad content came from
+            raise SyntheticSetError(exc.field, f"{path}: {exc.problem}", exc.fix) from exc

@@ -49,6 +49,8 @@ def unpack(data: Any, tensors: dict[str, torch.Tensor], current: Any = None) -> 
     if not isinstance(data, dict):
         return data
     if "__tensor__" in data:
+        if data["__tensor__"] not in tensors:
+            raise ValueError(f"checkpoint entry names tensor {data['__tensor__']!r}, which the file does not hold")
         return tensors[data["__tensor__"]]
     if "__tuple__" in data:
         return tuple(unpack(v, tensors) for v in data["__tuple__"])

@@ -22,7 +22,7 @@ import torch
 
 from fedistill.data import DataBundle, Split, SyntheticSet, load_dataset
 from fedistill.evaluation import EvalRecipe, ModelSpec, accuracy, random_subset_indices, train_model
-from fedistill.io import atomic_write_text
+from fedistill.io import atomic_write_text, read_json_object, read_yaml_mapping
 from fedistill.privacy.attacks import example_scores, lira_offline, roc_metrics
 from fedistill.seeding import derive_seed, torch_generator
 
@@ -127,9 +127,12 @@ def run_audit(cfg: dict[str, Any], out_dir: str | Path) -> dict[str, Any]:
                 f"{p} not found: fedistill audit needs a finished `fedistill central` or `fedistill simulate` run "
                 "directory (with synthetic.safetensors and config.yaml)"
             )
-    from omegaconf import OmegaConf
-
-    run_cfg: dict[str, Any] = OmegaConf.to_container(OmegaConf.load(cfg_path), resolve=True)  # type: ignore[assignment]
+    fix = "audit the directory of a finished run, with the files that run wrote"
+    run_cfg = read_yaml_mapping(cfg_path, RunDirError, fix)
+    if "model" not in run_cfg or not ("eval" in run_cfg or "strategy" in run_cfg):
+        raise RunDirError(f"{cfg_path}: has no 'model' and 'eval'/'strategy' settings; {fix}")
+    summary_path = run_dir / "summary.json"  # read before the long audit, so a damaged one fails fast
+    summary = read_json_object(summary_path, RunDirError, fix) if summary_path.is_file() else {}
     syn = SyntheticSet.load(syn_path)
     data = run_cfg.get("data") or {}
     bundle = load_dataset(syn.info.name, root=data.get("root"), val_fraction=float(data.get("val_fraction", 0.1)))
@@ -163,7 +166,6 @@ def run_audit(cfg: dict[str, Any], out_dir: str | Path) -> dict[str, Any]:
         result["matched_real_subset"] = audit_training_set(
             audit, images, labels, real_members, nonmembers.subset(torch.arange(len(real_members))), population, "real"
         )
-    summary = json.loads((run_dir / "summary.json").read_text()) if (run_dir / "summary.json").is_file() else {}
     if "privacy" in summary:
         result["privacy"] = {k: v for k, v in summary["privacy"].items() if k != "public"}
     out = RunDir(out_dir)
