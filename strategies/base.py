@@ -14,18 +14,20 @@ from __future__ import annotations
 import math
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, ClassVar
 
 import torch
 from flwr.app import Message
 from flwr.serverapp import Grid
 
-from fedistill.checkpoint import Checkpoint, config_key
+from fedistill.checkpoint import Checkpoint, CheckpointError, config_key
 from fedistill.data.base import DataBundle
 from fedistill.engines import resolve_device
 from fedistill.evaluation import EvalRecipe
 from fedistill.federated import ClientFailure, FederationError, GlobalModel
 from fedistill.federated.client import model_spec
+from fedistill.federated.defenses import check_defense
 from fedistill.federated.node import data_spec
 from fedistill.federated.server import assign_faults
 from fedistill.federated.state import get_path, pack, set_path, unpack
@@ -69,6 +71,8 @@ class Strategy:
     continue_training: ClassVar[bool] = True
     #: Attributes (dotted paths) a round checkpoint saves and a resumed run restores;
     #: subclasses extend it with their own state.
+    #: Where a ``defense`` may act in this strategy (:mod:`fedistill.federated.defenses`).
+    defense_acts_on: ClassVar[tuple[str, ...]] = ()
     checkpoint_attrs: ClassVar[tuple[str, ...]] = (
         "history",
         "bytes_up",
@@ -96,6 +100,9 @@ class Strategy:
         self._faults: dict[str, str] | None = None
         self._attackers: list[str] | None = None
         self.history: list[dict[str, Any]] = []
+        self.defense_options = dict(cfg.get("defense") or {"name": "none"})
+        self.defense_name = str(self.defense_options.pop("name"))
+        self.defense = check_defense(self.defense_name, self.name, self.defense_acts_on)
 
     # ----------------------------------------------------------------- hooks
     def configure(self, round_: int) -> tuple[dict[str, Any], dict[str, torch.Tensor] | None]:
@@ -154,7 +161,13 @@ class Strategy:
         attack = dict(self.cfg.get("attack") or {})
         if not attack.get("kind"):
             return {}
-        out: dict[str, Any] = {"kind": attack["kind"], "fraction": attack.get("fraction"), "clients": self.attackers()}
+        out: dict[str, Any] = {
+            "kind": attack["kind"],
+            "fraction": attack.get("fraction"),
+            "clients": self.attackers(),
+            "defense": self.defense_name,
+            "accuracy": self.history[-1]["accuracy"] if self.history else None,
+        }
         if attack["kind"] == "backdoor":
             out["target"] = int(attack.get("target", 0))
             out["attack_success_rate"] = round(100 * self.global_model.backdoor_success(attack), 4)
@@ -254,11 +267,11 @@ class Strategy:
         key = config_key({k: v for k, v in self.cfg.items() if k not in skip})
         return Checkpoint(self.run.path / "checkpoint.safetensors", key=key)
 
-    def save_checkpoint(self) -> None:
-        """Atomically save everything the next round needs (after every completed round)."""
+    def save_checkpoint(self) -> Path:
+        """Atomically save everything the next round needs (after every completed round); returns its path."""
         tensors: dict[str, torch.Tensor] = {}
         state = {attr: pack(get_path(self, attr), tensors, attr) for attr in self.checkpoint_attrs}
-        self.checkpoint().save(tensors, state)
+        return self.checkpoint().save(tensors, state)
 
     def restore_checkpoint(self) -> int:
         """Load the last round checkpoint, if any; returns the number of completed rounds."""
@@ -267,7 +280,14 @@ class Strategy:
             return 0
         tensors, state = loaded
         for attr in self.checkpoint_attrs:
-            set_path(self, attr, unpack(state[attr], tensors, get_path(self, attr)))
+            try:
+                set_path(self, attr, unpack(state[attr], tensors, get_path(self, attr)))
+            except (KeyError, ValueError, TypeError) as err:
+                path = self.checkpoint().path
+                raise CheckpointError(
+                    f"{path}: field {attr!r} of strategy={self.name} cannot be restored ({err}); the file is from "
+                    "another fedistill version or damaged: delete it to start the run over"
+                ) from err
         return len(self.history)
 
     def run_rounds(self, grid: Grid, *, resume: bool = False) -> dict[str, Any]:
@@ -281,9 +301,14 @@ class Strategy:
         self.run.log("nodes", count=len(nodes), clients=sorted(self.clients.values(), key=_client_order))
         with progress_bars() as bars:
             bar = bars.add_task(f"{self.name} rounds", total=self.rounds, info="", completed=done)
+            ckpt_seconds = 0.0
             for r in range(done + 1, self.rounds + 1):
                 rec = self.run_round(grid, r)
-                self.save_checkpoint()
+                t0 = time.perf_counter()
+                path = self.save_checkpoint()
+                seconds = time.perf_counter() - t0
+                ckpt_seconds += seconds
+                self.run.log("checkpoint", round=r, seconds=round(seconds, 4), bytes=path.stat().st_size)
                 bars.update(bar, advance=1, info=f"acc {rec['accuracy']:.2f}%  failed {rec['clients_failed']}")
         extra = self.finish() | self.attack_summary()
         self.global_model.save(self.run.path / "global_model.safetensors")
@@ -296,6 +321,7 @@ class Strategy:
             bytes_up=self.bytes_up,
             bytes_down=self.bytes_down,
             clients_failed=self.failed_total,
+            checkpoint={"seconds": round(ckpt_seconds, 4), "bytes": path.stat().st_size} if self.rounds > done else {},
             wall_seconds=round(time.perf_counter() - start, 3),
             status="done",
             **extra,

@@ -10,6 +10,7 @@ import torch
 
 from fedistill.data.synthetic import SyntheticSet, SyntheticSetError
 from fedistill.federated import ClientFailure, decode_synthetic
+from fedistill.federated.defenses import apply_defense
 from fedistill.federated.policies import PolicyContext, PolicyResult, apply_policy
 from fedistill.federated.server import random_baseline
 from fedistill.privacy import ClientLedgers
@@ -31,6 +32,7 @@ class DistillStrategy(Strategy):
     """
 
     message_type = "train.distill"
+    defense_acts_on = ("sets",)
     checkpoint_attrs = (*Strategy.checkpoint_attrs, "synthetic", "ledgers")
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
@@ -117,10 +119,11 @@ class DistillStrategy(Strategy):
         return [(r.client, r.metrics["synthetic"]) for r in accepted if r.metrics["synthetic"] is not None]
 
     def aggregate(self, round_: int, parts: list[tuple[str, SyntheticSet]]) -> PolicyResult | None:
-        """Apply the configured server policy (``policy=union|balance|redistill|screen``) to ``parts``.
+        """The configured ``defense`` then server policy (``policy=union|balance|redistill|screen``) on ``parts``.
 
-        Dropped clients are logged (``policy_dropped`` events) with the reason. ``None`` when
-        no client sent anything.
+        Clients a defence or the policy dropped are logged (``defense_dropped`` /
+        ``policy_dropped`` events) with the reason, and rows a defence removed are counted
+        per client (``defense_rows_removed``). ``None`` when no client sent anything.
         """
         if not parts:
             return None
@@ -136,10 +139,25 @@ class DistillStrategy(Strategy):
             state=self.global_model.state,
             val=self.bundle.val,
         )
-        result = apply_policy(name, parts, ctx, **opts)
+        defended = apply_defense(self.defense_name, parts, ctx, **self.defense_options)
+        for d in defended.dropped:
+            self.run.log("defense_dropped", round=round_, defense=self.defense_name, **d)
+        if not defended.parts:
+            self.run.log("no_synthetic_data", round=round_, reason=f"defense={self.defense_name} dropped every client")
+            return None
+        result = apply_policy(name, defended.parts, ctx, **opts)
         for d in result.dropped:
             self.run.log("policy_dropped", round=round_, policy=name, **d)
         result.metrics["policy"] = name
+        if self.defense_name != "none":
+            scores = {k: v for k, v in defended.metrics.items() if k != "rows_removed"}
+            self.run.log("defense", round=round_, defense=self.defense_name, **scores)
+            result.metrics.update(
+                defense=self.defense_name,
+                defense_dropped=[d["client"] for d in defended.dropped],
+                defense_rows_removed=defended.metrics.get("rows_removed", {}),
+            )
+            result.dropped = defended.dropped + result.dropped
         return result
 
     def merge(self, round_: int, accepted: list[Reply]) -> PolicyResult | None:

@@ -8,6 +8,7 @@ import torch
 from flwr.serverapp import Grid
 
 from fedistill.federated import ClientFailure
+from fedistill.federated.defenses import robust_stats
 from fedistill.federated.fedaf import StatsError, aggregate_stats, knowledge_matching, validate_stats
 from strategies.base import Reply, register_strategy
 from strategies.distill import DistillStrategy
@@ -42,6 +43,7 @@ class FedAF(DistillStrategy):
 
     name = "fedaf"
     continue_training = True
+    defense_acts_on = ("sets", "stats")
     checkpoint_attrs = (*DistillStrategy.checkpoint_attrs, "global_stats")
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
@@ -102,8 +104,8 @@ class FedAF(DistillStrategy):
                 ok.append(r)
             except (KeyError, StatsError) as err:
                 failures.append(ClientFailure(r.node, r.client, "rejected", f"class statistics: {err}"))
-        if stats:
-            self.global_stats = aggregate_stats(stats)
+        if stats:  # a defence with a robust estimate (defense=robust_proto: the median) replaces the mean
+            self.global_stats = robust_stats(self.defense_name, stats) or aggregate_stats(stats)
         return ok
 
     @property

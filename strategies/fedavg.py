@@ -32,6 +32,7 @@ class FedAvg(Strategy):
 
     name = "fedavg"
     message_type = "train.fit"
+    defense_acts_on = ("aggregator",)
     checkpoint_attrs = (*Strategy.checkpoint_attrs, "dp")
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
@@ -42,6 +43,11 @@ class FedAvg(Strategy):
             clients = int(self.cfg["clients"])
             sampled = max(1, math.ceil(float(self.opts.get("fraction", 1.0)) * clients))
             self.dp = FlowerCentralDP(dp, clients=clients, sampled=min(sampled, clients), seed=self.seed)
+        if self.aggregator() != "mean" and self.dp is not None:
+            raise ValueError(
+                f"aggregator {self.aggregator()} (strategy.aggregator / defense) cannot be combined with "
+                "strategy.dp.noise_multiplier > 0: Flower's DP wrapper averages the clipped updates itself"
+            )
 
     def exchange(self, grid: Grid, round_: int, nodes: list[int]) -> tuple[list[Reply], list[ClientFailure], int, int]:
         """With DP, register the round's release with Flower's wrapper first (it refuses one over budget)."""
@@ -83,12 +89,24 @@ class FedAvg(Strategy):
             ok.append(r)
         return ok, bad
 
+    def aggregator(self) -> str:
+        """``strategy.aggregator``, or the robust aggregator a ``defense`` names (``defense=median``)."""
+        own = str(self.opts.get("aggregator", "mean"))
+        chosen = self.defense.aggregator
+        if chosen and own not in ("mean", chosen):
+            raise ValueError(
+                f"strategy.aggregator={own} and defense={self.defense_name} choose different aggregators; "
+                "set one of them"
+            )
+        return chosen or own
+
     def update(self, round_: int, accepted: list[Reply]) -> dict[str, Any]:
         """Average the accepted weights (by example count; uniformly, clipped and noised with DP)."""
         weights = [float(r.metrics.get("examples", 1)) for r in accepted]
-        aggregator = str(self.opts.get("aggregator", "mean"))
+        aggregator = self.aggregator()
         if self.dp is None and aggregator != "mean":
-            new = robust_aggregate(aggregator, self.opts, round_, accepted, weights)
+            opts = {**self.opts, **self.defense_options}  # trim_beta / krum_malicious of the defense group
+            new = robust_aggregate(aggregator, opts, round_, accepted, weights)
             if new is not None:
                 self.global_model.state = {k: v.to(self.global_model.state[k].dtype) for k, v in new.items()}
             return {"examples": int(sum(weights)), "aggregator": aggregator}

@@ -7,6 +7,7 @@ existing Ray cluster (``auto`` or ``HOST:PORT``) instead of starting a local one
 
 from __future__ import annotations
 
+import copy
 import json
 import logging
 import os
@@ -38,12 +39,55 @@ def backend_config(cfg: dict[str, Any]) -> dict[str, Any]:
 
 
 def run_simulate(cfg: dict[str, Any], out_dir: str | Path) -> dict[str, Any]:
-    """Run ``cfg["clients"]`` virtual SuperNodes and the configured strategy; returns the summary."""
+    """Run ``cfg["clients"]`` virtual SuperNodes and the configured strategy; returns the summary.
+
+    With ``attack.clean_run`` the same run without attackers (``attack.fraction=0``: same
+    seed, defence and recipe) follows in ``out_dir/clean``, and its accuracy (and for a
+    backdoor the trigger's success rate on the clean model) is added to the summary's
+    ``attack`` as ``clean``.
+    """
+    from fedistill.checkpoint import resume_config
+
+    if cfg.get("resume"):  # continue an interrupted run with the config it was started with
+        cfg = resume_config(cfg["resume"])
+    summary = _run_once(cfg, out_dir)
+    attack = dict(cfg.get("attack") or {})
+    if attack.get("kind") and attack.get("clean_run"):
+        summary = _clean_twin(cfg, Path(out_dir))
+    return summary
+
+
+def _clean_twin(cfg: dict[str, Any], out_dir: Path) -> dict[str, Any]:
+    """Run (or reuse, when already done) the attack-free twin in ``out_dir/clean``; report it in the summary."""
+    from fedistill.reporting import RunDir
+
+    clean_dir = out_dir / "clean"
+    done = clean_dir / "summary.json"
+    if done.is_file() and json.loads(done.read_text()).get("status") == "done":
+        clean = json.loads(done.read_text())
+    else:
+        twin = copy.deepcopy(cfg)
+        twin["attack"] = {**twin["attack"], "fraction": 0.0, "clean_run": False}
+        twin["resume"] = None
+        from omegaconf import OmegaConf
+
+        RunDir(clean_dir).write_config(OmegaConf.to_yaml(twin))
+        clean = _run_once(twin, clean_dir)
+    run = RunDir(out_dir, resume=True)
+    attack = dict(run.summary["attack"])
+    attack["clean"] = {"accuracy": clean["final_accuracy"], "run_dir": str(clean_dir)}
+    if "attack_success_rate" in (clean.get("attack") or {}):
+        attack["clean"]["attack_success_rate"] = clean["attack"]["attack_success_rate"]
+    attack["accuracy_drop"] = round(attack["clean"]["accuracy"] - float(attack["accuracy"]), 4)
+    return run.update_summary(attack=attack)
+
+
+def _run_once(cfg: dict[str, Any], out_dir: str | Path) -> dict[str, Any]:
+    """One simulation: a local Ray (or the configured cluster), the ServerApp and the ClientApp."""
     import ray
     from flwr.simulation import run_simulation
 
     from clients.app import app as client_app
-    from fedistill.checkpoint import resume_config
     from strategies.app import make_server_app
 
     # Flower logs the deprecation of run_simulation (this module is its one caller) and its
@@ -53,8 +97,6 @@ def run_simulate(cfg: dict[str, Any], out_dir: str | Path) -> dict[str, Any]:
     os.environ.setdefault("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0")
     os.environ.setdefault("RAY_DEDUP_LOGS", "1")
     os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
-    if cfg.get("resume"):  # continue an interrupted run with the config it was started with
-        cfg = resume_config(cfg["resume"])
     started_here = not ray.is_initialized()
     try:
         with warnings.catch_warnings():

@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 import json
-import time
 
 import pytest
 import torch
+from inprocess import make_strategy as _strategy
 
 from fedistill.data.synthetic import SyntheticSet
 from fedistill.engines import build_engine
@@ -17,73 +17,6 @@ from fedistill.federated.policies import PolicyContext, apply_policy
 from fedistill.models import build_model
 
 SPEC = ModelSpec("convnet", {"width": 16})
-
-
-class InProcessGrid:
-    """A Flower Grid stand-in: routes each message to the ClientApp in this process and records traffic.
-
-    Node ``n`` (1-based) holds partition ``n - 1`` of ``num`` partitions.
-    """
-
-    def __init__(self, num: int) -> None:
-        from clients.app import app
-
-        self.app, self.num = app, num
-        self.sent: list[tuple[int, str, set[str]]] = []
-        self.replies: list[tuple[int, str, set[str]]] = []
-
-    def get_node_ids(self) -> list[int]:
-        return list(range(1, self.num + 1))
-
-    def send_and_receive(self, messages, *, timeout=None):
-        from flwr.app import Context, Message, Metadata, RecordDict
-
-        out = []
-        for msg in messages:
-            node, kind = msg.metadata.dst_node_id, msg.metadata.message_type
-            md = Metadata(
-                run_id=1,
-                message_id=f"m{len(self.sent)}",
-                src_node_id=0,
-                dst_node_id=node,
-                reply_to_message_id="",
-                group_id="1",
-                created_at=time.time(),
-                ttl=600,
-                message_type=kind,
-            )
-            self.sent.append((node, kind, set(msg.content.array_records)))
-            ctx = Context(
-                run_id=1,
-                node_id=node,
-                node_config={"partition-id": node - 1, "num-partitions": self.num},
-                state=RecordDict(),
-                run_config={},
-            )
-            rep = self.app(Message(metadata=md, content=msg.content), ctx)
-            self.replies.append((node, kind, set() if rep.has_error() else set(rep.content.array_records)))
-            out.append(rep)
-        return out
-
-
-@pytest.fixture
-def grid(monkeypatch):
-    """An in-process grid factory; the server side builds Messages as inside a Flower run (run id set)."""
-    from flwr.supercore.task_identity import TaskIdentity
-
-    for attr in ("_run_id", "_node_id", "_task_id"):
-        monkeypatch.setattr(TaskIdentity, attr, 1)
-    return InProcessGrid
-
-
-def _strategy(name: str, tmp_path, *overrides: str):
-    from fedistill.cli import compose_config
-    from fedistill.data import load_dataset
-    from fedistill.reporting import RunDir
-    from strategies.app import STRATEGIES
-
-    cfg = compose_config("simulate", [f"strategy={name}", "device=cpu", "model.width=16", *overrides])
-    return STRATEGIES.get(name)(cfg, RunDir(tmp_path), load_dataset("digits"))
 
 
 # ----------------------------------------------------------------------------- SWD and statistics

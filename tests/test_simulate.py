@@ -255,8 +255,9 @@ def test_dp_oneshot_accounts_every_client_cumulatively(tmp_path):
 
 
 def test_backdoor_clients_are_planned_and_the_success_rate_is_reported(tmp_path):
-    """40% of 5 clients plant a backdoor before distilling; the summary names them and reports the
-    attack success rate of the global model on triggered test images (a measurement, not a claim)."""
+    """40% of 5 clients plant a backdoor before distilling, against defense=screen; the summary names
+    them and reports the attack success rate of the global model on triggered test images (a
+    measurement, not a claim) beside the clean twin's accuracy and success rate (attack.clean_run)."""
     run, _ = _simulate(
         tmp_path,
         "backdoor",
@@ -271,9 +272,17 @@ def test_backdoor_clients_are_planned_and_the_success_rate_is_reported(tmp_path)
         "attack.fraction=0.4",
         "attack.target=0",
         "attack.poison_rate=0.5",
+        "attack.clean_run=true",
+        "defense=screen",
     )
-    attack = json.loads((run / "summary.json").read_text())["attack"]
+    summary = json.loads((run / "summary.json").read_text())
+    attack = summary["attack"]
     assert attack["kind"] == "backdoor" and len(attack["clients"]) == 2 and attack["target"] == 0
-    assert 0.0 <= attack["attack_success_rate"] <= 100.0
+    assert 0.0 <= attack["attack_success_rate"] <= 100.0 and attack["defense"] == "screen"
+    clean = json.loads((run / "clean" / "summary.json").read_text())
+    assert clean["status"] == "done" and clean["attack"]["clients"] == []  # same run, nobody attacks
+    assert attack["clean"]["accuracy"] == clean["final_accuracy"] and "attack_success_rate" in attack["clean"]
+    assert attack["accuracy"] == summary["final_accuracy"]
+    assert attack["accuracy_drop"] == pytest.approx(clean["final_accuracy"] - summary["final_accuracy"], abs=1e-3)
     events = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert [e["clients"] for e in events if e["event"] == "attack_planned"] == [attack["clients"]]

@@ -4,7 +4,8 @@ An attack is registered by name (``attack.kind``); the server picks ``attack.fra
 of the clients from the seed and puts the attack in their tasks. ``before`` attacks
 change the client's real data (label flipping, a backdoor trigger) and so poison
 whatever the client computes from it, distillation or local SGD alike; ``after``
-attacks change the synthetic set the client uploads (flipped labels, duplicated rows).
+attacks change the synthetic set the client uploads (flipped labels, noise images,
+duplicated rows); ``stats`` attacks change the class statistics a FedAF client sends.
 :func:`attack_success_rate` measures a backdoor on triggered test images.
 """
 
@@ -22,15 +23,26 @@ from fedistill.data.synthetic import SyntheticSet
 from fedistill.registry import Registry
 from fedistill.seeding import torch_generator
 
-__all__ = ["ATTACKS", "Attack", "add_trigger", "attack_success_rate", "poison_split", "poison_synthetic"]
+__all__ = [
+    "ATTACKS",
+    "Attack",
+    "add_trigger",
+    "attack_success_rate",
+    "noise_images",
+    "poison_split",
+    "poison_stats",
+    "poison_synthetic",
+]
 
 
 @dataclass(frozen=True)
 class Attack:
-    """``before(split, options, seed)`` poisons the real data; ``after(syn, options)`` the upload."""
+    """``before(split, options, seed)`` poisons the real data; ``after(syn, options)`` the upload;
+    ``stats(stats, options)`` FedAF's class statistics."""
 
     before: Callable[[Split, Mapping[str, Any], int], Split] | None = None
     after: Callable[[SyntheticSet, Mapping[str, Any]], SyntheticSet] | None = None
+    stats: Callable[[dict[str, torch.Tensor], Mapping[str, Any]], dict[str, torch.Tensor]] | None = None
 
 
 ATTACKS: Registry[Attack] = Registry("attack")
@@ -80,10 +92,40 @@ def _duplicate(syn: SyntheticSet, options: Mapping[str, Any]) -> SyntheticSet:
     return syn
 
 
+def noise_images(syn: SyntheticSet, *, seed: int = 0) -> SyntheticSet:
+    """A well-formed but useless set: Gaussian noise images with the set's overall std."""
+    g = torch.Generator().manual_seed(seed)
+    syn.images = torch.randn(syn.images.shape, generator=g) * syn.images.std()
+    return syn
+
+
+def _noise(syn: SyntheticSet, options: Mapping[str, Any]) -> SyntheticSet:
+    return noise_images(syn, seed=int(options.get("seed", 0)))
+
+
+def _stats_poison(stats: dict[str, torch.Tensor], options: Mapping[str, Any]) -> dict[str, torch.Tensor]:
+    """Poisoned FedAF statistics: every held class's logits and soft labels point at the flipped
+    class, scaled by ``scale``, and the class counts inflated ``scale``-fold to dominate a
+    count-weighted mean (the statistics still pass validation)."""
+    k = stats["class_logits"].shape[0]
+    held = stats["class_counts"] > 0
+    flip = (k - 1) - torch.arange(k)
+    scale = float(options.get("scale", 10.0))
+    out = dict(stats)
+    logits = torch.zeros(k, k)
+    logits[torch.arange(k), flip] = scale
+    out["class_logits"] = torch.where(held[:, None], logits, stats["class_logits"])
+    out["class_soft"] = torch.where(held[:, None], torch.eye(k)[flip], stats["class_soft"])
+    out["class_counts"] = stats["class_counts"] * int(scale)
+    return out
+
+
 ATTACKS.register("label_flip")(Attack(before=_label_flip))
 ATTACKS.register("backdoor")(Attack(before=_backdoor))
 ATTACKS.register("syn_label_flip")(Attack(after=_syn_label_flip))
 ATTACKS.register("duplicate")(Attack(after=_duplicate))
+ATTACKS.register("noise")(Attack(after=_noise))
+ATTACKS.register("stats_poison")(Attack(stats=_stats_poison))
 
 
 def poison_split(split: Split, attack: Mapping[str, Any] | None, seed: int) -> Split:
@@ -100,6 +142,12 @@ def poison_synthetic(syn: SyntheticSet | None, attack: Mapping[str, Any] | None)
         return syn
     fn = ATTACKS.get(str(attack["kind"])).after
     return syn if fn is None else fn(syn, attack)
+
+
+def poison_stats(stats: dict[str, torch.Tensor], attack: Mapping[str, Any] | None) -> dict[str, torch.Tensor]:
+    """FedAF class statistics after a ``stats`` attack (unchanged without one)."""
+    fn = ATTACKS.get(str(attack["kind"])).stats if attack else None
+    return stats if fn is None else fn(stats, attack)
 
 
 @torch.no_grad()

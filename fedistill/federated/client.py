@@ -20,7 +20,7 @@ from fedistill.data.synthetic import SyntheticSet
 from fedistill.engines import ENGINES, build_engine, resolve_device
 from fedistill.engines.base import NothingToDistillError
 from fedistill.evaluation import EvalRecipe, ModelSpec, test_metrics, train_model
-from fedistill.federated.attacks import poison_split, poison_synthetic
+from fedistill.federated.attacks import noise_images, poison_split, poison_stats, poison_synthetic
 from fedistill.federated.fedaf import class_stats
 from fedistill.models import build_model
 from fedistill.privacy import PrivacyLedger
@@ -57,11 +57,7 @@ def _nan(syn: SyntheticSet) -> SyntheticSet:
     return syn
 
 
-@FAULTS.register("noise")
-def _noise(syn: SyntheticSet) -> SyntheticSet:
-    """A well-formed but useless set (a broken or poisoning client): Gaussian noise images."""
-    syn.images = torch.randn(syn.images.shape, generator=torch.Generator().manual_seed(0)) * syn.images.std()
-    return syn
+FAULTS.register("noise")(noise_images)  # well-formed but useless: only a screening server catches it
 
 
 @FAULTS.register("shape")
@@ -248,5 +244,7 @@ def stats_task(
     spec = model_spec(task["model"])
     model = build_model(spec.name, split.info, **spec.kwargs)
     model.load_state_dict(state)
+    split = poison_split(split, task.get("attack"), int(task["seed"]))
     stats = class_stats(model, split, temperature=float(task.get("temperature", 2.0)), device=device)
+    stats = poison_stats(stats, task.get("attack"))
     return stats, {"examples": len(split), "seconds": round(time.perf_counter() - start, 3)}

@@ -21,7 +21,6 @@ dropped with the reason. Policies are registered by name (``policy=screen``):
 from __future__ import annotations
 
 import dataclasses
-import inspect
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -32,9 +31,9 @@ import torch
 from fedistill.data.base import DatasetInfo, Split
 from fedistill.data.synthetic import SyntheticSet
 from fedistill.engines import ENGINES, build_engine
-from fedistill.evaluation import EvalRecipe, ModelSpec, test_metrics, train_model
+from fedistill.evaluation import ModelSpec
+from fedistill.federated.defenses import keyword_options, screen_clients
 from fedistill.federated.server import FederationError, merge_sets
-from fedistill.models import build_model
 from fedistill.registry import Registry
 from fedistill.seeding import derive_seed, torch_generator
 
@@ -101,10 +100,7 @@ def apply_policy(name: str, parts: Parts, ctx: PolicyContext, **options: Any) ->
         For an option the policy does not take (the message lists the valid ones).
     """
     fn = POLICIES.get(name)
-    valid = [p.name for p in inspect.signature(fn).parameters.values() if p.kind is inspect.Parameter.KEYWORD_ONLY]
-    unknown = sorted(set(options) - set(valid))
-    if unknown:
-        raise TypeError(f"policy {name!r}: unknown option(s) {unknown}; valid options: {valid}")
+    keyword_options(fn, f"policy {name!r}", options)
     if not parts:
         raise FederationError("no synthetic set to aggregate")
     start = time.perf_counter()
@@ -201,112 +197,20 @@ def screen(
     val_lr: float = 0.1,
     val_margin: float = 0.02,
 ) -> PolicyResult:
-    """Drop clients whose class prototypes lie far from the robust (median) prototype.
+    """The clients :func:`~fedistill.federated.defenses.screen_clients` keeps, merged as by ``union``.
 
-    For every class held by at least ``min_holders`` clients: each client's prototype is
-    the mean embedding of its rows of that class (the global model's ``embed``: a seeded
-    initialization before the first update); the median prototype is the coordinate-wise
-    median over clients; a client's class score is the robust z-score of its distance to
-    it, ``(d - median(d)) / (1.4826 MAD(d))``. A client's score is the mean over its
-    screened classes (a mean, not the worst class: one few-sample class is noisy, a
-    poisoned or broken client is off in all of them); it is dropped above ``threshold``
-    (3.5, the usual cut-off for modified z-scores).
-
-    With ``val_epochs > 0`` the clients that pass are also checked on the server-held
-    validation split (``ctx.val``): the global model is trained ``val_epochs`` on the
-    union of the passing sets and on that union without each client in turn (SGD at
-    ``val_lr``, batches of 64, from the global weights); a client
-    whose set raises the validation loss by more than ``val_margin`` is dropped too.
-    At most half of the clients are dropped (the worst first); the rest are merged as by
-    ``union``.
+    (``policy=screen`` is the same screen as ``defense=screen`` followed by ``policy=union``.)
     """
-    ratios = _prototype_scores(parts, ctx, min_holders=min_holders)
-    scores = [sum(r.values()) / len(r) if r else 0.0 for r in ratios]
-    flagged = sorted((i for i, s in enumerate(scores) if s > threshold), key=lambda i: -scores[i])
-    dropped = []
-    for i in flagged:
-        worst = max(ratios[i], key=ratios[i].get)
-        reason = (
-            f"distance of its class prototypes from the median prototype has a mean robust z-score of "
-            f"{scores[i]:.1f} over {len(ratios[i])} classes (threshold {threshold}; worst: class {worst}, "
-            f"{ratios[i][worst]:.1f})"
-        )
-        dropped.append({"client": parts[i][0], "reason": reason, "score": round(scores[i], 3)})
-    if val_epochs > 0:
-        dropped += _loss_screen(parts, ctx, set(flagged), epochs=val_epochs, lr=val_lr, margin=val_margin)
-    gone = {d["client"] for d in dropped[: len(parts) // 2]}
-    dropped = [d for d in dropped if d["client"] in gone]
-    kept = [p for p in parts if p[0] not in gone]
-    result = union(kept, ctx, reweight=reweight)
-    result.dropped = dropped
-    result.metrics["scores"] = {parts[i][0]: round(s, 3) for i, s in enumerate(scores)}
+    screened = screen_clients(
+        parts,
+        ctx,
+        threshold=threshold,
+        min_holders=min_holders,
+        val_epochs=val_epochs,
+        val_lr=val_lr,
+        val_margin=val_margin,
+    )
+    result = union(screened.parts, ctx, reweight=reweight)
+    result.dropped = screened.dropped
+    result.metrics.update(screened.metrics)
     return result
-
-
-def _prototype_scores(parts: Parts, ctx: PolicyContext, *, min_holders: int) -> list[dict[int, float]]:
-    """Per client, ``{class: robust z-score of its prototype's distance from the median prototype}``."""
-    embed = _embedder(ctx)
-    protos: list[dict[int, torch.Tensor]] = []
-    with torch.no_grad():
-        for _, syn in parts:
-            emb = embed(syn.images.to(ctx.device)).float().cpu()
-            labels = syn.hard_labels
-            protos.append({c: emb[labels == c].mean(0) for c in labels.unique().tolist()})
-    ratios: list[dict[int, float]] = [{} for _ in parts]
-    for c in range(ctx.info.num_classes):
-        holders = [i for i, p in enumerate(protos) if c in p]
-        if len(holders) < min_holders:
-            continue
-        stack = torch.stack([protos[i][c] for i in holders])
-        dist = (stack - stack.median(0).values).norm(dim=1)
-        mid = float(dist.median())
-        mad = max(1.4826 * float((dist - mid).abs().median()), 1e-3 * mid + 1e-8)
-        for i, d in zip(holders, dist.tolist(), strict=True):
-            ratios[i][c] = (d - mid) / mad
-    return ratios
-
-
-def _embedder(ctx: PolicyContext) -> Callable[[torch.Tensor], torch.Tensor]:
-    net = build_model(ctx.model.name, ctx.info, seed=derive_seed(ctx.seed, "policy-screen"), **ctx.model.kwargs)
-    if ctx.state is not None:
-        net.load_state_dict(dict(ctx.state))
-    net = net.to(ctx.device).eval()
-    return net.embed
-
-
-def _loss_screen(
-    parts: Parts, ctx: PolicyContext, skip: set[int], *, epochs: int, lr: float, margin: float
-) -> list[dict[str, Any]]:
-    """Leave-one-out check on the validation split: which passing clients raise its loss by more than ``margin``."""
-    if ctx.val is None:
-        raise ValueError("policy screen with val_epochs > 0 needs a server-held validation split")
-    idx = [i for i in range(len(parts)) if i not in skip]
-    if len(idx) < 3:
-        return []
-    recipe = EvalRecipe(epochs=epochs, lr=lr, batch_size=64, dsa=False, lr_decay=False)
-
-    def val_loss(members: list[int]) -> float:
-        syn = merge_sets([parts[i] for i in members], ctx.info)
-        model = train_model(
-            ctx.model,
-            ctx.info,
-            syn.images,
-            syn.hard_labels,
-            recipe=recipe,
-            seed=derive_seed(ctx.seed, "policy-screen-val", ctx.round_),
-            device=ctx.device,
-            init_state=None if ctx.state is None else dict(ctx.state),
-        )
-        return test_metrics(model, ctx.val, device=ctx.device)[1]
-
-    full = val_loss(idx)
-    out = []
-    for i in idx:
-        without = val_loss([j for j in idx if j != i])
-        if full - without > margin:
-            reason = (
-                f"validation loss {full:.3f} with its set and {without:.3f} without "
-                f"(it raises the loss by more than val_margin={margin})"
-            )
-            out.append({"client": parts[i][0], "reason": reason, "score": round(full - without, 4)})
-    return sorted(out, key=lambda d: -d["score"])
