@@ -21,10 +21,18 @@ from fedistill.checkpoint import CheckpointError
 from fedistill.data.synthetic import SyntheticSet
 from fedistill.io import atomic_write_text, read_json_object
 
-__all__ = ["RunDir", "progress_bars", "results_table", "save_accuracy_plot", "save_grid", "save_partition_plot"]
+__all__ = [
+    "RunDir",
+    "progress_bars",
+    "pyplot",
+    "results_table",
+    "save_accuracy_plot",
+    "save_grid",
+    "save_partition_plot",
+]
 
 
-def _pyplot() -> Any:
+def pyplot() -> Any:
     """``matplotlib.pyplot`` on the non-interactive Agg backend (imported lazily)."""
     import matplotlib
 
@@ -73,7 +81,7 @@ class RunDir:
 
 def save_grid(syn: SyntheticSet, path: str | Path, *, max_per_class: int = 10) -> Path:
     """Save ``syn`` as a PNG grid, one row per class, de-normalized to ``[0, 1]``."""
-    plt = _pyplot()
+    plt = pyplot()
 
     path = Path(path)
     info = syn.info
@@ -100,7 +108,7 @@ def save_grid(syn: SyntheticSet, path: str | Path, *, max_per_class: int = 10) -
 
 def save_partition_plot(hist: Any, path: str | Path, *, class_names: tuple[str, ...] = ()) -> Path:
     """Stacked bars of per-partition class counts (``hist``: ``[partitions, classes]``)."""
-    plt = _pyplot()
+    plt = pyplot()
     import numpy as np
 
     hist = np.asarray(hist)
@@ -161,7 +169,7 @@ def save_accuracy_plot(rounds: list[dict[str, Any]], path: str | Path, *, title:
     ``rounds`` are ``metrics.jsonl`` round records (``round``, ``accuracy`` in %,
     ``bytes_up_total``).
     """
-    plt = _pyplot()
+    plt = pyplot()
     xs = [r["round"] for r in rounds]
     acc = [r["accuracy"] for r in rounds]
     up = [r["bytes_up_total"] / 1e6 for r in rounds]

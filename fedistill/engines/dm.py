@@ -182,6 +182,10 @@ def _resume(ckpt: Checkpoint | None, syn: torch.Tensor, opt: torch.optim.Optimiz
     if loaded is None:
         return 0
     tensors, state = loaded
+    missing = sorted({"syn", *(f"gen.{k}" for k in gens)} - set(tensors))
+    missing += [] if "iteration" in state else ["iteration"]
+    if missing:
+        raise CheckpointError(f"{ckpt.path}: missing {missing}; the file is damaged: delete it to start over")
     if tensors["syn"].shape != syn.shape:
         raise CheckpointError(
             f"{ckpt.path}: images of shape {tuple(tensors['syn'].shape)}, expected {tuple(syn.shape)}"

@@ -175,9 +175,9 @@ def run_audit(cfg: dict[str, Any], out_dir: str | Path) -> dict[str, Any]:
 
 
 def _roc_plot(result: dict[str, Any], path: Path) -> None:
-    from fedistill.reporting import _pyplot
+    from fedistill.reporting import pyplot
 
-    plt = _pyplot()
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(4.5, 4.5))
     for key, name in (("synthetic", "synthetic set"), ("matched_real_subset", "real subset")):
         for attack in ("loss_attack", "lira"):
