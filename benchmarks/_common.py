@@ -34,3 +34,10 @@ def results_path(name: str, suffix: str = ".md") -> Path:
     """``benchmarks/results/<name>-<date><suffix>`` (directory created)."""
     RESULTS.mkdir(parents=True, exist_ok=True)
     return RESULTS / f"{name}-{datetime.date.today()}{suffix}"
+
+
+def append_row(path: Path, row: str) -> None:
+    """Print a results-table row and append it to ``path`` at once (a stopped run keeps its rows)."""
+    print(row, flush=True)
+    with open(path, "a") as f:
+        f.write(row + "\n")

@@ -29,7 +29,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from _common import machine_info, results_path
+from _common import append_row, machine_info, results_path
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
@@ -153,9 +153,7 @@ def main() -> None:
             load = os.getloadavg()[0]
             row = deploy_point(n, args, Path(tmp)) if mode == "deploy" else simulate_point(n, args, Path(tmp))
             row += f" {load:.1f} / {os.getloadavg()[0]:.1f} |"
-            print(row, flush=True)
-            with open(out, "a") as f:
-                f.write(row + "\n")
+            append_row(out, row)
     print(f"wrote {out}")
 
 

@@ -35,7 +35,7 @@ import threading
 import time
 from pathlib import Path
 
-from _common import machine_info, results_path
+from _common import append_row, machine_info, results_path
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -144,9 +144,7 @@ def main() -> None:
                     f"| {s.get('clients_failed', '-')} | {wall:.0f} | {peak / 2**30:.2f} "
                     f"| {'ok' if rc == 0 else s.get('error', 'failed')} |"
                 )
-                print(row, flush=True)
-                with open(path, "a") as f:
-                    f.write(row + "\n")
+                append_row(path, row)
                 curves.append(
                     {
                         "label": f"{strategy}" + ("" if policy == "-" else f"/{policy}") + f" c{clients} a{alpha}",

@@ -18,7 +18,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from _common import machine_info, results_path
+from _common import append_row, machine_info, results_path
 from federated import run_point
 
 HEADER = [
@@ -81,9 +81,7 @@ def main() -> None:
             out = Path(tmp) / f"{strategy}-{method}"
             s, wall, peak, rc = run_point([f"strategy={strategy}", *args, *common], out)
             line = row(strategy, method, s, wall, peak, rc)
-            print(line, flush=True)
-            with open(path, "a") as f:
-                f.write(line + "\n")
+            append_row(path, line)
     print(f"wrote {path}")
 
 

@@ -22,7 +22,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from _common import machine_info, results_path
+from _common import append_row, machine_info, results_path
 from federated import MODEL_STRATEGIES, run_point
 
 DEFENSES = {"sets": "none,screen,robust_proto", "models": "none,median,krum"}
@@ -132,9 +132,7 @@ def main() -> None:
                     f"| {_dropped(out, set(att.get('clients') or []))} | {_checkpoint(out)} | {wall:.0f} "
                     f"| {'ok' if rc == 0 else s.get('error', 'failed')} |"
                 )
-                print(row, flush=True)
-                with open(path, "a") as f:
-                    f.write(row + "\n")
+                append_row(path, row)
     print(f"wrote {path}")
 
 
