@@ -69,10 +69,10 @@ class Strategy:
     name: ClassVar[str] = ""
     message_type: ClassVar[str] = "train.distill"
     continue_training: ClassVar[bool] = True
-    #: Attributes (dotted paths) a round checkpoint saves and a resumed run restores;
-    #: subclasses extend it with their own state.
     #: Where a ``defense`` may act in this strategy (:mod:`fedistill.federated.defenses`).
     defense_acts_on: ClassVar[tuple[str, ...]] = ()
+    #: Attributes (dotted paths) a round checkpoint saves and a resumed run restores;
+    #: subclasses extend it with their own state.
     checkpoint_attrs: ClassVar[tuple[str, ...]] = (
         "history",
         "bytes_up",
@@ -301,14 +301,14 @@ class Strategy:
         self.run.log("nodes", count=len(nodes), clients=sorted(self.clients.values(), key=_client_order))
         with progress_bars() as bars:
             bar = bars.add_task(f"{self.name} rounds", total=self.rounds, info="", completed=done)
-            ckpt_seconds = 0.0
+            ckpt: dict[str, Any] = {}  # this process's checkpoint cost: total seconds, size of the last one
             for r in range(done + 1, self.rounds + 1):
                 rec = self.run_round(grid, r)
                 t0 = time.perf_counter()
-                path = self.save_checkpoint()
+                size = self.save_checkpoint().stat().st_size
                 seconds = time.perf_counter() - t0
-                ckpt_seconds += seconds
-                self.run.log("checkpoint", round=r, seconds=round(seconds, 4), bytes=path.stat().st_size)
+                ckpt = {"seconds": round(ckpt.get("seconds", 0.0) + seconds, 4), "bytes": size}
+                self.run.log("checkpoint", round=r, seconds=round(seconds, 4), bytes=size)
                 bars.update(bar, advance=1, info=f"acc {rec['accuracy']:.2f}%  failed {rec['clients_failed']}")
         extra = self.finish() | self.attack_summary()
         self.global_model.save(self.run.path / "global_model.safetensors")
@@ -321,7 +321,7 @@ class Strategy:
             bytes_up=self.bytes_up,
             bytes_down=self.bytes_down,
             clients_failed=self.failed_total,
-            checkpoint={"seconds": round(ckpt_seconds, 4), "bytes": path.stat().st_size} if self.rounds > done else {},
+            checkpoint=ckpt,
             wall_seconds=round(time.perf_counter() - start, 3),
             status="done",
             **extra,

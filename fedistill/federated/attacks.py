@@ -32,6 +32,7 @@ __all__ = [
     "poison_split",
     "poison_stats",
     "poison_synthetic",
+    "repeat_rows",
 ]
 
 
@@ -83,13 +84,17 @@ def _syn_label_flip(syn: SyntheticSet, options: Mapping[str, Any]) -> SyntheticS
     return syn
 
 
+def repeat_rows(syn: SyntheticSet, copies: int) -> SyntheticSet:
+    """The set's rows ``copies`` times (a volume attack, and the ``oversize`` fault)."""
+    syn.images = syn.images.repeat(copies, 1, 1, 1)
+    syn.labels = None if syn.labels is None else syn.labels.repeat(copies)
+    syn.soft_labels = None if syn.soft_labels is None else syn.soft_labels.repeat(copies, 1)
+    return syn
+
+
 def _duplicate(syn: SyntheticSet, options: Mapping[str, Any]) -> SyntheticSet:
     """Volume attack: the same rows ``copies`` times (the server's size cap and de-duplication answer it)."""
-    k = int(options.get("copies", 4))
-    syn.images = syn.images.repeat(k, 1, 1, 1)
-    syn.labels = None if syn.labels is None else syn.labels.repeat(k)
-    syn.soft_labels = None if syn.soft_labels is None else syn.soft_labels.repeat(k, 1)
-    return syn
+    return repeat_rows(syn, int(options.get("copies", 4)))
 
 
 def noise_images(syn: SyntheticSet, *, seed: int = 0) -> SyntheticSet:

@@ -20,7 +20,7 @@ from fedistill.data.synthetic import SyntheticSet
 from fedistill.engines import ENGINES, build_engine, resolve_device
 from fedistill.engines.base import NothingToDistillError
 from fedistill.evaluation import EvalRecipe, ModelSpec, test_metrics, train_model
-from fedistill.federated.attacks import noise_images, poison_split, poison_stats, poison_synthetic
+from fedistill.federated.attacks import noise_images, poison_split, poison_stats, poison_synthetic, repeat_rows
 from fedistill.federated.fedaf import class_stats
 from fedistill.models import build_model
 from fedistill.privacy import PrivacyLedger
@@ -75,10 +75,7 @@ def _labels(syn: SyntheticSet) -> SyntheticSet:
 
 @FAULTS.register("oversize")
 def _oversize(syn: SyntheticSet) -> SyntheticSet:
-    syn.images = syn.images.repeat(4, 1, 1, 1)
-    syn.labels = None if syn.labels is None else syn.labels.repeat(4)
-    syn.soft_labels = None if syn.soft_labels is None else syn.soft_labels.repeat(4, 1)
-    return syn
+    return repeat_rows(syn, 4)
 
 
 def model_spec(model: Mapping[str, Any]) -> ModelSpec:
