@@ -11,20 +11,12 @@ import sys
 from collections.abc import Callable
 from pathlib import Path
 
+from fedistill.config import ConfigError, compose_config, config_dir, hydra_error_line, validate_config
 from fedistill.registry import Registry, UnknownNameError
 
 __all__ = ["COMMANDS", "compose_config", "config_dir", "main"]
 
 COMMANDS: Registry[tuple[str, Callable[[list[str]], int]]] = Registry("command")
-
-
-def config_dir() -> Path:
-    """The Hydra config tree: packaged copy first, then the source checkout's ``configs/``."""
-    here = Path(__file__).resolve().parent
-    for cand in (here / "_configs", here.parent / "configs"):
-        if (cand / "central.yaml").is_file():
-            return cand
-    raise FileNotFoundError(f"fedistill config tree not found in {here / '_configs'} or {here.parent / 'configs'}")
 
 
 def _hydra_app(config_name: str, task: Callable[[dict, Path], object], prog: str, args: list[str]) -> int:
@@ -41,10 +33,16 @@ def _hydra_app(config_name: str, task: Callable[[dict, Path], object], prog: str
         from fedistill.reporting import RunDir
 
         out = Path(HydraConfig.get().runtime.output_dir)
+        resolved = OmegaConf.to_container(cfg, resolve=True)
         if not cfg.get("resume"):  # a resumed run keeps the config.yaml it was started with
+            try:  # checked again here: sweeps (-m) and Hydra flags skip the check before the job
+                validate_config(config_name, resolved)  # type: ignore[arg-type]
+            except ConfigError as exc:
+                print(f"fedistill {config_name}: error: {exc}", file=sys.stderr)
+                raise SystemExit(2) from None
             RunDir(out).write_config(OmegaConf.to_yaml(cfg, resolve=True))
         try:
-            task(OmegaConf.to_container(cfg, resolve=True), out)  # type: ignore[arg-type]
+            task(resolved, out)  # type: ignore[arg-type]
         except (
             DatasetNotFoundError,
             DatasetFormatError,
@@ -71,14 +69,32 @@ def _hydra_app(config_name: str, task: Callable[[dict, Path], object], prog: str
     return 0
 
 
-def compose_config(config_name: str, overrides: list[str]) -> dict:
-    """Resolve a config of the tree with Hydra overrides, without running a job (for ServerApps)."""
-    from hydra import compose, initialize_config_dir
-    from omegaconf import OmegaConf
+def _precheck(command: str, args: list[str]) -> int | None:
+    """Compose and validate the config of ``args`` before Hydra runs the job (``2``: invalid).
 
-    with initialize_config_dir(config_dir=str(config_dir()), version_base="1.3"):
-        cfg = compose(config_name=config_name, overrides=overrides)
-    return OmegaConf.to_container(cfg, resolve=True)  # type: ignore[return-value]
+    So an invalid value or unknown key fails in a second with one line on stderr, before
+    Hydra creates a run directory and before torch, Ray or Flower start. Skipped for a
+    resumed run (its own config.yaml is used), for Hydra flags (``--help``, ``--cfg job``,
+    ``-m`` sweeps: each job of a sweep is checked when it starts) and for commands
+    without a typed schema.
+    """
+    from fedistill.config import SCHEMAS
+
+    if command not in SCHEMAS or any(a.startswith(("-", "resume=")) for a in args):
+        return None
+    from hydra.errors import HydraException
+    from omegaconf.errors import OmegaConfBaseException
+
+    try:
+        validate_config(command, compose_config(command, args))
+    except ConfigError as exc:
+        message = str(exc)
+    except (HydraException, OmegaConfBaseException) as exc:  # unknown key or choice, bad override syntax
+        message = hydra_error_line(exc)
+    else:
+        return None
+    print(f"fedistill {command}: error: {message}", file=sys.stderr)
+    return 2
 
 
 def _resume_args(args: list[str], command: str) -> list[str] | None:
@@ -98,10 +114,12 @@ def _resume_args(args: list[str], command: str) -> list[str] | None:
 
 
 def _central(args: list[str]) -> int:
+    argv = _resume_args(args, "central")
+    if argv is None or _precheck("central", argv):
+        return 2
     from fedistill.central import run_central
 
-    argv = _resume_args(args, "central")
-    return 2 if argv is None else _hydra_app("central", run_central, "fedistill central", argv)
+    return _hydra_app("central", run_central, "fedistill central", argv)
 
 
 def _positional(args: list[str], key: str, usage: str) -> list[str] | None:
@@ -144,10 +162,12 @@ def _print_audit(run: Callable[[dict, Path], dict]) -> Callable[[dict, Path], di
 
 
 def _simulate(args: list[str]) -> int:
+    argv = _resume_args(args, "simulate")
+    if argv is None or _precheck("simulate", argv):
+        return 2
     from strategies.simulation import run_simulate
 
-    argv = _resume_args(args, "simulate")
-    return 2 if argv is None else _hydra_app("simulate", run_simulate, "fedistill simulate", argv)
+    return _hydra_app("simulate", run_simulate, "fedistill simulate", argv)
 
 
 def _deploy(args: list[str]) -> int:

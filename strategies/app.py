@@ -97,7 +97,7 @@ app = ServerApp()
 def _main(grid: Grid, context: Context) -> None:
     from omegaconf import OmegaConf
 
-    from fedistill.cli import compose_config
+    from fedistill.config import compose_config, validate_config
     from fedistill.deploy import NODE_DATA, hydra_overrides
 
     rc = context.run_config
@@ -105,6 +105,7 @@ def _main(grid: Grid, context: Context) -> None:
     if node_data not in NODE_DATA:
         raise ValueError(f"run config node-data={node_data!r}: choose one of {list(NODE_DATA)}")
     cfg = compose_config("simulate", hydra_overrides(rc))
+    validate_config("simulate", cfg)  # ConfigError: one line naming the run-config key, the value and the fix
     out = rc.get("run-dir") or f"outputs/flwr/{time.strftime('%Y-%m-%d_%H-%M-%S')}"
     RunDir(out).write_config(OmegaConf.to_yaml(cfg))
     serve(grid, cfg, str(out), node_data=node_data)

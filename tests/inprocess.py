@@ -55,7 +55,7 @@ class InProcessGrid:
 
 def make_strategy(name: str, tmp_path: Any, *overrides: str) -> Any:
     """Strategy ``name`` on digits (ConvNet width 16, CPU) with the ``simulate`` config plus ``overrides``."""
-    from fedistill.cli import compose_config
+    from fedistill.config import compose_config
     from fedistill.data import load_dataset
     from fedistill.reporting import RunDir
     from strategies.app import STRATEGIES

@@ -10,7 +10,7 @@ import torch
 from omegaconf import OmegaConf
 from test_cli import fedistill
 
-from fedistill.cli import compose_config
+from fedistill.config import compose_config
 from fedistill.data import SyntheticSet
 from fedistill.evaluation import EvalRecipe, ModelSpec
 from fedistill.privacy.attacks import lira_offline, roc_metrics

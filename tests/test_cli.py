@@ -134,7 +134,7 @@ def test_simulate_config_tree_matches_registries():
 
 def test_simulate_card_command_resolves():
     """`fedistill simulate strategy=feddm clients=100 alpha=0.1` resolves to what it says."""
-    from fedistill.cli import compose_config
+    from fedistill.config import compose_config
 
     cfg = compose_config("simulate", ["strategy=feddm", "clients=100", "alpha=0.1"])
     assert cfg["strategy"]["name"] == "feddm" and cfg["clients"] == 100

@@ -12,7 +12,8 @@ import numpy as np
 import pytest
 import torch
 
-from fedistill.cli import compose_config, main
+from fedistill.cli import main
+from fedistill.config import compose_config
 from fedistill.deploy import hydra_overrides
 from fedistill.deploy.certs import make_certs
 from fedistill.deploy.loopback import run_config_arg
@@ -131,7 +132,12 @@ def test_fab_carries_the_packages_and_configs_only():
     from flwr.cli.build import build_fab_from_disk
 
     names = set(zipfile.ZipFile(io.BytesIO(build_fab_from_disk(ROOT))).namelist())
-    for needed in ("clients/app.py", "strategies/app.py", "fedistill/deploy/certs.py", "configs/simulate.yaml"):
+    for needed in (
+        "clients/app.py",
+        "strategies/app.py",
+        "fedistill/deploy/certs.py",
+        "configs/simulate.yaml",
+    ):
         assert needed in names
     assert "configs/strategy/oneshot.yaml" in names and "pyproject.toml" in names
     assert not [n for n in names if n.startswith(("tests/", ".venv/", "benchmarks/", "outputs/"))]

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import pytest
 
-from fedistill.cli import compose_config
+from fedistill.config import compose_config
 from fedistill.deploy.certs import make_certs
 from fedistill.deploy.loopback import Loopback, descendants, live_processes
 from fedistill.deploy.nodedata import write_partitions

@@ -270,7 +270,7 @@ def test_every_engine_runs_in_the_client_handler(monkeypatch, tmp_path):
 
 
 def test_client_sampling_is_deterministic_per_round(tmp_path):
-    from fedistill.cli import compose_config
+    from fedistill.config import compose_config
     from fedistill.data import load_dataset
     from fedistill.reporting import RunDir
     from strategies.app import STRATEGIES

@@ -22,7 +22,7 @@ def cache(tmp_path_factory, monkeypatch):
 
 
 def _strategy(tmp_path, *overrides: str):
-    from fedistill.cli import compose_config
+    from fedistill.config import compose_config
     from fedistill.data import load_dataset
     from fedistill.reporting import RunDir
     from strategies.app import STRATEGIES

@@ -35,7 +35,7 @@ def _certs(args: list[str]) -> int:
 
 
 def _node_data(args: list[str]) -> int:
-    from fedistill.cli import compose_config
+    from fedistill.config import compose_config, validate_config
     from fedistill.deploy.nodedata import FORMATS, write_partitions
 
     p = argparse.ArgumentParser(
@@ -52,8 +52,9 @@ def _node_data(args: list[str]) -> int:
 
     try:
         cfg = compose_config("simulate", ns.overrides)
+        validate_config("simulate", cfg)
         paths = write_partitions(ns.out_dir, cfg, fmt=ns.format, nodes=ns.node)
-    except (ValueError, OSError, HydraException) as err:  # bad override, dataset missing, format mismatch
+    except (ValueError, OSError, HydraException) as err:  # bad override or value, dataset missing, format mismatch
         print(f"fedistill deploy node-data: error: {err}", file=sys.stderr)
         return 1
     for i, path in zip(ns.node or range(int(cfg["clients"])), paths, strict=True):

@@ -1,0 +1,235 @@
+"""Typed, validated configuration: composed from the Hydra tree, checked before anything starts.
+
+:func:`compose_config` resolves a config of the tree (``configs/``, shipped as
+``fedistill/_configs``) with Hydra overrides, without running a job. :func:`validate_config`
+checks a composed config against the typed schema of its command (:data:`SCHEMAS`: frozen
+dataclasses whose fields carry their type and allowed range) and returns the typed view;
+a bad value raises :class:`ConfigError` whose one-line message names the key, the value,
+what is allowed and an example fix. Every default stays stated once, in the YAML: the
+schemas state types and ranges only.
+
+No Flower and no torch here: ``fedistill simulate``/``central`` validate the user's
+overrides with this module before Hydra creates a run directory and before Ray, Flower or
+torch start; the ServerApp validates the config it composes from a Flower run config too.
+"""
+
+from __future__ import annotations
+
+import types
+import typing
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field, fields, is_dataclass
+from pathlib import Path
+from typing import Any
+
+__all__ = [
+    "SCHEMAS",
+    "CentralConfig",
+    "ClientResources",
+    "ConfigError",
+    "DataConfig",
+    "SimulateConfig",
+    "StrategyConfig",
+    "compose_config",
+    "config_dir",
+    "hydra_error_line",
+    "validate_config",
+]
+
+
+class ConfigError(ValueError):
+    """A composed config has a value of the wrong type or out of range (one-line message)."""
+
+
+def config_dir() -> Path:
+    """The Hydra config tree: packaged copy first, then the source checkout's ``configs/``."""
+    here = Path(__file__).resolve().parent
+    for cand in (here / "_configs", here.parent / "configs"):
+        if (cand / "central.yaml").is_file():
+            return cand
+    raise FileNotFoundError(f"fedistill config tree not found in {here / '_configs'} or {here.parent / 'configs'}")
+
+
+def compose_config(config_name: str, overrides: list[str]) -> dict:
+    """Resolve a config of the tree with Hydra overrides, without running a job (for ServerApps)."""
+    from hydra import compose, initialize_config_dir
+    from omegaconf import OmegaConf
+
+    with initialize_config_dir(config_dir=str(config_dir()), version_base="1.3"):
+        cfg = compose(config_name=config_name, overrides=overrides)
+    return OmegaConf.to_container(cfg, resolve=True)  # type: ignore[return-value]
+
+
+def hydra_error_line(exc: BaseException) -> str:
+    """A Hydra/OmegaConf composition error (unknown key, unknown group choice, bad override) as one line."""
+    text = str(exc).split("\nConfig search path:")[0]
+    cause = exc.__cause__
+    if cause is not None and str(cause).strip():
+        text += "\n" + str(cause).strip().splitlines()[0]
+    parts: list[str] = []
+    listing = False  # lines after "...:" are the items of a list (e.g. the available options)
+    for line in (raw.strip().rstrip(".") for raw in text.splitlines()):
+        if not line:
+            continue
+        if listing:
+            parts[-1] += (" " if parts[-1].endswith(":") else ", ") + line
+        else:
+            parts.append(line)
+        listing = listing or line.endswith(":")
+    return "; ".join(parts) or type(exc).__name__
+
+
+# ----------------------------------------------------------------------------- field checks
+def _check(allowed: str, ok: Callable[[Any], bool], example: Any) -> dict[str, Any]:
+    """Field metadata: the range ``ok`` accepts, described as ``allowed``, and an example value."""
+    return {"allowed": allowed, "ok": ok, "example": example}
+
+
+def _at_least(low: float, example: Any) -> dict[str, Any]:
+    return _check(f">= {low}", lambda v: v >= low, example)
+
+
+def _above(low: float, example: Any) -> dict[str, Any]:
+    return _check(f"> {low}", lambda v: v > low, example)
+
+
+def _choice(options: tuple[str, ...]) -> dict[str, Any]:
+    return _check(f"one of {', '.join(options)}", lambda v: v in options, options[0])
+
+
+@dataclass(frozen=True)
+class StrategyConfig:
+    """The top level of a ``strategy`` group (``configs/strategy/*.yaml``) every strategy shares."""
+
+    name: str
+    rounds: int = field(metadata=_at_least(1, 5))
+    fraction: float = field(metadata=_check("in (0, 1]", lambda v: 0 < v <= 1, 1.0))
+    min_success_fraction: float = field(metadata=_check("in [0, 1]", lambda v: 0 <= v <= 1, 0.5))
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    """``data``: where dataset files are searched first, and the validation hold-out."""
+
+    root: str | None
+    val_fraction: float = field(metadata=_check("in [0, 1)", lambda v: 0 <= v < 1, 0.1))
+
+
+@dataclass(frozen=True)
+class ClientResources:
+    """``client``: the resources of one virtual client (a Ray actor)."""
+
+    num_cpus: float = field(metadata=_above(0, 1))
+    num_gpus: float = field(metadata=_at_least(0, 0.1))
+
+
+@dataclass(frozen=True)
+class CentralConfig:
+    """``fedistill central`` (``configs/central.yaml``), top level."""
+
+    ipc: int = field(metadata=_at_least(1, 10))
+    seed: int = field(metadata=_at_least(0, 0))
+    checkpoint_every: int = field(metadata=_at_least(0, 0))
+    resume: str | None
+    device: str
+    init: str = field(metadata=_choice(("auto", "real", "noise")))
+    data: DataConfig
+
+
+@dataclass(frozen=True)
+class SimulateConfig:
+    """``fedistill simulate`` (``configs/simulate.yaml``), top level and ``strategy``/``data``/``client``."""
+
+    clients: int = field(metadata=_at_least(1, 10))
+    alpha: float = field(metadata=_above(0, 0.5))
+    rounds: int = field(metadata=_at_least(1, 5))
+    ipc: int = field(metadata=_at_least(1, 10))
+    init: str = field(metadata=_choice(("auto", "real", "noise")))
+    seed: int = field(metadata=_at_least(0, 0))
+    resume: str | None
+    device: str
+    verbose: bool
+    strategy: StrategyConfig
+    data: DataConfig
+    client: ClientResources
+
+
+SCHEMAS: dict[str, type] = {"simulate": SimulateConfig, "central": CentralConfig}
+"""The typed schema of each command's config (commands without one are not checked)."""
+
+_TYPE_WORDS = {bool: "true or false", int: "an integer", float: "a number", str: "a string"}
+
+
+def _shown(value: Any) -> str:
+    """A value as the user would type it in an override."""
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return str(value).lower()
+    text = str(value) if isinstance(value, int | float | str) else repr(value)
+    return text.replace("\n", "\\n")
+
+
+def _type_ok(value: Any, tp: type) -> bool:
+    if tp is bool:
+        return isinstance(value, bool)
+    if isinstance(value, bool):  # a bool is an int in Python, never in a config
+        return False
+    if tp is float:
+        return isinstance(value, int | float)
+    return isinstance(value, tp)
+
+
+def _check_value(key: str, value: Any, hint: Any, meta: Mapping[str, Any], command: str) -> Any:
+    args = typing.get_args(hint) if isinstance(hint, types.UnionType) else (hint,)
+    nullable = type(None) in args
+    tp = next(a for a in args if a is not type(None))
+    if value is None and nullable:
+        return None
+    allowed = _TYPE_WORDS[tp] + (f" {meta['allowed']}" if "allowed" in meta and tp is not str else "")
+    if tp is str and "allowed" in meta:
+        allowed = meta["allowed"]
+    if nullable:
+        allowed += " or null"
+    good = _type_ok(value, tp) and ("ok" not in meta or meta["ok"](value))
+    if not good:
+        example = meta.get("example", "null" if nullable else (True if tp is bool else None))
+        fix = f"; e.g. {key}={_shown(example)}" if example is not None else ""
+        raise ConfigError(f"{key}={_shown(value)}: {key} must be {allowed}{fix}")
+    return float(value) if tp is float else value
+
+
+def _build(schema: type, values: Any, prefix: str, command: str) -> Any:
+    where = prefix.rstrip(".") or command
+    if not isinstance(values, Mapping):
+        raise ConfigError(f"{where}={_shown(values)}: {where} must be a group of keys, not a single value")
+    hints = typing.get_type_hints(schema)
+    kwargs: dict[str, Any] = {}
+    for f in fields(schema):
+        key = prefix + f.name
+        if f.name not in values:
+            raise ConfigError(f"{key} is missing from the {command} config; set it, e.g. +{key}=...")
+        hint = hints[f.name]
+        if is_dataclass(hint):
+            kwargs[f.name] = _build(hint, values[f.name], key + ".", command)
+        else:
+            kwargs[f.name] = _check_value(key, values[f.name], hint, f.metadata, command)
+    return schema(**kwargs)
+
+
+def validate_config(config_name: str, cfg: Mapping[str, Any]) -> Any:
+    """Check a composed, resolved config of command ``config_name``; return its typed view.
+
+    Only the keys of the command's schema (:data:`SCHEMAS`) are checked; other keys pass
+    (Hydra's struct mode already refuses keys the tree does not have). Commands without a
+    schema return ``None``.
+
+    Raises
+    ------
+    ConfigError
+        On the first value of the wrong type or out of range; the one-line message names
+        the key, the value, what is allowed and an example, e.g.
+        ``clients=0: clients must be an integer >= 1; e.g. clients=10``.
+    """
+    schema = SCHEMAS.get(config_name)
+    return None if schema is None else _build(schema, cfg, "", config_name)

@@ -1,0 +1,123 @@
+"""Typed config validation: invalid values fail in the CLI before Hydra, torch, Ray or Flower start."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from fedistill.config import SCHEMAS, ConfigError, compose_config, hydra_error_line, validate_config
+
+ROOT = Path(__file__).resolve().parents[1]
+
+# (command, override, the key the error must name)
+BAD = [
+    ("simulate", "clients=0", "clients"),
+    ("simulate", "alpha=-1", "alpha"),
+    ("central", "ipc=0", "ipc"),
+    ("simulate", "strategy.fraction=1.5", "strategy.fraction"),
+    ("simulate", "rounds=-2", "rounds"),
+    ("simulate", "no_such_key=1", "no_such_key"),
+    ("simulate", "clients=abc", "clients"),
+]
+
+
+def test_the_cli_refuses_invalid_configs_in_one_line_before_any_run_dir(tmp_path):
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
+    procs = []
+    start = time.monotonic()
+    for i, (command, override, _) in enumerate(BAD):  # in parallel: each is an interpreter start
+        run_dir = tmp_path / f"case{i}" / "run"
+        argv = [sys.executable, "-m", "fedistill.cli", command, override, f"hydra.run.dir={run_dir}"]
+        procs.append(
+            (run_dir, subprocess.Popen(argv, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE))
+        )
+    for (command, override, key), (run_dir, proc) in zip(BAD, procs, strict=True):
+        try:
+            _, err = proc.communicate(timeout=60)
+        finally:
+            proc.kill()
+        stderr = err.decode()
+        lines = stderr.strip().splitlines()
+        assert proc.returncode == 2, (override, stderr)
+        assert "Traceback" not in stderr, stderr
+        assert lines and lines[-1].startswith(f"fedistill {command}: error: "), stderr
+        assert key in lines[-1], (override, lines[-1])
+        assert not run_dir.exists(), f"{override}: Hydra created {run_dir}"
+    # started together, all of them are done within 10 s: no torch, Ray or Flower start
+    assert time.monotonic() - start < 10
+
+
+def test_the_default_configs_are_valid():
+    for name in SCHEMAS:
+        typed = validate_config(name, compose_config(name, []))
+        assert typed is not None and typed.seed == 0
+    typed = validate_config("simulate", compose_config("simulate", ["strategy=feddm", "clients=100", "alpha=0.1"]))
+    assert (typed.clients, typed.alpha, typed.strategy.name, typed.rounds) == (100, 0.1, "feddm", 5)
+    assert typed.rounds == typed.strategy.rounds  # rounds is ${strategy.rounds}
+    assert validate_config("evaluate", {"anything": 1}) is None  # commands without a schema are not checked
+
+
+@pytest.mark.parametrize(
+    ("name", "overrides", "key"),
+    [
+        ("simulate", ["clients=0"], "clients"),
+        ("simulate", ["clients=3.0"], "clients"),
+        ("simulate", ["clients=true"], "clients"),
+        ("simulate", ["seed=-1"], "seed"),
+        ("simulate", ["strategy.min_success_fraction=1.5"], "strategy.min_success_fraction"),
+        ("simulate", ["strategy.fraction=0"], "strategy.fraction"),
+        ("simulate", ["client.num_cpus=0"], "client.num_cpus"),
+        ("simulate", ["client.num_gpus=-0.5"], "client.num_gpus"),
+        ("simulate", ["data.val_fraction=1.0"], "data.val_fraction"),
+        ("simulate", ["init=zeros"], "init"),
+        ("central", ["ipc=abc"], "ipc"),
+        ("central", ["seed=-3"], "seed"),
+        ("central", ["data.val_fraction=-0.1"], "data.val_fraction"),
+    ],
+)
+def test_bad_values_name_the_key_value_range_and_a_fix(name, overrides, key):
+    cfg = compose_config(name, overrides)
+    with pytest.raises(ConfigError) as info:
+        validate_config(name, cfg)
+    message = str(info.value)
+    value = overrides[0].split("=", 1)[1]
+    assert "\n" not in message
+    assert message.startswith(f"{key}=")
+    assert f"{key} must be" in message and "e.g. " in message, message
+    assert value.rstrip("0").rstrip(".") in message or value in message
+
+
+def test_edges_of_the_ranges_pass():
+    for overrides in (
+        ["strategy.fraction=1", "strategy.min_success_fraction=0", "data.val_fraction=0", "client.num_gpus=0"],
+        ["alpha=1", "clients=1", "rounds=1", "client.num_cpus=0.5", "init=noise"],
+    ):
+        validate_config("simulate", compose_config("simulate", overrides))
+
+
+def test_a_group_given_as_a_value_and_a_missing_key_are_config_errors():
+    cfg = compose_config("simulate", [])
+    with pytest.raises(ConfigError, match=r"^strategy=oneshot: strategy must be a group"):
+        validate_config("simulate", {**cfg, "strategy": "oneshot"})
+    with pytest.raises(ConfigError, match=r"^clients is missing"):
+        validate_config("simulate", {k: v for k, v in cfg.items() if k != "clients"})
+
+
+def test_hydra_errors_become_one_line():
+    from hydra.errors import HydraException
+
+    for overrides, expected in (
+        (["no_such_key=1"], "no_such_key"),
+        (["strategy=nope"], "fedavg"),  # the valid choices
+        (["clients=[1"], "[1"),
+    ):
+        with pytest.raises(HydraException) as info:
+            compose_config("simulate", overrides)
+        line = hydra_error_line(info.value)
+        assert "\n" not in line and expected in line, line
+        assert "Config search path" not in line
