@@ -22,56 +22,21 @@ from __future__ import annotations
 
 import dataclasses
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 
-from fedistill.data.base import DatasetInfo, Split
+from fedistill.data.base import Split
 from fedistill.data.synthetic import SyntheticSet
 from fedistill.engines import ENGINES, build_engine
-from fedistill.evaluation import ModelSpec
-from fedistill.federated.defenses import keyword_options, screen_clients
+from fedistill.federated.screening import Parts, PolicyContext, keyword_options, screen_clients
 from fedistill.federated.server import FederationError, merge_sets
 from fedistill.registry import Registry
 from fedistill.seeding import derive_seed, torch_generator
 
 __all__ = ["POLICIES", "PolicyContext", "PolicyResult", "apply_policy", "class_holders", "register_policy"]
-
-Parts = Sequence[tuple[str, SyntheticSet]]
-
-
-@dataclass
-class PolicyContext:
-    """What a policy may use besides the parts.
-
-    Attributes
-    ----------
-    info
-        The server's dataset description.
-    model
-        The global model's architecture (embeddings for ``screen``, the engine's network for ``redistill``).
-    ipc
-        The run's images per class (``redistill``'s default budget).
-    seed, round_
-        Drive the policy's random streams.
-    device
-        Where server-side computation runs.
-    state
-        The global model's current weights (``screen`` embeds with them), or ``None``.
-    val
-        A server-held validation split (``screen``'s optional loss check), or ``None``.
-    """
-
-    info: DatasetInfo
-    model: ModelSpec
-    ipc: int
-    seed: int
-    round_: int
-    device: torch.device
-    state: Mapping[str, torch.Tensor] | None = None
-    val: Split | None = None
 
 
 @dataclass
@@ -197,7 +162,7 @@ def screen(
     val_lr: float = 0.1,
     val_margin: float = 0.02,
 ) -> PolicyResult:
-    """The clients :func:`~fedistill.federated.defenses.screen_clients` keeps, merged as by ``union``.
+    """The clients :func:`~fedistill.federated.screening.screen_clients` keeps, merged as by ``union``.
 
     (``policy=screen`` is the same screen as ``defense=screen`` followed by ``policy=union``.)
     """
