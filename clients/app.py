@@ -42,7 +42,7 @@ from fedistill.data.base import Split
 from fedistill.federated import distill_task, encode_synthetic, evaluate_task, fit_task, node_split, stats_task
 from fedistill.federated.generator import generator_task, latent_task
 from fedistill.federated.node import footprint, node_task
-from strategies.records import metrics_record, read_json, read_tensors, reply, tensor_record
+from protocol.records import metrics_record, read_json, read_tensors, reply, tensor_record
 
 __all__ = ["app"]
 

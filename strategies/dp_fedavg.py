@@ -24,8 +24,8 @@ from flwr.supercore.privacy_accounting import NeighboringRelation, PrivacyConfig
 from flwr.supercore.privacy_accounting.rdp_accountant import RdpAccountant
 
 from fedistill.seeding import derive_seed
+from protocol.records import as_flower_train_replies, read_tensors, tensor_record
 from strategies.base import Reply
-from strategies.records import as_flower_train_replies, read_tensors, tensor_record
 
 __all__ = ["FlowerCentralDP"]
 

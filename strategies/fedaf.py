@@ -10,9 +10,9 @@ from flwr.serverapp import Grid
 from fedistill.federated import ClientFailure
 from fedistill.federated.defenses import robust_stats
 from fedistill.federated.fedaf import StatsError, aggregate_stats, knowledge_matching, validate_stats
+from protocol.records import read_tensors
 from strategies.base import Reply, register_strategy
 from strategies.distill import DistillStrategy
-from strategies.records import read_tensors
 
 __all__ = ["FedAF"]
 

@@ -11,9 +11,9 @@ from flwr.serverapp.exception import PrivacyBudgetExhausted
 
 from fedistill.federated import ClientFailure, FederationError, weighted_average
 from fedistill.federated.server import state_problem
+from protocol.records import read_tensors
 from strategies.base import Reply, Strategy, register_strategy
 from strategies.dp_fedavg import FlowerCentralDP
-from strategies.records import read_tensors
 from strategies.robust import robust_aggregate
 
 __all__ = ["FedAvg"]

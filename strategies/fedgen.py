@@ -15,9 +15,9 @@ from fedistill.federated.generator import build_generator, decode_latent_payload
 from fedistill.federated.server import state_problem
 from fedistill.io import atomic_save_tensors, load_tensors
 from fedistill.registry import UnknownNameError
+from protocol.records import read_json, read_tensors, tensor_record
 from strategies.base import Reply, register_strategy
 from strategies.distill import DistillStrategy
-from strategies.records import read_json, read_tensors, tensor_record
 
 __all__ = ["FedGen"]
 

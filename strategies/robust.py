@@ -16,8 +16,8 @@ import torch
 from flwr.serverapp.strategy import FedMedian, FedTrimmedAvg, Krum
 
 from fedistill.registry import Registry
+from protocol.records import as_flower_train_replies, read_tensors
 from strategies.base import Reply
-from strategies.records import as_flower_train_replies, read_tensors
 
 __all__ = ["AGGREGATORS", "robust_aggregate"]
 

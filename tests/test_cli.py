@@ -179,7 +179,7 @@ def test_wheel_ships_configs_and_packages(tmp_path):
         capture_output=True,
         timeout=300,
     )
-    for pkg in ("fedistill", "strategies", "clients"):
+    for pkg in ("fedistill", "protocol", "strategies", "clients"):
         assert (target / pkg / "__init__.py").is_file()
     code = "from fedistill.cli import config_dir; print(config_dir())"
     env = {**os.environ, "PYTHONPATH": str(target)}

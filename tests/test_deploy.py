@@ -135,6 +135,7 @@ def test_fab_carries_the_packages_and_configs_only():
     for needed in (
         "clients/app.py",
         "strategies/app.py",
+        "protocol/records.py",
         "fedistill/deploy/certs.py",
         "configs/simulate.yaml",
     ):

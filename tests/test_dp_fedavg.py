@@ -9,9 +9,9 @@ from flwr.serverapp.exception import PrivacyBudgetExhausted
 from test_federated import _message
 
 from fedistill.privacy import PrivacyLedger
+from protocol.records import tensor_record
 from strategies.base import Reply
 from strategies.dp_fedavg import FlowerCentralDP
-from strategies.records import tensor_record
 
 
 @pytest.fixture(autouse=True)

@@ -166,7 +166,7 @@ TASK = {
 
 def test_distill_reply_carries_the_synthetic_set_and_no_raw_data():
     from clients.app import app
-    from strategies.records import read_tensors, task_content
+    from protocol.records import read_tensors, task_content
 
     node = {"partition-id": 1, "num-partitions": 4}
     reply = app(_message(task_content(TASK), "train.distill"), _context(node))
@@ -189,7 +189,7 @@ def test_distill_reply_carries_the_synthetic_set_and_no_raw_data():
 
 def test_client_errors_become_error_replies_with_reasons():
     from clients.app import app
-    from strategies.records import task_content
+    from protocol.records import task_content
 
     reply = app(_message(task_content(TASK), "train.distill"), _context({}))
     assert reply.has_error() and "NodeDataError" in reply.error.reason and "data-path" in reply.error.reason
@@ -202,7 +202,7 @@ def test_client_errors_become_error_replies_with_reasons():
 
 def test_fit_and_evaluate_handlers_round_trip_weights():
     from clients.app import app
-    from strategies.records import read_tensors, task_content
+    from protocol.records import read_tensors, task_content
 
     node = {"partition-id": 0, "num-partitions": 4}
     model = build_model("convnet", node_split(node, DATA).info, seed=0, width=16)
@@ -219,7 +219,7 @@ def test_fit_and_evaluate_handlers_round_trip_weights():
 
 def test_client_without_enough_samples_succeeds_with_nothing_to_send():
     from clients.app import app
-    from strategies.records import task_content
+    from protocol.records import task_content
 
     data = {"dataset": "digits", "partition": {"scheme": "dirichlet", "alpha": 0.1}, "seed": 0}
     pid = next(
@@ -256,7 +256,7 @@ def test_every_engine_runs_in_the_client_handler(monkeypatch, tmp_path):
     """`strategy=oneshot method=<any engine>`: each registered engine distills inside train.distill."""
     from clients.app import app
     from fedistill.engines import ENGINES
-    from strategies.records import read_tensors, task_content
+    from protocol.records import read_tensors, task_content
 
     assert set(TINY_ENGINES) == set(ENGINES.names())
     monkeypatch.setenv("FEDISTILL_CACHE", str(tmp_path))

@@ -38,8 +38,8 @@ def _node(pid: int) -> dict:
 def _ask(strategy, round_: int, pid: int, **extra):
     """What the strategy sends client ``p{pid}`` in ``round_``, answered by the ClientApp directly."""
     from clients.app import app
+    from protocol.records import read_metrics, task_content
     from strategies.base import Reply
-    from strategies.records import read_metrics, task_content
 
     task, arrays = strategy.configure(round_)
     msg_type = "train.generator" if strategy.generator_phase(round_) else "train.latents"
@@ -76,7 +76,7 @@ def test_latent_reply_has_no_pixels_and_decodes_deterministically(tmp_path):
     s = _strategy(tmp_path, "strategy.gen_rounds=0")
     r = _ask(s, 1, 0)
     assert set(r.msg.content.keys()) == {"latents", "meta", "metrics"}
-    from strategies.records import read_json, read_tensors
+    from protocol.records import read_json, read_tensors
 
     arrays = read_tensors(r.msg.content.array_records["latents"])
     assert set(arrays) == {"latents", "labels"} and arrays["latents"].shape[1] == 16

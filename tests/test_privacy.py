@@ -215,7 +215,7 @@ def test_client_ledger_persists_across_rounds_and_refuses_over_budget():
     from test_federated import DATA, TASK, _context, _message
 
     from clients.app import app
-    from strategies.records import task_content
+    from protocol.records import task_content
 
     task = {
         **TASK,
