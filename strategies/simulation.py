@@ -8,6 +8,7 @@ existing Ray cluster (``auto`` or ``HOST:PORT``) instead of starting a local one
 from __future__ import annotations
 
 import copy
+import importlib
 import json
 import logging
 import os
@@ -15,7 +16,17 @@ import warnings
 from pathlib import Path
 from typing import Any
 
-__all__ = ["backend_config", "run_simulate"]
+__all__ = ["CLIENT_APP", "backend_config", "load_component", "run_simulate"]
+
+CLIENT_APP = "clients.app:app"
+"""The ClientApp by its component string, as ``[tool.flwr.app.components]`` names it: the server
+side loads it by name and never imports the ``clients`` package."""
+
+
+def load_component(ref: str) -> Any:
+    """The object a Flower component string ``"module:attribute"`` names (imported on demand)."""
+    module, _, attr = ref.partition(":")
+    return getattr(importlib.import_module(module), attr)
 
 
 def backend_config(cfg: dict[str, Any]) -> dict[str, Any]:
@@ -87,7 +98,6 @@ def _run_once(cfg: dict[str, Any], out_dir: str | Path) -> dict[str, Any]:
     import ray
     from flwr.simulation import run_simulation
 
-    from clients.app import app as client_app
     from strategies.app import make_server_app
 
     # Flower logs the deprecation of run_simulation (this module is its one caller) and its
@@ -103,7 +113,7 @@ def _run_once(cfg: dict[str, Any], out_dir: str | Path) -> dict[str, Any]:
             warnings.filterwarnings("ignore", category=DeprecationWarning)
             run_simulation(
                 server_app=make_server_app(cfg, out_dir),
-                client_app=client_app,
+                client_app=load_component(CLIENT_APP),
                 num_supernodes=int(cfg["clients"]),
                 backend_config=backend_config(cfg),
                 verbose_logging=bool(cfg.get("verbose", False)),

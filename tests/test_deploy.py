@@ -125,6 +125,15 @@ def test_run_config_keys_are_hydra_overrides_of_the_simulate_config():
     )
 
 
+def test_the_simulation_loads_the_client_app_by_its_component_string():
+    from flwr.clientapp import ClientApp
+
+    from strategies.simulation import CLIENT_APP, load_component
+
+    assert _app_config()["components"]["clientapp"] == CLIENT_APP
+    assert isinstance(load_component(CLIENT_APP), ClientApp)
+
+
 def test_fab_carries_the_packages_and_configs_only():
     import io
     import zipfile
