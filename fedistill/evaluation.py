@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import statistics
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
@@ -54,6 +55,11 @@ class EvalRecipe:
     ----------
     epochs
         Training epochs (papers: 300 without, 1000 with DSA; CPU presets use fewer).
+    max_steps
+        ``None``: train ``epochs`` passes over the data. A number caps the training at
+        that many mini-batch steps (the lr then drops x0.1 at half of them), whatever the
+        data's size: a server's cost fits its budget, not the size of an ever-larger
+        union of client sets. Below the cap, training is exactly ``epochs`` passes.
     lr, momentum, weight_decay, batch_size
         SGD settings; the lr drops x0.1 at half the epochs.
     dsa
@@ -72,6 +78,7 @@ class EvalRecipe:
     """
 
     epochs: int = 300
+    max_steps: int | None = None
     lr: float = 0.01
     momentum: float = 0.9
     weight_decay: float = 5e-4
@@ -136,17 +143,29 @@ def train_model(
     soft = targets.ndim == 2
     lr = recipe.soft_lr if soft and recipe.soft_lr is not None else recipe.lr
     opt = torch.optim.SGD(model.parameters(), lr=lr, momentum=recipe.momentum, weight_decay=recipe.weight_decay)
-    milestones = [max(1, recipe.epochs // 2)] if recipe.lr_decay else []
-    sched = torch.optim.lr_scheduler.MultiStepLR(opt, milestones=milestones, gamma=0.1)
+    per_epoch = max(1, math.ceil(len(images) / recipe.batch_size))
+    total = recipe.epochs * per_epoch
+    # the lr drops x0.1 after half the epochs (as MultiStepLR would), or at half a binding step cap
+    decay_at = max(1, recipe.epochs // 2) * per_epoch if recipe.lr_decay else -1
+    if recipe.max_steps is not None and recipe.max_steps < total:
+        total = recipe.max_steps
+        decay_at = total // 2 if recipe.lr_decay else -1
     gen = torch_generator(seed, "batches")
     dsa = DSA(DSAConfig(flip=info.flip)) if recipe.dsa else None
     images, targets = images.to(device), targets.to(device)
     weights = None if sample_weights is None else sample_weights.to(device, torch.float32)
     t = recipe.temperature
     model.train()
-    for _ in range(recipe.epochs):
+    step = 0
+    while step < total and len(images):
         perm = torch.randperm(len(images), generator=gen).to(device)
         for i in range(0, len(images), recipe.batch_size):
+            if step == total:
+                break
+            if step == decay_at:
+                for group in opt.param_groups:
+                    group["lr"] *= 0.1
+            step += 1
             idx = perm[i : i + recipe.batch_size]
             x, y = images[idx], targets[idx]
             if dsa is not None:
@@ -165,7 +184,6 @@ def train_model(
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
-        sched.step()
     return model
 
 

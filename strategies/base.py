@@ -34,7 +34,7 @@ from fedistill.federated.state import get_path, pack, set_path, unpack
 from fedistill.registry import Registry
 from fedistill.reporting import RunDir, progress_bars, save_accuracy_plot
 from fedistill.seeding import derive_seed, numpy_rng
-from strategies.records import content_bytes, read_metrics, task_content, tensor_record
+from protocol.records import content_bytes, read_metrics, task_content, tensor_record
 
 __all__ = ["STRATEGIES", "Reply", "Strategy", "data_spec", "register_strategy"]
 
@@ -119,6 +119,10 @@ class Strategy:
 
     def finish(self) -> dict[str, Any]:
         """Save strategy outputs after the last round; return extra summary fields."""
+        return {}
+
+    def control(self) -> dict[str, Any]:
+        """Controls (e.g. the random-real subset) run after the main result is on disk; extra summary fields."""
         return {}
 
     # ------------------------------------------------------------- machinery
@@ -315,7 +319,7 @@ class Strategy:
         save_accuracy_plot(
             self.history, self.run.path / "accuracy.png", title=f"{self.name} on {self.bundle.info.name}"
         )
-        return self.run.update_summary(
+        summary = self.run.update_summary(
             final_accuracy=self.history[-1]["accuracy"],
             final_loss=self.history[-1]["loss"],
             bytes_up=self.bytes_up,
@@ -325,6 +329,12 @@ class Strategy:
             wall_seconds=round(time.perf_counter() - start, 3),
             status="done",
             **extra,
+        )
+        controls = self.control()
+        if not controls:
+            return summary
+        return self.run.update_summary(
+            **controls, control_seconds=round(time.perf_counter() - start, 3) - summary["wall_seconds"]
         )
 
     def run_round(self, grid: Grid, round_: int) -> dict[str, Any]:

@@ -16,8 +16,8 @@ from fedistill.federated.server import random_baseline
 from fedistill.privacy import ClientLedgers
 from fedistill.registry import UnknownNameError
 from fedistill.reporting import save_grid
+from protocol.records import read_json, read_tensors
 from strategies.base import Reply, Strategy
-from strategies.records import read_json, read_tensors
 
 __all__ = ["DistillStrategy"]
 
@@ -197,28 +197,33 @@ class DistillStrategy(Strategy):
     def random_baseline(self) -> dict[str, Any]:
         """A fresh global model trained on random real images with the last set's class counts.
 
-        Rows a policy duplicated (``balance``) are not counted. It gets as many epochs as
-        the global model had in total (``rounds x epochs`` when it continues training).
+        Rows a policy duplicated (``balance``) are not counted. It gets the training budget
+        the global model had in total (``rounds x steps`` when it continues training).
         """
         assert self.synthetic is not None
         unique = len(self.synthetic) - int(self.synthetic.metadata.get("duplicates", 0))
-        epochs = self.global_model.recipe.epochs * (len(self.history) if self.continue_training else 1)
-        return random_baseline(self.global_model, self.synthetic.hard_labels[:unique], epochs=epochs)
+        rounds = len(self.history) if self.continue_training else 1
+        return random_baseline(self.global_model, self.synthetic.hard_labels[:unique], rounds=rounds)
 
     def finish(self) -> dict[str, Any]:
-        """Save the last merged set and its grid; report the random-real baseline."""
+        """Save the last merged set and its grid."""
         privacy = {"privacy": self.ledgers.summary()} if self.ledgers.ledgers else {}
         if self.synthetic is None:
             return privacy
         self.synthetic.metadata.update(dataset=self.bundle.info.name, strategy=self.name, ipc=int(self.cfg["ipc"]))
         path = self.synthetic.save(self.run.path / "synthetic.safetensors")
         save_grid(self.synthetic, self.run.path / "synthetic.png")
-        baseline = self.random_baseline() if self.opts.get("random_baseline", True) else None
-        self.run.log("baseline", random_subset=baseline)
         return {
             "synthetic_path": str(path.resolve()),
             "synthetic_images": len(self.synthetic),
             "provenance": json.loads(json.dumps(self.synthetic.metadata.get("clients") or [])),
-            "baselines": {"random_subset": baseline},
             **privacy,
         }
+
+    def control(self) -> dict[str, Any]:
+        """The random-real control (``strategy.random_baseline``), run after the main result is written."""
+        if self.synthetic is None or not self.opts["random_baseline"]:
+            return {}
+        baseline = self.random_baseline()
+        self.run.log("baseline", random_subset=baseline)
+        return {"baselines": {"random_subset": baseline}}

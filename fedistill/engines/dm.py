@@ -12,7 +12,7 @@ from __future__ import annotations
 import copy
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 from torch import nn
@@ -80,6 +80,14 @@ class DMConfig:
         images (``False``, the default): a noise image matched to a few samples' mean
         adds label noise, and a class with no more real than synthetic images would be
         sent as verbatim copies. This matters on small non-IID client partitions.
+    releases
+        ``None``: a fresh network, augmentation and real batch every iteration (the
+        reference). A number below ``iterations``: that many such *releases* are drawn
+        (each from its own seeded stream), their real-branch class statistics computed
+        once, and the iterations cycle through them; the synthetic branch still runs
+        every iteration. The real branch then costs ``releases`` passes instead of
+        ``iterations``: the lever that makes hundreds of federated clients cheap (as
+        ``dp_dm``'s releases, without the noise).
     log_every
         Report the loss every this many iterations.
     """
@@ -99,6 +107,7 @@ class DMConfig:
     compile_min_iterations: int = 200
     min_class_samples: int = 1
     pad_small_classes: bool = False
+    releases: int | None = None
     log_every: int = 10
 
 
@@ -211,6 +220,9 @@ class DMEngine(Engine):
     name = "dm"
     Config = DMConfig
     resumable = True
+    #: :meth:`embedding_loss` reads the real branch only through :meth:`_embed_pair`, so
+    #: ``releases`` can cache it (an engine that matches fresh real statistics sets ``False``).
+    reuses_releases: ClassVar[bool] = True
 
     def embedding_loss(
         self, net: nn.Module, real: torch.Tensor, syn: torch.Tensor, ctx: dict[str, Any]
@@ -229,17 +241,22 @@ class DMEngine(Engine):
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Per-class mean real embedding (no autograd) and per-image synthetic embeddings."""
         dsa: DSA | None = ctx["dsa"]
-        real_mean = real_class_means(
-            ctx["real_embed"],
-            real,
-            ctx["real_groups"],
-            ctx["counts"],
-            dsa=dsa,
-            params=ctx["params"],
-            chunk=self.config.real_chunk,
-            dtype=ctx["real_dtype"],
-            aug_groups=ctx["real_aug_groups"],
-        )
+        cache: dict[int, torch.Tensor] | None = ctx.get("release_cache")
+        real_mean = None if cache is None else cache.get(ctx["release"])
+        if real_mean is None:
+            real_mean = real_class_means(
+                ctx["real_embed"],
+                real,
+                ctx["real_groups"],
+                ctx["counts"],
+                dsa=dsa,
+                params=ctx["params"],
+                chunk=self.config.real_chunk,
+                dtype=ctx["real_dtype"],
+                aug_groups=ctx["real_aug_groups"],
+            )
+            if cache is not None:
+                cache[ctx["release"]] = real_mean
         if dsa is not None:
             syn = dsa.apply(syn, ctx["params"], ctx["syn_aug_groups"])
         return real_mean, self.features(net)(syn)
@@ -262,6 +279,19 @@ class DMEngine(Engine):
             raise ValueError(f"unknown dsa_groups {self.config.dsa_groups!r}; valid: sample, class")
         width = max(int(sampler.counts.max()), ipc)
         return sampler.groups * width + sampler.positions, syn_groups * width + syn_pos, len(sampler.counts) * width
+
+    def _num_releases(self) -> int:
+        """Releases cycled through (``0``: a fresh one every iteration); refuses an engine that cannot cache them."""
+        releases = self.config.releases
+        if releases is None or releases >= self.config.iterations:
+            return 0
+        if releases < 1:
+            raise ValueError(f"method.releases={releases}: must be >= 1 or null (a fresh release every iteration)")
+        if not self.reuses_releases:
+            raise ValueError(
+                f"method={self.name} matches fresh real statistics every iteration; set method.releases=null"
+            )
+        return int(releases)
 
     def compiles(self, device: torch.device) -> bool:
         """Whether to ``torch.compile`` the real branch (resolves ``compile="auto"``)."""
@@ -327,16 +357,30 @@ class DMEngine(Engine):
         steps = StepLog(cfg.iterations, every=cfg.log_every, progress=progress)
         gens = {"real": sampler.generator, "dsa": aug_gen}
         start = _resume(checkpoint, syn, opt, gens, steps)
+        num_releases = self._num_releases()
+        if num_releases:
+            ctx["release_cache"], params_cache = {}, {}
         for it in range(start, cfg.iterations):
-            self.prepare_network(net, it, seed)
+            release = it % num_releases if num_releases else it
+            ctx["release"] = release
+            self.prepare_network(net, release, seed)
             for dst, src in pairs:
                 dst.copy_(src)
-            ctx["params"] = (
-                dsa.sample(num_aug, aug_gen, image_size=data.info.image_size, op_per_group=cfg.dsa_op_per_group)
-                if dsa
-                else None
-            )
-            loss = self.embedding_loss(net, sampler.sample(), syn, ctx)
+            if num_releases and release in params_cache:  # a cached release: only the synthetic branch runs
+                ctx["params"], real = params_cache[release], None
+            else:
+                if num_releases:  # each release draws from its own streams, so a resumed run rebuilds it exactly
+                    aug_gen = torch_generator(seed, "dm-dsa", release)
+                    sampler.generator = torch_generator(seed, "dm-real", release)
+                ctx["params"] = (
+                    dsa.sample(num_aug, aug_gen, image_size=data.info.image_size, op_per_group=cfg.dsa_op_per_group)
+                    if dsa
+                    else None
+                )
+                real = sampler.sample()
+                if num_releases:
+                    params_cache[release] = ctx["params"]
+            loss = self.embedding_loss(net, real, syn, ctx)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
@@ -345,4 +389,6 @@ class DMEngine(Engine):
                 _save(checkpoint, it + 1, syn, opt, gens, steps)
         meta = {"method": self.name, "ipc": ipc, "init": init, "seed": seed, "iterations": cfg.iterations}
         meta["loss_history"] = steps.history
+        if num_releases:
+            meta["releases"] = num_releases
         return SyntheticSet(syn.detach().cpu().contiguous(), labels, data.info, metadata=meta)

@@ -66,6 +66,7 @@ class DMHomEngine(DMEngine):
     """Distribution matching of means and of all higher moments (``method=dm_hom``)."""
 
     name = "dm_hom"
+    reuses_releases = False  # fresh random Fourier features every iteration
     Config = DMHomConfig
     resumable = False  # the random-feature stream is not checkpointed
 

@@ -218,20 +218,29 @@ class GlobalModel:
         return atomic_save_tensors(path, self.state, metadata={"model": self.spec.name})
 
 
-def random_baseline(model: GlobalModel, labels: torch.Tensor, *, epochs: int) -> dict[str, Any]:
-    """A fresh model with ``model``'s architecture and recipe, trained ``epochs`` on random real images.
+def random_baseline(model: GlobalModel, labels: torch.Tensor, *, rounds: int = 1) -> dict[str, Any]:
+    """A fresh model with ``model``'s architecture and recipe, trained on random real images.
 
     The images are drawn from the server's training split with the per-class counts of
-    ``labels`` (a synthetic set's labels): the baseline every synthetic set must beat.
+    ``labels`` (a synthetic set's labels): the baseline every synthetic set must beat. It
+    gets the training budget the global model had in total: ``rounds`` times the recipe's
+    ``epochs`` and ``max_steps`` when the global model continued training over ``rounds``.
     """
     real = random_subset(model.bundle.train, labels, seed=model.seed)
-    recipe = replace(model.recipe, epochs=int(epochs))
+    budget = model.recipe
+    cap = None if budget.max_steps is None else budget.max_steps * int(rounds)
+    recipe = replace(budget, epochs=budget.epochs * int(rounds), max_steps=cap)
     baseline = GlobalModel(
         model.spec, model.bundle, recipe=recipe, device=model.device, seed=model.seed, continue_training=False
     )
     baseline.train_on(SyntheticSet(real.images, real.labels, model.bundle.info), round_=0)
     acc, _ = baseline.evaluate()
-    return {"images": len(real), "epochs": recipe.epochs, "accuracy": round(100 * acc, 4)}
+    return {
+        "images": len(real),
+        "epochs": recipe.epochs,
+        "max_steps": recipe.max_steps,
+        "accuracy": round(100 * acc, 4),
+    }
 
 
 #: Reserved keys of the ``faults`` config (not fault kinds).
