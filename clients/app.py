@@ -32,6 +32,7 @@ every reply reports the process's ``peak_rss_mb`` and ``cpu_seconds``.
 from __future__ import annotations
 
 import json
+import time
 import traceback
 from collections.abc import Callable
 
@@ -105,13 +106,16 @@ def stats(msg: Message, context: Context) -> Message:
 @_guard
 def distill(msg: Message, context: Context) -> Message:
     """Distill the node's data; reply with the synthetic set (and FedAF's class statistics when asked)."""
+    t0 = time.perf_counter()
     task, split = _task(msg, context)
+    data_seconds = time.perf_counter() - t0
     records = msg.content.array_records
     base = read_tensors(records["global"]) if "global" in records else None
     inputs = read_tensors(records["inputs"]) if "inputs" in records else None
     saved = context.state.config_records.get(LEDGER)
     ledger = json.loads(str(saved["json"])) if saved else None
     syn, metrics = distill_task(split, task, base_state=base, inputs=inputs, ledger_state=ledger)
+    metrics["data_seconds"] = round(data_seconds, 4)  # loading the node's data (cached per Ray actor after the first)
     _done(metrics, context)
     if syn is not None and "privacy" in syn.metadata:  # the node keeps its own cumulative ledger
         context.state[LEDGER] = ConfigRecord({"json": json.dumps(syn.metadata["privacy"]["ledger"])})

@@ -342,7 +342,9 @@ class Strategy:
         t0 = time.perf_counter()
         nodes = self.sample(round_)
         replies, failures, down, up = self.exchange(grid, round_, nodes)
+        t_exchange = time.perf_counter()
         accepted, rejected = self.accept(round_, replies)
+        t_accept = time.perf_counter()
         failures += rejected
         self.bytes_up += up
         self.bytes_down += down
@@ -374,12 +376,21 @@ class Strategy:
             raise FederationError(msg)
         t1 = time.perf_counter()
         rec.update(self.update(round_, accepted))
+        t_update = time.perf_counter()
         acc, loss = self.global_model.evaluate()
         rec.update(
             accuracy=round(100 * acc, 4),
             loss=round(loss, 6),
             server_seconds=round(time.perf_counter() - t1, 3),
             seconds=round(time.perf_counter() - t0, 3),
+            # where the round's time went: messages out and back (client work, Ray, serialization),
+            # decoding and validating replies, the strategy's update (server training), evaluation
+            timing={
+                "exchange": round(t_exchange - t0, 3),
+                "accept": round(t_accept - t_exchange, 3),
+                "update": round(t_update - t1, 3),
+                "evaluate": round(time.perf_counter() - t_update, 3),
+            },
         )
         self.history.append(rec)
         self.run.log("round", **rec)
