@@ -1,11 +1,31 @@
-"""Shared fixtures: the embedded digits dataset, loaded once per session."""
+"""Shared fixtures (the embedded digits dataset, loaded once per session) and the CI rules.
+
+Under ``CI=true`` (``.ci/run`` sets it): a skipped test fails the run (``ci_guard``, whose
+docstring lists the one exemption, ``@pytest.mark.gpu``), and Hypothesis runs the ``ci``
+profile: derandomized (the same examples on every run, so a red CI is reproducible and
+a green one is not luck), no example database, no deadline and no ``too_slow`` health check
+(timings on a shared 2-core machine are noise). Locally Hypothesis keeps its randomized
+``default`` profile, which keeps finding new examples; ``HYPOTHESIS_PROFILE=ci`` replays CI.
+Every test also has pytest-timeout's per-test limit (``[tool.pytest.ini_options]``).
+"""
 
 from __future__ import annotations
 
+import os
+
 import pytest
+from ci_guard import ci_enabled, pytest_configure, pytest_runtest_makereport, pytest_terminal_summary
+from hypothesis import HealthCheck, settings
 from inprocess import InProcessGrid
 
 from fedistill.data import DataBundle, load_dataset
+
+__all__ = ["pytest_configure", "pytest_runtest_makereport", "pytest_terminal_summary"]
+
+settings.register_profile(
+    "ci", derandomize=True, database=None, deadline=None, print_blob=True, suppress_health_check=[HealthCheck.too_slow]
+)
+settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE") or ("ci" if ci_enabled() else "default"))
 
 
 @pytest.fixture(scope="session")

@@ -164,7 +164,7 @@ TASK = {
 }
 
 
-def test_distill_reply_carries_the_synthetic_set_and_no_raw_data():
+def test_distill_reply_carries_only_the_synthetic_set_and_no_verbatim_real_image():
     from clients.app import app
     from protocol.records import read_tensors, task_content
 
@@ -178,9 +178,14 @@ def test_distill_reply_carries_the_synthetic_set_and_no_raw_data():
     counts = real.class_counts()
     rows = torch.where(counts >= 4, 2, torch.clamp(counts // 2, min=1)) * (counts > 0)
     assert len(arrays["images"]) == int(rows.sum())
-    # no real image leaves the node verbatim: every synthetic image moved away from every real one
+    # No real image leaves verbatim: every synthetic image moved from every real one by more than 1% of
+    # the smallest distance between two distinct real images of this node (measured: >= 0.065 vs 1.66).
+    # This is NOT "no raw data leaves the node": with init=real and 30 iterations every synthetic image is
+    # still nearer to one real image (0.065-0.21) than any two real images are to each other, i.e. a
+    # recognisable near-copy. Only the DP engines bound what leaves (tests/test_privacy_release.py).
     dist = torch.cdist(arrays["images"].flatten(1), real.images.flatten(1))
-    assert float(dist.min()) > 0.05
+    between_real = torch.cdist(real.images.flatten(1), real.images.flatten(1)).fill_diagonal_(float("inf"))
+    assert float(dist.min()) > 0.01 * float(between_real.min())
     metrics = dict(reply.content.metric_records["metrics"])
     assert metrics["examples"] == len(real) and metrics["class_counts"] == counts.tolist()
     payload = arrays["images"].numel() * 4 + arrays["labels"].numel() * 8
