@@ -121,6 +121,14 @@ class ClientResources:
 
     num_cpus: float = field(metadata=_above(0, 1))
     num_gpus: float = field(metadata=_at_least(0, 0.1))
+    device: str | None = field(metadata=_choice(("cpu", "cuda")))
+
+    def __post_init__(self) -> None:
+        if self.device == "cuda" and self.num_gpus <= 0:
+            raise ConfigError(
+                "client.device=cuda: clients get a GPU only with a GPU share; set client.num_gpus, e.g. "
+                "client.num_gpus=0.1 (10 clients per GPU), or client.device=null"
+            )
 
 
 @dataclass(frozen=True)

@@ -103,6 +103,11 @@ class Strategy:
         self.defense_options = dict(cfg.get("defense") or {"name": "none"})
         self.defense_name = str(self.defense_options.pop("name"))
         self.defense = check_defense(self.defense_name, self.name, self.defense_acts_on)
+        client_res = cfg.get("client") or {}
+        if self.device.type == "cuda" and (client_res.get("device") or "") != "cuda" and not client_res.get("num_gpus"):
+            msg = "the server trains on CUDA but clients distill on the CPU; give them a GPU share: client.num_gpus=0.1"
+            print(f"fedistill: warning: {msg}")
+            run.log("warning", message=msg)
 
     # ----------------------------------------------------------------- hooks
     def configure(self, round_: int) -> tuple[dict[str, Any], dict[str, torch.Tensor] | None]:
@@ -134,7 +139,10 @@ class Strategy:
         out["model"] = dict(self.cfg["model"])
         client_res = self.cfg.get("client", {})
         out["threads"] = max(1, int(client_res.get("num_cpus", 1)))
-        out["device"] = "cuda" if float(client_res.get("num_gpus", 0.0)) > 0 else "cpu"
+        gpu_share = float(client_res["num_gpus"])
+        out["device"] = client_res["device"] or ("cuda" if gpu_share > 0 else "cpu")
+        if out["device"] == "cuda":
+            out["gpu_fraction"] = gpu_share  # the node caps its process's GPU memory at this share
         attack = dict(self.cfg.get("attack") or {})
         if client in self.attackers():
             out["attack"] = attack

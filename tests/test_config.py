@@ -121,3 +121,12 @@ def test_hydra_errors_become_one_line():
         line = hydra_error_line(info.value)
         assert "\n" not in line and expected in line, line
         assert "Config search path" not in line
+
+
+def test_client_device_cuda_needs_a_gpu_share():
+    with pytest.raises(ConfigError, match=r"client\.num_gpus"):
+        validate_config("simulate", compose_config("simulate", ["client.device=cuda"]))
+    with pytest.raises(ConfigError, match=r"client\.device"):
+        validate_config("simulate", compose_config("simulate", ["client.device=tpu"]))
+    typed = validate_config("simulate", compose_config("simulate", ["client.device=cuda", "client.num_gpus=0.1"]))
+    assert typed.client.device == "cuda"

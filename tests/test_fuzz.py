@@ -16,7 +16,8 @@ from fedistill.federated import decode_synthetic
 from fedistill.privacy import PrivacyLedger
 
 INFO = load_dataset("digits").info
-FUZZ = settings(max_examples=100, deadline=2000, suppress_health_check=[HealthCheck.too_slow])
+# no per-example deadline (flaky on a loaded 2-core machine); pytest-timeout bounds a hang
+FUZZ = settings(max_examples=100, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 
 DTYPES = [torch.float32, torch.float16, torch.float64, torch.int64, torch.int32, torch.uint8, torch.bool]
 SPECIALS = [float("nan"), float("inf"), float("-inf"), 0.0, -1.0, 1e30, 0.5]

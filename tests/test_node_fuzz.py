@@ -31,7 +31,8 @@ from fedistill.federated.node import IDX_NAMES, NodeDataError, load_node_file
 from fedistill.reporting import RunDir
 
 DIGITS, CIFAR = dataset_info("digits"), dataset_info("cifar10")
-FUZZ = settings(max_examples=100, deadline=2000, suppress_health_check=[HealthCheck.too_slow])
+# no per-example deadline (flaky on a loaded 2-core machine); pytest-timeout bounds a hang
+FUZZ = settings(max_examples=100, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 FIX_WORDS = ("re-download", "save", "write", "need", "point", "expected", "replace", "delete", "must")
 
 NP_DTYPES = ["uint8", "int8", "uint16", "int32", "int64", "float16", "float32", "float64", "bool", "complex64", "<U2"]
