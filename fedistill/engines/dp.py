@@ -170,7 +170,7 @@ class DPDMEngine(DMEngine):
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
-            steps.log(it, loss=float(loss.detach()) / k)
+            steps.log(it, loss=loss.detach() / k)
         meta = {"method": self.name, "ipc": ipc, "init": init, "seed": seed, "iterations": cfg.iterations}
         meta |= {"loss_history": steps.history, "privacy": release.report()}
         return SyntheticSet(syn.detach().cpu().contiguous(), labels, data.info, metadata=meta)
