@@ -42,7 +42,7 @@ from flwr.clientapp import ClientApp
 from fedistill.data.base import Split
 from fedistill.federated import distill_task, encode_synthetic, evaluate_task, fit_task, node_split, stats_task
 from fedistill.federated.generator import generator_task, latent_task
-from fedistill.federated.node import footprint, node_task
+from fedistill.federated.node import footprint, node_task, release_gpu_cache
 from protocol.records import metrics_record, read_json, read_tensors, reply, tensor_record
 
 __all__ = ["app"]
@@ -64,6 +64,8 @@ def _guard(handler: Callable[[Message, Context], Message]) -> Callable[[Message,
             where = traceback.extract_tb(err.__traceback__)[-1]
             reason = f"{type(err).__name__}: {err} (at {where.filename.rsplit('/', 1)[-1]}:{where.lineno})"
             return Message(Error(code=CLIENT_ERROR, reason=reason), reply_to=msg)
+        finally:  # a GPU client keeps no cached blocks between tasks (other actors share the device)
+            release_gpu_cache()
 
     wrapped.__name__ = handler.__name__
     wrapped.__doc__ = handler.__doc__

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import math
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar
@@ -247,7 +248,10 @@ class Strategy:
         """One message of ``message_type`` to each node; returns replies, failures, bytes down, bytes up.
 
         ``arrays`` go as the ``global`` record (the global weights), ``inputs`` as the
-        ``inputs`` record (engine inputs); each is serialized once for all nodes.
+        ``inputs`` record (engine inputs); each is serialized once for all nodes. While the
+        replies come in, a live line under the round bar (when :meth:`run_rounds` drives)
+        and ``round_progress`` events in ``metrics.jsonl`` show clients done, failures so
+        far, elapsed seconds and an ETA (see :class:`_RoundWatch`).
         """
         record = tensor_record(arrays) if arrays is not None else None
         extra = tensor_record(inputs) if inputs is not None else None
@@ -257,7 +261,8 @@ class Strategy:
             down += content_bytes(content)
             msgs.append(Message(content, dst_node_id=n, message_type=message_type))
         replies, failures, up, seen = [], [], 0, set()
-        for rep in grid.send_and_receive(msgs, timeout=float(self.opts.get("round_timeout", 600))):
+        watch = _RoundWatch(round_, len(msgs), run=self.run, bars=getattr(self, "_bars", None), label=message_type)
+        for rep in _push_and_pull(grid, msgs, timeout=float(self.opts.get("round_timeout", 600)), on_poll=watch):
             node = rep.metadata.src_node_id
             seen.add(node)
             client = self.clients.get(node, f"n{node}")
@@ -312,6 +317,7 @@ class Strategy:
         self.discover(grid, nodes)
         self.run.log("nodes", count=len(nodes), clients=sorted(self.clients.values(), key=_client_order))
         with progress_bars() as bars:
+            self._bars = bars  # send() shows each round's replies as they arrive on a line of its own
             bar = bars.add_task(f"{self.name} rounds", total=self.rounds, info="", completed=done)
             ckpt: dict[str, Any] = {}  # this process's checkpoint cost: total seconds, size of the last one
             for r in range(done + 1, self.rounds + 1):
@@ -322,6 +328,7 @@ class Strategy:
                 ckpt = {"seconds": round(ckpt.get("seconds", 0.0) + seconds, 4), "bytes": size}
                 self.run.log("checkpoint", round=r, seconds=round(seconds, 4), bytes=size)
                 bars.update(bar, advance=1, info=f"acc {rec['accuracy']:.2f}%  failed {rec['clients_failed']}")
+            self._bars = None
         extra = self.finish() | self.attack_summary()
         self.global_model.save(self.run.path / "global_model.safetensors")
         save_accuracy_plot(
@@ -404,6 +411,81 @@ class Strategy:
         self.run.log("round", **rec)
         self.run.update_summary(rounds_completed=round_, accuracy_history=[h["accuracy"] for h in self.history])
         return rec
+
+
+def _push_and_pull(
+    grid: Grid, msgs: list[Message], *, timeout: float, on_poll: Callable[[list[Message], bool], None]
+) -> list[Message]:
+    """``grid.send_and_receive(msgs, timeout=timeout)``, calling ``on_poll(replies so far, final)`` as it waits.
+
+    The same semantics as Flower's: push every message, pull the replies every
+    :data:`_PULL_INTERVAL` seconds until each pushed message has one or ``timeout``
+    seconds (wall clock, from the push) have passed; replies come in arrival order (the
+    caller orders them by client). A message the grid could not push (a ``None`` id)
+    can never be answered and is not waited for.
+    """
+    pending = {mid for mid in grid.push_messages(msgs) if mid}
+    end = time.time() + timeout
+    replies: list[Message] = []
+    while time.time() < end:
+        got = list(grid.pull_messages(pending))
+        replies.extend(got)
+        pending.difference_update(m.metadata.reply_to_message_id for m in got)
+        if not pending:
+            break
+        on_poll(replies, False)
+        time.sleep(_PULL_INTERVAL)
+    on_poll(replies, True)
+    return replies
+
+
+#: Seconds between two pulls of a round's replies.
+_PULL_INTERVAL = 0.3
+
+
+class _RoundWatch:
+    """Progress of one round's replies: a live line on ``bars`` and ``round_progress`` events.
+
+    Called as ``watch(replies, final)`` after every pull. The event (``round``, ``done``,
+    ``sampled``, ``failed``: error replies so far, ``elapsed`` and ``eta_seconds``: the
+    remaining clients at the rate so far, ``None`` before the first reply) goes to
+    ``run.log`` every :attr:`every` seconds and once more when the replies are complete
+    or the round timed out.
+    """
+
+    #: Seconds between two ``round_progress`` events while a round waits (at least 2).
+    every: ClassVar[float] = 10.0
+
+    def __init__(self, round_: int, sampled: int, *, run: RunDir, bars: Any = None, label: str = "") -> None:
+        self.round, self.sampled, self.run, self.bars = round_, sampled, run, bars
+        self.t0 = self.last = time.monotonic()
+        self.line = None if bars is None else bars.add_task(f"  round {round_} {label}", total=sampled, info="")
+
+    def status(self, replies: list[Message], now: float) -> dict[str, Any]:
+        """The event's fields for ``replies`` received by ``now`` (a :func:`time.monotonic` reading)."""
+        done, elapsed = len(replies), now - self.t0
+        eta = elapsed * (self.sampled - done) / done if done else None
+        return {
+            "round": self.round,
+            "done": done,
+            "sampled": self.sampled,
+            "failed": sum(1 for r in replies if r.has_error()),
+            "elapsed": round(elapsed, 3),
+            "eta_seconds": None if eta is None else round(eta, 1),
+        }
+
+    def __call__(self, replies: list[Message], final: bool) -> None:
+        now = time.monotonic()
+        status = self.status(replies, now)
+        if self.bars is not None:
+            eta = "?" if status["eta_seconds"] is None else f"{status['eta_seconds']:.0f}s"
+            info = f"failed {status['failed']}  eta {eta}"
+            self.bars.update(self.line, completed=status["done"], info=info)
+            if final:
+                self.bars.remove_task(self.line)
+        if final or now - self.last >= max(2.0, self.every):
+            self.last = now
+            self.run.log("round_progress", **status)
 
 
 def _scalars(metrics: dict[str, Any]) -> dict[str, float]:

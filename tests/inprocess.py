@@ -18,14 +18,16 @@ class InProcessGrid:
         self.app, self.num = app, num
         self.sent: list[tuple[int, str, set[str]]] = []
         self.replies: list[tuple[int, str, set[str]]] = []
+        self._pending: dict[str, Any] = {}
 
     def get_node_ids(self) -> list[int]:
         return list(range(1, self.num + 1))
 
-    def send_and_receive(self, messages, *, timeout=None):
+    def push_messages(self, messages):
+        """Run the ClientApp on every message now; its replies wait for :meth:`pull_messages`."""
         from flwr.app import Context, Message, Metadata, RecordDict
 
-        out = []
+        ids = []
         for msg in messages:
             node, kind = msg.metadata.dst_node_id, msg.metadata.message_type
             md = Metadata(
@@ -49,8 +51,15 @@ class InProcessGrid:
             )
             rep = self.app(Message(metadata=md, content=msg.content), ctx)
             self.replies.append((node, kind, set() if rep.has_error() else set(rep.content.array_records)))
-            out.append(rep)
-        return out
+            self._pending[md.message_id] = rep
+            ids.append(md.message_id)
+        return ids
+
+    def pull_messages(self, message_ids):
+        return [self._pending.pop(i) for i in list(message_ids) if i in self._pending]
+
+    def send_and_receive(self, messages, *, timeout=None):
+        return self.pull_messages(self.push_messages(messages))
 
 
 def make_strategy(name: str, tmp_path: Any, *overrides: str) -> Any:

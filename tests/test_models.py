@@ -59,3 +59,29 @@ def test_unknown_model_and_bad_option():
         build_model("vit", dataset_info("digits"))
     with pytest.raises(TypeError, match="bad options"):
         build_model("mlp", dataset_info("digits"), depth=3)
+
+
+def test_reinitialize_draws_on_a_cpu_twin_and_never_reseeds_cuda(monkeypatch):
+    """A model off the CPU gets the CPU init of the same seed (twin path forced here), CUDA is not reseeded."""
+    from fedistill.models.registry import _cpu_twin
+
+    def no_cuda_seed(seed):
+        raise AssertionError("reinitialize reseeded the CUDA generators")
+
+    monkeypatch.setattr(torch.cuda, "manual_seed_all", no_cuda_seed)
+    info = dataset_info("digits")
+    fresh = build_model("convnet", info, seed=5, width=8)
+    net = build_model("convnet", info, seed=6, width=8)
+    originals = [p for p in net.parameters()]
+    with torch.random.fork_rng(devices=[]), _cpu_twin(net, everything=True):
+        assert all(p is not q for p, q in zip(net.parameters(), originals, strict=True))  # swapped for twins
+        torch.default_generator.manual_seed(5)
+        for m in net.modules():
+            if m is not net and hasattr(m, "reset_parameters"):
+                m.reset_parameters()
+    assert all(p is q for p, q in zip(net.parameters(), originals, strict=True))  # originals back, written in place
+    for (_, a), (_, b) in zip(fresh.state_dict().items(), net.state_dict().items(), strict=True):
+        assert torch.equal(a, b)
+    again = reinitialize(build_model("convnet", info, width=8), 5)
+    for (_, a), (_, b) in zip(fresh.state_dict().items(), again.state_dict().items(), strict=True):
+        assert torch.equal(a, b)

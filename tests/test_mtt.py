@@ -59,7 +59,7 @@ def test_tesla_gradient_equals_unrolled_gradient(digits, soft):
             loss.backward()
             value = float(loss.detach())
         else:
-            value = tesla_backward(model, syn, targets, lr, start, target, plan, dsa=dsa)
+            value = float(tesla_backward(model, syn, targets, lr, start, target, plan, dsa=dsa))
         out.append((value, syn.grad, lr.grad, targets.grad if soft else None))
     (v0, s0, l0, t0), (v1, s1, l1, t1) = out
     assert v0 == pytest.approx(v1, rel=1e-12)

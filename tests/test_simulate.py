@@ -117,6 +117,11 @@ def test_faulty_clients_are_rejected_with_reasons_and_the_run_completes(tmp_path
     assert summary["clients_failed"] == 5
     kept = [p["client"] for p in SyntheticSet.load(run / "synthetic.safetensors").metadata["clients"]]
     assert kept == ["p0", "p2", "p5", "p7", "p9"]
+    # the round's live progress also went to metrics.jsonl; its last event is the complete round
+    events = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    progress = [e for e in events if e["event"] == "round_progress" and e["round"] == 1]
+    assert progress and (progress[-1]["done"], progress[-1]["sampled"], progress[-1]["failed"]) == (10, 10, 1)
+    assert progress[-1]["eta_seconds"] == 0 and progress[-1]["elapsed"] > 0
 
 
 def test_too_many_failures_stop_the_run_and_keep_the_last_good_round(tmp_path):

@@ -102,6 +102,8 @@ class StepLog:
 
     ``log(it, loss=..., **more)`` records iteration ``it`` every ``every`` iterations and
     at the last one (with the seconds since the log was made) and forwards it to ``progress``.
+    Metrics may be (detached) tensors: they are read, a host sync on CUDA, only on the
+    iterations that are recorded, so engines need not sync every iteration.
     """
 
     def __init__(self, total: int, *, every: int, progress: Progress | None) -> None:
@@ -109,11 +111,12 @@ class StepLog:
         self.history: list[dict[str, float]] = []
         self._t0 = time.perf_counter()
 
-    def log(self, it: int, **metrics: float) -> None:
-        """Record iteration ``it`` (0-based) when due."""
+    def log(self, it: int, **metrics: float | torch.Tensor) -> None:
+        """Record iteration ``it`` (0-based) when due (tensor metrics become floats then)."""
         if it % self.every and it != self.total - 1:
             return
-        rec = {"iteration": it, **metrics, "seconds": time.perf_counter() - self._t0}
+        values = {k: float(v) if isinstance(v, torch.Tensor) else v for k, v in metrics.items()}
+        rec = {"iteration": it, **values, "seconds": time.perf_counter() - self._t0}
         self.history.append(rec)
         if self.progress is not None:
             self.progress(it + 1, self.total, rec)
@@ -163,7 +166,7 @@ def real_branch_dtype(device: torch.device, mode: str) -> torch.dtype | None:
     ----------
     mode
         ``fp32``, ``bf16`` or ``auto`` (bf16 where the hardware runs it fast:
-        CPUs with AVX512-BF16/AMX, CUDA GPUs with bf16 support).
+        CPUs with AVX512-BF16/AMX, CUDA GPUs with native bf16, not emulated as on T4/V100).
     """
     if mode == "fp32":
         return None
@@ -172,7 +175,7 @@ def real_branch_dtype(device: torch.device, mode: str) -> torch.dtype | None:
     if mode != "auto":
         raise ValueError(f"unknown real_dtype {mode!r}; valid: auto, bf16, fp32")
     if device.type == "cuda":
-        return torch.bfloat16 if torch.cuda.is_bf16_supported() else None
+        return torch.bfloat16 if torch.cuda.is_bf16_supported(including_emulation=False) else None
     return torch.bfloat16 if _cpu_has_fast_bf16() else None
 
 

@@ -57,7 +57,13 @@ class DPDMConfig(PrivacyConfig, DMConfig):
 
 @dataclass(frozen=True)
 class DPGMConfig(PrivacyConfig, GMConfig):
-    """:class:`GMConfig` plus :class:`~fedistill.privacy.PrivacyConfig`."""
+    """:class:`GMConfig` plus :class:`~fedistill.privacy.PrivacyConfig`.
+
+    ``per_sample_chunk`` records have their per-sample gradients (``[chunk, parameters]``)
+    in memory at once; each chunk is clipped and added into the ``[classes, parameters]``
+    sums before the next, so memory does not grow with the sample and the release does
+    not depend on the chunk.
+    """
 
     per_sample_chunk: int = 256
 
@@ -164,7 +170,7 @@ class DPDMEngine(DMEngine):
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
-            steps.log(it, loss=float(loss.detach()) / k)
+            steps.log(it, loss=loss.detach() / k)
         meta = {"method": self.name, "ipc": ipc, "init": init, "seed": seed, "iterations": cfg.iterations}
         meta |= {"loss_history": steps.history, "privacy": release.report()}
         return SyntheticSet(syn.detach().cpu().contiguous(), labels, data.info, metadata=meta)
@@ -246,13 +252,14 @@ class DPDCEngine(DCEngine):
 
         per_sample = vmap(grad(loss_fn), in_dims=(None, 0, 0))
         chunk = self.config.per_sample_chunk
-        rows = [
-            torch.cat([g.flatten(1) for g in per_sample(named, real[i : i + chunk], labels[i : i + chunk]).values()], 1)
-            for i in range(0, len(real), chunk)
-        ]
         size = sum(p.numel() for p in named.values())
-        flat = torch.cat(rows) if rows else real.new_zeros(0, size)
-        means = self._release.sums(flat, groups, len(classes)) / sampler.expected
+        # per-sample gradients of one chunk at a time, clipped into the [K, P] class sums
+        sums = torch.zeros(len(classes), size, dtype=torch.float32, device=real.device)
+        for i in range(0, len(real), chunk):
+            g = per_sample(named, real[i : i + chunk], labels[i : i + chunk])
+            flat = torch.cat([v.flatten(1) for v in g.values()], 1)
+            self._release.clipped_sums(flat, groups[i : i + chunk], len(classes), out=sums)
+        means = self._release.noised(sums) / sampler.expected
         shapes = [p.shape for p in named.values()]
         return [
             ([g.reshape(s) for g, s in zip(row.split([s.numel() for s in shapes]), shapes, strict=True)], None)

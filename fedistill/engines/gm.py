@@ -191,7 +191,7 @@ class DCEngine(Engine):
         for it in range(cfg.iterations):
             reinitialize(net, derive_seed(seed, f"{self.name}-net", it))
             net_opt = torch.optim.SGD(net.parameters(), lr=cfg.lr_net)
-            total = 0.0
+            total = syn.new_zeros(())  # summed on the device, read only when logged
             for ol in range(outer):
                 params = dsa.sample(k, aug_gen, image_size=data.info.image_size, op_per_group=True) if dsa else None
                 real = self.real_targets(net, sampler, classes, dsa=dsa, params=params)
@@ -203,7 +203,7 @@ class DCEngine(Engine):
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 opt.step()
-                total += float(loss.detach())
+                total += loss.detach()
                 if ol == outer - 1:
                     break
                 train_epochs(

@@ -188,7 +188,7 @@ def tesla_backward(
     plan: StepPlan,
     *,
     dsa: DSA | None = None,
-) -> float:
+) -> torch.Tensor:
     """The loss of :func:`unrolled_loss`; adds its exact gradient to ``.grad`` of the leaves.
 
     Leaves: ``syn`` and ``lr`` (and ``targets`` when it requires grad). Memory holds
@@ -203,7 +203,7 @@ def tesla_backward(
         thetas.append((theta - step * grad).detach())
     final = thetas.pop()
     denom = ((start - target) ** 2).sum()
-    value = float(((final - target) ** 2).sum() / denom)
+    value = (((final - target) ** 2).sum() / denom).detach()
     adjoint = 2 * (final - target) / denom  # dL/dtheta_N
     leaves = [syn] + ([targets] if targets.requires_grad else [])
     totals = [torch.zeros_like(t) for t in leaves]
@@ -282,7 +282,7 @@ class MTTEngine(Engine):
             opt_lr.step()
             with torch.no_grad():
                 lr.clamp_(min=cfg.lr_floor)
-            steps.log(it, loss=loss, lr=float(lr.detach()))
+            steps.log(it, loss=loss, lr=lr.detach())
         meta = {"method": self.name, "ipc": ipc, "init": init, "seed": seed, "iterations": cfg.iterations}
         meta |= {"syn_lr": float(lr.detach()), "loss_history": steps.history}
         soft_out = None if soft is None else soft.detach().cpu().float().contiguous()
@@ -299,11 +299,11 @@ class MTTEngine(Engine):
         plan: StepPlan,
         *,
         dsa: DSA | None,
-    ) -> float:
+    ) -> torch.Tensor:
         """One iteration's loss; leaves its gradient in ``syn.grad`` and ``lr.grad``."""
         loss = unrolled_loss(model, syn, targets, lr, start, target, plan, dsa=dsa)
         loss.backward()
-        return float(loss.detach())
+        return loss.detach()
 
 
 @dataclass(frozen=True)
@@ -331,6 +331,6 @@ class TESLAEngine(MTTEngine):
         plan: StepPlan,
         *,
         dsa: DSA | None,
-    ) -> float:
+    ) -> torch.Tensor:
         """See :meth:`MTTEngine.match`; computed by :func:`tesla_backward`."""
         return tesla_backward(model, syn, targets, lr, start, target, plan, dsa=dsa)

@@ -22,6 +22,9 @@ description), and may bound the client's footprint (:func:`node_task`):
 ``max-memory-mb``
     Cap on the client process's data segment (``RLIMIT_DATA``): an allocation past it
     fails and the node answers with an error reply instead of exhausting the device.
+
+A task on ``cuda`` that carries ``gpu_fraction`` also caps the process's CUDA memory at
+that fraction of the GPU (:func:`apply_gpu_memory_cap`).
 """
 
 from __future__ import annotations
@@ -45,12 +48,15 @@ from fedistill.io import load_tensors
 __all__ = [
     "IDX_NAMES",
     "NodeDataError",
+    "apply_gpu_memory_cap",
     "data_spec",
     "footprint",
+    "gpu_memory_cap",
     "node_split",
     "node_task",
     "partition_indices",
     "read_node_data",
+    "release_gpu_cache",
 ]
 
 IDX_NAMES = ("train-images-idx3-ubyte", "train-labels-idx1-ubyte")
@@ -158,7 +164,58 @@ def node_task(node_config: Mapping[str, Any], task: Mapping[str, Any]) -> dict[s
         if hard != resource.RLIM_INFINITY:
             limit = min(limit, hard)
         resource.setrlimit(resource.RLIMIT_DATA, (limit, hard))
+    apply_gpu_memory_cap(out)
     return out
+
+
+_GPU_CAPS: dict[int, float] = {}  # CUDA device index -> the fraction this process is capped at
+
+
+def gpu_memory_cap(task: Mapping[str, Any]) -> tuple[int | None, float] | None:
+    """The CUDA memory cap a task asks of its process: ``(device index, fraction)``, or ``None``.
+
+    A task on ``cuda`` (``cuda:N``) that carries ``gpu_fraction`` (its share of the GPU,
+    e.g. a simulation's ``client.num_gpus``) caps this process's caching allocator at that
+    fraction of the device's memory: Ray's fractional GPUs limit scheduling, not memory.
+    A fraction of 1 or more (a whole GPU) needs no cap. Pure: looks at no device.
+    """
+    device = str(task.get("device", "cpu"))
+    if not device.startswith("cuda") or task.get("gpu_fraction") is None:
+        return None
+    fraction = float(task["gpu_fraction"])
+    if not fraction > 0:
+        raise ValueError(f"gpu_fraction must be > 0, got {fraction}")
+    if fraction >= 1:
+        return None
+    _, _, index = device.partition(":")
+    return (int(index) if index else None), fraction
+
+
+def apply_gpu_memory_cap(task: Mapping[str, Any]) -> tuple[int | None, float] | None:
+    """Apply :func:`gpu_memory_cap` to this process (once per device and fraction); returns what was applied.
+
+    A no-op (``None``) where CUDA is not available.
+    """
+    cap = gpu_memory_cap(task)
+    if cap is None or not torch.cuda.is_available():
+        return None
+    index, fraction = cap
+    key = torch.cuda.current_device() if index is None else index
+    if _GPU_CAPS.get(key) != fraction:
+        torch.cuda.set_per_process_memory_fraction(fraction, key)
+        _GPU_CAPS[key] = fraction
+    return key, fraction
+
+
+def release_gpu_cache() -> bool:
+    """Return this process's cached CUDA blocks to the device (after a handler); whether it did.
+
+    Never initializes CUDA: a process that has not used it (every CPU client) does nothing.
+    """
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        torch.cuda.empty_cache()
+        return True
+    return False
 
 
 def footprint() -> dict[str, float]:

@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from fedistill.privacy.accounting import PrivacyLedger, calibrate_noise
-from fedistill.privacy.mechanisms import noisy_group_sums
+from fedistill.privacy.mechanisms import add_group_noise, clipped_group_sums, noisy_group_sums
 
 __all__ = ["PUBLIC_SIDE_CHANNELS", "PrivacyConfig", "PrivateRelease", "check_private_setup"]
 
@@ -146,6 +146,22 @@ class PrivateRelease:
         return noisy_group_sums(
             rows, groups, num_groups, clip=self.config.clip, sigma=self.sigma, generator=self.generator
         )
+
+    def clipped_sums(
+        self, rows: torch.Tensor, groups: torch.Tensor, num_groups: int, *, out: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """Clipped per-group sums of ``rows`` without noise, added into ``out`` (rows may come in chunks).
+
+        Release the finished sums with :meth:`noised`; nothing is private before that.
+        """
+        return clipped_group_sums(rows, groups, num_groups, clip=self.config.clip, out=out)
+
+    def noised(self, sums: torch.Tensor) -> torch.Tensor:
+        """One reserved release of sums from :meth:`clipped_sums` (e.g. accumulated chunk by chunk).
+
+        Draws the same noise as :meth:`sums` would on the same rows.
+        """
+        return add_group_noise(sums, clip=self.config.clip, sigma=self.sigma, generator=self.generator)
 
     def report(self) -> dict[str, Any]:
         """What the synthetic set's metadata records about the guarantee."""

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import torch
 
-__all__ = ["clip_rows", "noisy_group_sums", "poisson_indices"]
+__all__ = ["add_group_noise", "clip_rows", "clipped_group_sums", "noisy_group_sums", "poisson_indices"]
 
 
 def clip_rows(x: torch.Tensor, clip: float) -> torch.Tensor:
@@ -59,8 +59,27 @@ def noisy_group_sums(
     groups
         ``[N]`` group (class position) of every row, in ``0..num_groups-1``.
     """
+    sums = clipped_group_sums(rows, groups, num_groups, clip=clip)
+    return add_group_noise(sums, clip=clip, sigma=sigma, generator=generator)
+
+
+def clipped_group_sums(
+    rows: torch.Tensor, groups: torch.Tensor, num_groups: int, *, clip: float, out: torch.Tensor | None = None
+) -> torch.Tensor:
+    """Per-group sums of ``rows`` clipped to ``clip`` (float32, no noise yet), added into ``out`` if given.
+
+    Rows may come in chunks (``out`` accumulating them), so per-record values such as
+    per-sample gradients never need to exist for all records at once; the noise is
+    added once, to the finished sums (:func:`add_group_noise`).
+    """
     flat = clip_rows(rows.detach().reshape(len(rows), -1).float(), clip)
-    sums = torch.zeros(num_groups, flat.shape[1], dtype=flat.dtype, device=flat.device)
-    sums.index_add_(0, groups.to(flat.device), flat)
+    if out is None:
+        out = torch.zeros(num_groups, flat.shape[1], dtype=flat.dtype, device=flat.device)
+    out.index_add_(0, groups.to(out.device), flat.to(out.device))
+    return out
+
+
+def add_group_noise(sums: torch.Tensor, *, clip: float, sigma: float, generator: torch.Generator) -> torch.Tensor:
+    """``sums`` plus ``N(0, sigma^2 clip^2)`` per coordinate, drawn on the CPU from ``generator``."""
     noise = torch.randn(sums.shape, generator=generator, dtype=sums.dtype) * (sigma * clip)
     return sums + noise.to(sums.device)

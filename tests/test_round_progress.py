@@ -1,0 +1,91 @@
+"""Round progress while a round's replies come in: push/pull like Flower's send_and_receive, ETA, events."""
+
+from __future__ import annotations
+
+import time
+from types import SimpleNamespace
+
+import pytest
+
+import strategies.base as base
+from strategies.base import _push_and_pull, _RoundWatch
+
+
+def _reply(to: str, *, error: bool = False) -> SimpleNamespace:
+    return SimpleNamespace(metadata=SimpleNamespace(reply_to_message_id=to), has_error=lambda: error)
+
+
+class FakeGrid:
+    """Pushes get ids m0, m1, ... (``None`` for unpushable ones); each pull hands out the next batch."""
+
+    def __init__(self, batches: list[list[SimpleNamespace]], unpushable: int = 0) -> None:
+        self.batches, self.unpushable, self.pulled = list(batches), unpushable, []
+
+    def push_messages(self, msgs):
+        ids = [f"m{i}" for i in range(len(msgs) - self.unpushable)]
+        return ids + [None] * self.unpushable
+
+    def pull_messages(self, ids):
+        self.pulled.append(set(ids))
+        return self.batches.pop(0) if self.batches else []
+
+
+class Log:
+    def __init__(self) -> None:
+        self.events = []
+
+    def log(self, event, **fields):
+        self.events.append((event, fields))
+
+
+@pytest.fixture(autouse=True)
+def fast_pulls(monkeypatch):
+    monkeypatch.setattr(base, "_PULL_INTERVAL", 0.01)
+
+
+def test_push_and_pull_waits_for_every_reply_in_arrival_order():
+    grid = FakeGrid([[], [_reply("m2")], [_reply("m0", error=True), _reply("m1")]])
+    polls = []
+    out = _push_and_pull(grid, [1, 2, 3], timeout=5, on_poll=lambda r, final: polls.append((len(r), final)))
+    assert [m.metadata.reply_to_message_id for m in out] == ["m2", "m0", "m1"]
+    assert grid.pulled == [{"m0", "m1", "m2"}, {"m0", "m1", "m2"}, {"m0", "m1"}]  # only what is still pending
+    assert polls == [(0, False), (1, False), (3, True)]
+
+
+def test_push_and_pull_stops_at_the_timeout_and_skips_unpushable_messages():
+    grid = FakeGrid([[_reply("m0")]], unpushable=1)
+    t0 = time.time()
+    out = _push_and_pull(grid, [1, 2, 3], timeout=0.2, on_poll=lambda r, final: None)
+    assert 0.2 <= time.time() - t0 < 2 and len(out) == 1
+    assert all(None not in ids for ids in grid.pulled) and grid.pulled[-1] == {"m1"}
+    assert _push_and_pull(FakeGrid([[_reply("m0")]], unpushable=1), [1, 2], timeout=5, on_poll=lambda r, f: None)
+
+
+def test_round_watch_eta_and_event_cadence():
+    run = Log()
+    watch = _RoundWatch(3, 4, run=run)
+    assert watch.status([], watch.t0 + 5)["eta_seconds"] is None
+    replies = [_reply("m0", error=True), _reply("m1")]
+    status = watch.status(replies, watch.t0 + 10)
+    assert status == {"round": 3, "done": 2, "sampled": 4, "failed": 1, "elapsed": 10, "eta_seconds": 10.0}
+    watch(replies, False)  # just started: no event yet
+    assert run.events == []
+    watch.t0 = watch.last = time.monotonic() - _RoundWatch.every  # an interval later: one event
+    watch(replies, False)
+    watch(replies, False)  # not again right away
+    assert [e for e, _ in run.events] == ["round_progress"]
+    watch([*replies, _reply("m2"), _reply("m3")], True)  # complete: always logged
+    last = run.events[-1][1]
+    assert (last["done"], last["sampled"], last["failed"], last["eta_seconds"]) == (4, 4, 1, 0.0)
+
+
+def test_round_watch_shows_a_live_line_and_removes_it():
+    from fedistill.reporting import progress_bars
+
+    with progress_bars() as bars:
+        watch = _RoundWatch(1, 2, run=Log(), bars=bars, label="train.distill")
+        watch([_reply("m0")], False)
+        task = bars.tasks[0]
+        assert task.completed == 1 and task.total == 2 and "failed 0" in task.fields["info"]
+        watch([_reply("m0"), _reply("m1")], True)
+        assert bars.tasks == []
