@@ -384,7 +384,7 @@ class DMEngine(Engine):
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
-            steps.log(it, loss=float(loss.detach()) / len(classes))
+            steps.log(it, loss=loss.detach() / len(classes))  # read only when logged: no sync per iteration
             if checkpoint is not None and checkpoint.due(it + 1):
                 _save(checkpoint, it + 1, syn, opt, gens, steps)
         meta = {"method": self.name, "ipc": ipc, "init": init, "seed": seed, "iterations": cfg.iterations}
