@@ -119,7 +119,7 @@ def evaluate_ranking(
         ``hard_label`` and ``random_subset_soft`` for soft-label sets.
     syn_data, rdm_data
         Training data of the synthetic set and of the same-recipe random subset
-        (see :data:`fedistill.evaluation.TrainingData`).
+        (see :data:`fedistill.training.TrainingData`).
     whole
         The whole-training-set result (hard labels).
     recipe, **common
