@@ -25,8 +25,10 @@ from typing import Any
 
 import torch
 
+from fedistill import softlabel
 from fedistill.data.base import DataBundle
 from fedistill.data.synthetic import SyntheticSet
+from fedistill.ranking import evaluate_ranking
 from fedistill.seeding import derive_seed
 from fedistill.training import (
     EvalRecipe,
@@ -160,8 +162,6 @@ def evaluate_synthetic(
         ``per_model`` {label: {"synthetic", "random_subset", "hard_label"?, "random_subset_soft"?}}
         for cross-architecture, ``teacher``? (its accuracy) and ``ranking``? {``lrs``, ``ars``, ...}.
     """
-    from fedistill import softlabel
-
     syn.validate(bundle.info)
     device = torch.device(device)
     sets = softlabel.training_sets(syn, bundle, recipe=recipe, seed=seed, device=device, teacher=teacher)
@@ -198,8 +198,8 @@ def evaluate_synthetic(
         whole = _whole_dataset(bundle, recipe=whole_recipe or recipe, cache_dir=cache_dir, **common)
         out["baselines"]["whole_dataset"] = whole
     if ranking:
-        from fedistill.ranking import evaluate_ranking
-
         rdm = sets.random_soft if sets.random_soft is not None else sets.random
-        out["ranking"] = evaluate_ranking(first, sets.synthetic, rdm, whole, bundle, recipe=recipe, ars=ars, **common)
+        out["ranking"] = evaluate_ranking(
+            first, sets.synthetic, rdm, whole, bundle, recipe=recipe, evaluate=evaluate_images, ars=ars, **common
+        )
     return out
