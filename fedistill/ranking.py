@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from collections.abc import Callable
 from typing import Any
 
 __all__ = ["augmentation_robust_score", "evaluate_ranking", "label_robust_score", "normalized_score"]
@@ -104,6 +105,7 @@ def evaluate_ranking(
     bundle: Any,
     *,
     recipe: Any,
+    evaluate: Callable[..., dict[str, Any]],
     ars: bool = True,
     **common: Any,
 ) -> dict[str, Any]:
@@ -119,14 +121,16 @@ def evaluate_ranking(
         ``hard_label`` and ``random_subset_soft`` for soft-label sets.
     syn_data, rdm_data
         Training data of the synthetic set and of the same-recipe random subset
-        (see :data:`fedistill.evaluation.TrainingData`).
+        (see :data:`fedistill.training.TrainingData`).
     whole
         The whole-training-set result (hard labels).
     recipe, **common
         As for :func:`fedistill.evaluation.evaluate_images`.
+    evaluate
+        The evaluator that trains and tests (``evaluate(data, bundle, recipe=..., label=...,
+        **common)``, e.g. :func:`fedistill.evaluation.evaluate_images`); passed in, so this
+        module stays below the evaluation that calls it.
     """
-    from fedistill.evaluation import evaluate_images
-
     rdm = res.get("random_subset_soft", res["random_subset"])
     lrs = label_robust_score(
         real_hard=whole, syn_hard=res.get("hard_label", res["synthetic"]), syn_any=res["synthetic"], rdm_any=rdm
@@ -135,8 +139,8 @@ def evaluate_ranking(
         return {"lrs": lrs}
     other = dataclasses.replace(recipe, dsa=not recipe.dsa)
     tag = "no aug" if recipe.dsa else "aug"
-    syn_other = evaluate_images(syn_data, bundle, recipe=other, label=f"synthetic {tag}", **common)
-    rdm_other = evaluate_images(rdm_data, bundle, recipe=other, label=f"random subset {tag}", **common)
+    syn_other = evaluate(syn_data, bundle, recipe=other, label=f"synthetic {tag}", **common)
+    rdm_other = evaluate(rdm_data, bundle, recipe=other, label=f"random subset {tag}", **common)
     aug, naug = (res["synthetic"], rdm), (syn_other, rdm_other)
     if not recipe.dsa:
         aug, naug = naug, aug

@@ -18,8 +18,8 @@ import torch
 
 from fedistill.data.base import DataBundle, Split
 from fedistill.data.synthetic import SyntheticSet
-from fedistill.evaluation import EvalRecipe, TrainingData, random_subset
 from fedistill.seeding import derive_seed
+from fedistill.training import EvalRecipe, TrainingData, random_subset
 
 __all__ = ["TrainingSets", "relabelled_subset", "resolve_teacher", "teacher_report", "training_sets"]
 

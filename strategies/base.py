@@ -25,7 +25,6 @@ from flwr.serverapp import Grid
 from fedistill.checkpoint import Checkpoint, CheckpointError, config_key
 from fedistill.data.base import DataBundle
 from fedistill.engines import resolve_device
-from fedistill.evaluation import EvalRecipe
 from fedistill.federated import ClientFailure, FederationError, GlobalModel
 from fedistill.federated.client import model_spec
 from fedistill.federated.defenses import check_defense
@@ -35,6 +34,7 @@ from fedistill.federated.state import get_path, pack, set_path, unpack
 from fedistill.registry import Registry
 from fedistill.reporting import RunDir, progress_bars, save_accuracy_plot
 from fedistill.seeding import derive_seed, numpy_rng
+from fedistill.training import EvalRecipe
 from protocol.records import content_bytes, read_metrics, task_content, tensor_record
 
 __all__ = ["STRATEGIES", "Reply", "Strategy", "data_spec", "register_strategy"]

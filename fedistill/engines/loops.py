@@ -3,7 +3,7 @@
 Gradient matching trains its sampled network on the synthetic set between
 matching steps; trajectory matching trains its experts on the real data. Both use
 :func:`train_epochs`. (Evaluation models are trained by
-:func:`fedistill.evaluation.train_model`, which owns its recipe and schedule.)
+:func:`fedistill.training.train_model`, which owns its recipe and schedule.)
 """
 
 from __future__ import annotations

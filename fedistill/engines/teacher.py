@@ -1,7 +1,7 @@
 """Teacher / observer models shared by the decoupled engines (SRe2L, RDED) and evaluation.
 
 A teacher is a model trained ("squeezed") on the real data with the evaluation
-trainer (:func:`fedistill.evaluation.train_model`), cached on disk by everything that
+trainer (:func:`fedistill.training.train_model`), cached on disk by everything that
 determines it: dataset, a fingerprint of the exact training images and labels,
 architecture, seed and training recipe. A second call with the same inputs loads
 the weights instead of training again. Engines write :meth:`Teacher.metadata` into
@@ -24,10 +24,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from fedistill.data.base import Split
-from fedistill.evaluation import EvalRecipe, ModelSpec, train_model
 from fedistill.io import cache_key, cached_tensors
 from fedistill.models import build_model
 from fedistill.seeding import derive_seed
+from fedistill.training import EvalRecipe, ModelSpec, train_model
 
 __all__ = ["Teacher", "TeacherConfig", "data_fingerprint", "get_teacher", "teacher_from_metadata"]
 

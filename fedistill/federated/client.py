@@ -19,12 +19,12 @@ from fedistill.data.base import Split
 from fedistill.data.synthetic import SyntheticSet
 from fedistill.engines import ENGINES, build_engine, resolve_device
 from fedistill.engines.base import NothingToDistillError
-from fedistill.evaluation import EvalRecipe, ModelSpec, test_metrics, train_model
 from fedistill.federated.attacks import noise_images, poison_split, poison_stats, poison_synthetic, repeat_rows
 from fedistill.federated.fedaf import class_stats
 from fedistill.models import build_model
 from fedistill.privacy import PrivacyLedger
 from fedistill.registry import Registry
+from fedistill.training import EvalRecipe, ModelSpec, test_metrics, train_model
 
 __all__ = [
     "ENGINE_INPUTS",

@@ -18,9 +18,9 @@ from fedistill.data.base import DatasetInfo, Split
 from fedistill.data.synthetic import SyntheticSet
 from fedistill.engines import build_engine
 from fedistill.engines.loops import train_epochs
-from fedistill.evaluation import ModelSpec
 from fedistill.models import build_model
 from fedistill.seeding import torch_generator
+from fedistill.training import ModelSpec
 
 __all__ = ["Trajectory", "distill_trajectory", "finetune"]
 

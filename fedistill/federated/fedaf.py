@@ -136,7 +136,7 @@ def knowledge_matching(
     Returns
     -------
     callable
-        ``regularizer(logits, targets)`` for :func:`fedistill.evaluation.train_model`
+        ``regularizer(logits, targets)`` for :func:`fedistill.training.train_model`
         (targets: hard labels, or soft rows whose argmax is used).
     """
     ref = class_soft.float()

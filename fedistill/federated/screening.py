@@ -16,10 +16,10 @@ import torch
 
 from fedistill.data.base import DatasetInfo, Split
 from fedistill.data.synthetic import SyntheticSet
-from fedistill.evaluation import EvalRecipe, ModelSpec, test_metrics, train_model
 from fedistill.federated.server import merge_sets
 from fedistill.models import build_model
 from fedistill.seeding import derive_seed
+from fedistill.training import EvalRecipe, ModelSpec, test_metrics, train_model
 
 __all__ = [
     "DefenseResult",

@@ -18,10 +18,10 @@ import torch
 
 from fedistill.data.base import DataBundle, DatasetInfo
 from fedistill.data.synthetic import SyntheticSet, SyntheticSetError
-from fedistill.evaluation import EvalRecipe, ModelSpec, random_subset, test_metrics, train_model
 from fedistill.io import atomic_save_tensors
 from fedistill.models import build_model
 from fedistill.seeding import derive_seed
+from fedistill.training import EvalRecipe, ModelSpec, random_subset, test_metrics, train_model
 
 __all__ = [
     "FAULT_OPTIONS",
@@ -174,7 +174,7 @@ class GlobalModel:
         """Train on ``syn`` (soft labels when present); returns seconds spent.
 
         ``weights`` (per row) and ``regularizer`` (``(logits, targets) -> loss``) are
-        passed to :func:`~fedistill.evaluation.train_model`.
+        passed to :func:`~fedistill.training.train_model`.
         """
         start = time.perf_counter()
         targets = syn.soft_labels if syn.soft_labels is not None else syn.hard_labels

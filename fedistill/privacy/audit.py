@@ -21,10 +21,10 @@ import numpy as np
 import torch
 
 from fedistill.data import DataBundle, Split, SyntheticSet, load_dataset
-from fedistill.evaluation import EvalRecipe, ModelSpec, accuracy, random_subset_indices, train_model
 from fedistill.io import atomic_write_text, read_json_object, read_yaml_mapping
 from fedistill.privacy.attacks import example_scores, lira_offline, roc_metrics
 from fedistill.seeding import derive_seed, torch_generator
+from fedistill.training import EvalRecipe, ModelSpec, accuracy, random_subset_indices, train_model
 
 __all__ = ["AuditSettings", "RunDirError", "audit_training_set", "run_audit"]
 
