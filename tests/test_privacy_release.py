@@ -42,17 +42,35 @@ COMMON = {"model_kwargs": NET, "batch_real": BATCH, "epsilon": EPSILON, "delta":
 
 
 class Releases:
-    """Spy on :meth:`PrivateRelease.sums`: the rows it was given and what it released."""
+    """Spy on the release path: :meth:`PrivateRelease.sums` (one call a release), or
+    :meth:`PrivateRelease.clipped_sums` chunk by chunk then :meth:`PrivateRelease.noised`
+    (dp_dc/dp_dsa): the rows each release was given and what it released."""
 
     def __init__(self) -> None:
         self.calls: list[dict] = []
+        self.pending: list[tuple[torch.Tensor, torch.Tensor, int]] = []
         self.original = PrivateRelease.sums
+        self.original_clipped = PrivateRelease.clipped_sums
+        self.original_noised = PrivateRelease.noised
+
+    def record(self, release: PrivateRelease, rows: torch.Tensor, groups: torch.Tensor, k: int, out: torch.Tensor):
+        self.calls.append({"release": release, "rows": rows, "groups": groups, "k": k, "out": out})
 
     def __call__(self, release: PrivateRelease, rows: torch.Tensor, groups: torch.Tensor, num_groups: int):
         out = self.original(release, rows, groups, num_groups)
-        self.calls.append(
-            {"release": release, "rows": rows.detach().clone(), "groups": groups.clone(), "k": num_groups, "out": out}
-        )
+        self.record(release, rows.detach().clone(), groups.clone(), num_groups, out)
+        return out
+
+    def clipped(self, release: PrivateRelease, rows, groups, num_groups, **kwargs):
+        self.pending.append((rows.detach().reshape(len(rows), -1).clone(), groups.clone(), num_groups))
+        return self.original_clipped(release, rows, groups, num_groups, **kwargs)
+
+    def noised(self, release: PrivateRelease, sums: torch.Tensor) -> torch.Tensor:
+        out = self.original_noised(release, sums)
+        rows = torch.cat([r for r, _, _ in self.pending])
+        groups = torch.cat([g for _, g, _ in self.pending])
+        self.record(release, rows, groups, self.pending[0][2], out)
+        self.pending = []
         return out
 
 
@@ -60,6 +78,8 @@ class Releases:
 def releases(monkeypatch) -> Releases:
     spy = Releases()
     monkeypatch.setattr(PrivateRelease, "sums", lambda self, *a: spy(self, *a))
+    monkeypatch.setattr(PrivateRelease, "clipped_sums", lambda self, *a, **kw: spy.clipped(self, *a, **kw))
+    monkeypatch.setattr(PrivateRelease, "noised", lambda self, sums: spy.noised(self, sums))
     return spy
 
 
