@@ -75,7 +75,11 @@ def serve(grid: Grid, cfg: dict[str, Any], out_dir: str | Path, *, node_data: st
         _write_partition(cfg, run, bundle)
     strategy = STRATEGIES.get(cfg["strategy"]["name"])(cfg, run, bundle)
     summary = strategy.run_rounds(grid, resume=resume)
+    summary = run.summary
     _print_table(summary, strategy.history)
+    for warning in summary.get("warnings", []):
+        print(f"fedistill: warning: {warning}")
+    print(f"run directory: {Path(out_dir).resolve()}  (final accuracy {summary['final_accuracy']:.2f}%)")
     return summary
 
 

@@ -334,6 +334,13 @@ class Strategy:
         save_accuracy_plot(
             self.history, self.run.path / "accuracy.png", title=f"{self.name} on {self.bundle.info.name}"
         )
+        chance = 100.0 / self.bundle.info.num_classes
+        if self.history[-1]["accuracy"] < chance + 2.0:
+            extra["warnings"] = [
+                f"the global model is at chance level ({self.history[-1]['accuracy']:.2f}% with "
+                f"{self.bundle.info.num_classes} classes): it learned nothing from the clients' uploads; see "
+                "clients_failed and the round failures in metrics.jsonl"
+            ]
         summary = self.run.update_summary(
             final_accuracy=self.history[-1]["accuracy"],
             final_loss=self.history[-1]["loss"],

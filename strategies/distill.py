@@ -226,4 +226,14 @@ class DistillStrategy(Strategy):
             return {}
         baseline = self.random_baseline()
         self.run.log("baseline", random_subset=baseline)
-        return {"baselines": {"random_subset": baseline}}
+        out: dict[str, Any] = {"baselines": {"random_subset": baseline}}
+        final = self.history[-1]["accuracy"]
+        if final < baseline["accuracy"]:
+            out["warnings"] = [
+                *self.run.summary.get("warnings", []),
+                f"the global model ({final:.2f}%) is below the random real subset of the same "
+                f"{baseline['images']} images under the same server recipe ({baseline['accuracy']:.2f}%): the "
+                "synthetic sets add nothing over sending real images; try more client iterations "
+                "(method.iterations) or a fresh release every iteration (method.releases=null)",
+            ]
+        return out
