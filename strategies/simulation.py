@@ -95,15 +95,18 @@ def _clean_twin(cfg: dict[str, Any], out_dir: Path) -> dict[str, Any]:
 
 def _run_once(cfg: dict[str, Any], out_dir: str | Path) -> dict[str, Any]:
     """One simulation: a local Ray (or the configured cluster), the ServerApp and the ClientApp."""
+    # Before Flower is imported: it logs the deprecation of run_simulation (this module is its
+    # one caller) and its INFO chatter, and importing it sets up alembic's plugins at INFO level
+    # under Hydra's root logger; fedistill reports rounds and client failures itself (verbose=true
+    # restores them).
+    verbose = bool(cfg.get("verbose"))
+    logging.getLogger("flwr").setLevel(logging.INFO if verbose else logging.ERROR)
+    logging.getLogger("alembic").setLevel(logging.INFO if verbose else logging.WARNING)
     import ray
     from flwr.simulation import run_simulation
 
     from strategies.app import make_server_app
 
-    # Flower logs the deprecation of run_simulation (this module is its one caller) and its
-    # INFO chatter; fedistill reports rounds and client failures itself.
-    logging.getLogger("flwr").setLevel(logging.INFO if cfg.get("verbose") else logging.ERROR)
-    logging.getLogger("alembic").setLevel(logging.WARNING)
     os.environ.setdefault("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0")
     os.environ.setdefault("RAY_DEDUP_LOGS", "1")
     os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
