@@ -157,6 +157,7 @@ class SimulateConfig:
     resume: str | None
     device: str
     verbose: bool
+    max_in_flight: int | None = field(metadata=_at_least(1, 16))
     strategy: StrategyConfig
     data: DataConfig
     client: ClientResources

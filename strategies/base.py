@@ -262,7 +262,9 @@ class Strategy:
             msgs.append(Message(content, dst_node_id=n, message_type=message_type))
         replies, failures, up, seen = [], [], 0, set()
         watch = _RoundWatch(round_, len(msgs), run=self.run, bars=getattr(self, "_bars", None), label=message_type)
-        for rep in _push_and_pull(grid, msgs, timeout=float(self.opts.get("round_timeout", 600)), on_poll=watch):
+        timeout = float(self.opts.get("round_timeout", 600))
+        window = self.cfg.get("max_in_flight")
+        for rep in _push_and_pull(grid, msgs, timeout=timeout, on_poll=watch, window=window):
             node = rep.metadata.src_node_id
             seen.add(node)
             client = self.clients.get(node, f"n{node}")
@@ -280,7 +282,7 @@ class Strategy:
     # ---------------------------------------------------------- checkpoints
     def checkpoint(self) -> Checkpoint:
         """This run's round checkpoint (keyed by the config, so another config cannot resume it)."""
-        skip = ("resume", "device", "verbose", "ray", "client")
+        skip = ("resume", "device", "verbose", "ray", "client", "max_in_flight")
         key = config_key({k: v for k, v in self.cfg.items() if k not in skip})
         return Checkpoint(self.run.path / "checkpoint.safetensors", key=key)
 
@@ -421,24 +423,46 @@ class Strategy:
 
 
 def _push_and_pull(
-    grid: Grid, msgs: list[Message], *, timeout: float, on_poll: Callable[[list[Message], bool], None]
+    grid: Grid,
+    msgs: list[Message],
+    *,
+    timeout: float,
+    on_poll: Callable[[list[Message], bool], None],
+    window: int | None = None,
 ) -> list[Message]:
     """``grid.send_and_receive(msgs, timeout=timeout)``, calling ``on_poll(replies so far, final)`` as it waits.
 
-    The same semantics as Flower's: push every message, pull the replies every
+    The same semantics as Flower's: push the messages, pull the replies every
     :data:`_PULL_INTERVAL` seconds until each pushed message has one or ``timeout``
-    seconds (wall clock, from the push) have passed; replies come in arrival order (the
-    caller orders them by client). A message the grid could not push (a ``None`` id)
+    seconds (wall clock, from the first push) have passed; replies come in arrival order
+    (the caller orders them by client). A message the grid could not push (a ``None`` id)
     can never be answered and is not waited for.
+
+    ``window`` keeps at most that many messages in flight, pushing the next ones (in
+    order) as replies arrive (``None``: all at once). Flower's in-memory SuperLink scans
+    every stored message for every node about ten times a second, so hundreds of messages
+    in flight cost the simulation's driver a whole core; a window of a few times the
+    number of Ray actors keeps every actor busy at a fraction of that.
     """
-    pending = {mid for mid in grid.push_messages(msgs) if mid}
+    queue = list(msgs)
+    size = len(queue) if window is None else max(1, int(window))
+    pending: set[str] = set()
     end = time.time() + timeout
     replies: list[Message] = []
-    while time.time() < end:
+    while True:
+        room = size - len(pending)
+        if room > 0 and queue:
+            batch, queue = queue[:room], queue[room:]
+            pending.update(mid for mid in grid.push_messages(batch) if mid)
+            continue  # refill until the window is full or nothing is left
+        if (not pending and not queue) or time.time() >= end:
+            break
         got = list(grid.pull_messages(pending))
         replies.extend(got)
         pending.difference_update(m.metadata.reply_to_message_id for m in got)
-        if not pending:
+        if got and queue:
+            continue  # room for more: push before sleeping
+        if not pending and not queue:
             break
         on_poll(replies, False)
         time.sleep(_PULL_INTERVAL)

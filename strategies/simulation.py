@@ -16,7 +16,7 @@ import warnings
 from pathlib import Path
 from typing import Any
 
-__all__ = ["CLIENT_APP", "backend_config", "load_component", "run_simulate"]
+__all__ = ["CLIENT_APP", "backend_config", "load_component", "run_simulate", "with_window"]
 
 CLIENT_APP = "clients.app:app"
 """The ClientApp by its component string, as ``[tool.flwr.app.components]`` names it: the server
@@ -47,6 +47,16 @@ def backend_config(cfg: dict[str, Any]) -> dict[str, Any]:
         if ray_cfg.get("object_store_memory"):
             init["object_store_memory"] = int(ray_cfg["object_store_memory"])
     return {"client_resources": resources, "init_args": init}
+
+
+def with_window(cfg: dict[str, Any]) -> dict[str, Any]:
+    """``cfg`` with ``max_in_flight`` resolved for the simulation: 4 x the clients Ray runs at once (when null)."""
+    if cfg.get("max_in_flight") is not None:
+        return cfg
+    resources = backend_config(cfg)
+    cpus = resources["init_args"].get("num_cpus") or os.cpu_count() or 1
+    concurrent = max(1, int(cpus // max(resources["client_resources"]["num_cpus"], 1e-9)))
+    return {**cfg, "max_in_flight": 4 * concurrent}
 
 
 def run_simulate(cfg: dict[str, Any], out_dir: str | Path) -> dict[str, Any]:
@@ -115,7 +125,7 @@ def _run_once(cfg: dict[str, Any], out_dir: str | Path) -> dict[str, Any]:
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", category=DeprecationWarning)
             run_simulation(
-                server_app=make_server_app(cfg, out_dir),
+                server_app=make_server_app(with_window(cfg), out_dir),
                 client_app=load_component(CLIENT_APP),
                 num_supernodes=int(cfg["clients"]),
                 backend_config=backend_config(cfg),

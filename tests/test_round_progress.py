@@ -89,3 +89,45 @@ def test_round_watch_shows_a_live_line_and_removes_it():
         assert task.completed == 1 and task.total == 2 and "failed 0" in task.fields["info"]
         watch([_reply("m0"), _reply("m1")], True)
         assert bars.tasks == []
+
+
+class EchoGrid:
+    """Unique ids per push; every pull answers up to ``per_pull`` of the oldest pending messages."""
+
+    def __init__(self, per_pull: int = 2) -> None:
+        self.per_pull, self.next, self.pending, self.max_in_flight, self.order = per_pull, 0, [], 0, []
+
+    def push_messages(self, msgs):
+        ids = []
+        for m in msgs:
+            ids.append(f"m{self.next}")
+            self.order.append(m)
+            self.next += 1
+        self.pending += ids
+        self.max_in_flight = max(self.max_in_flight, len(self.pending))
+        return ids
+
+    def pull_messages(self, ids):
+        done, self.pending = self.pending[: self.per_pull], self.pending[self.per_pull :]
+        return [_reply(mid) for mid in done]
+
+
+def test_a_window_keeps_few_messages_in_flight_and_still_answers_every_one():
+    grid = EchoGrid()
+    out = _push_and_pull(grid, list(range(25)), timeout=5, on_poll=lambda r, f: None, window=4)
+    assert grid.max_in_flight == 4 and grid.order == list(range(25))  # pushed in order, never more than 4 waiting
+    assert sorted(int(m.metadata.reply_to_message_id[1:]) for m in out) == list(range(25))
+    unbounded = EchoGrid()
+    assert len(_push_and_pull(unbounded, list(range(25)), timeout=5, on_poll=lambda r, f: None)) == 25
+    assert unbounded.max_in_flight == 25
+
+
+def test_the_simulation_window_follows_the_actor_pool():
+    from fedistill.config import compose_config
+    from strategies.simulation import with_window
+
+    def window(*overrides: str) -> int:
+        return with_window(compose_config("simulate", list(overrides)))["max_in_flight"]
+
+    assert window("ray.num_cpus=4") == 16 and window("ray.num_cpus=4", "client.num_cpus=2") == 8
+    assert window("max_in_flight=3") == 3
