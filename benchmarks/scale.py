@@ -51,10 +51,23 @@ def round_profile(run_dir: Path, summary: dict, wall: float) -> dict:
         "accept_seconds": sum_of("accept"),
         "server_train_seconds": sum_of("update"),
         "evaluate_seconds": sum_of("evaluate"),
-        "control_seconds": summary.get("control_seconds"),
+        "control_seconds": None if summary.get("control_seconds") is None else round(summary["control_seconds"], 2),
         "client_peak_rss_mb": max((c.get("peak_rss_mb", 0.0) for c in clients), default=None),
         "clients_failed": sum(r.get("clients_failed", 0) for r in rounds),
     }
+
+
+def row(p: dict) -> str:
+    """One point as a row of the results table."""
+    return (
+        f"| {p['clients']} | {p['seed']} | {p['accuracy']} | {p['random_subset']} | {p['synthetic_images']} "
+        f"| {(p['bytes_up'] or 0) / 1e6:.2f} | {p['wall_seconds']} | {p['main_seconds']} "
+        f"| {p.get('exchange_seconds')} | {p.get('client_compute_seconds')} "
+        f"| {p.get('client_seconds_mean')} | {p.get('data_seconds')} | {p.get('accept_seconds')} "
+        f"| {p.get('server_train_seconds')} | {p.get('evaluate_seconds')} | {p.get('control_seconds')} "
+        f"| {p['peak_gb']} | {p.get('client_peak_rss_mb')} | {p.get('clients_failed')} |"
+        + (f" error: {p['error']}" if p.get("returncode") else "")
+    )
 
 
 def _plot(points: list[dict], path: Path) -> None:
@@ -84,6 +97,7 @@ def main() -> None:
     ap.add_argument("--seeds", default="0")
     ap.add_argument("--extra", default="", help="extra Hydra overrides for every point, space-separated")
     ap.add_argument("--out", default="scale")
+    ap.add_argument("--render", nargs="*", default=None, help="JSON files of earlier runs: re-render their points")
     opts = ap.parse_args()
     path = results_path(opts.out)
     cmdline = "python benchmarks/scale.py " + " ".join(sys.argv[1:])
@@ -111,6 +125,13 @@ def main() -> None:
         "|" + "---|" * 19,
     ]
     path.write_text("\n".join(header) + "\n")
+    if opts.render is not None:  # one table and plot from the points of earlier runs
+        points = sorted((p for f in opts.render for p in json.loads(Path(f).read_text())), key=lambda p: p["clients"])
+        for p in points:
+            append_row(path, row(p))
+        results_path(opts.out, ".json").write_text(json.dumps(points, indent=1) + "\n")
+        _plot(points, results_path(opts.out, ".png"))
+        return
     extra = opts.extra.split() if opts.extra else []
     points: list[dict] = []
     with tempfile.TemporaryDirectory() as tmp:
@@ -136,17 +157,7 @@ def main() -> None:
                     **prof,
                 }
                 points.append(point)
-                p = point
-                append_row(
-                    path,
-                    f"| {clients} | {seed} | {p['accuracy']} | {base} | {p['synthetic_images']} "
-                    f"| {(p['bytes_up'] or 0) / 1e6:.2f} | {p['wall_seconds']} | {p['main_seconds']} "
-                    f"| {p.get('exchange_seconds')} | {p.get('client_compute_seconds')} "
-                    f"| {p.get('client_seconds_mean')} | {p.get('data_seconds')} | {p.get('accept_seconds')} "
-                    f"| {p.get('server_train_seconds')} | {p.get('evaluate_seconds')} | {p.get('control_seconds')} "
-                    f"| {p['peak_gb']} | {p.get('client_peak_rss_mb')} | {p.get('clients_failed')} |"
-                    + (f" error: {p['error']}" if rc else ""),
-                )
+                append_row(path, row(point))
                 results_path(opts.out, ".json").write_text(json.dumps(points, indent=1) + "\n")
     if len({p["clients"] for p in points}) > 1:
         _plot(points, results_path(opts.out, ".png"))
