@@ -49,6 +49,13 @@ def backend_config(cfg: dict[str, Any]) -> dict[str, Any]:
     return {"client_resources": resources, "init_args": init}
 
 
+class _BelowError(logging.Filter):
+    """Drops Flower's records below ERROR (``verbose=false``)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return record.levelno >= logging.ERROR
+
+
 def with_window(cfg: dict[str, Any]) -> dict[str, Any]:
     """``cfg`` with ``max_in_flight`` resolved for the simulation: 4 x the clients Ray runs at once (when null)."""
     if cfg.get("max_in_flight") is not None:
@@ -112,6 +119,9 @@ def _run_once(cfg: dict[str, Any], out_dir: str | Path) -> dict[str, Any]:
     verbose = bool(cfg.get("verbose"))
     logging.getLogger("flwr").setLevel(logging.INFO if verbose else logging.ERROR)
     logging.getLogger("alembic").setLevel(logging.INFO if verbose else logging.WARNING)
+    quiet = _BelowError()
+    if not verbose:  # run_simulation sets Flower's logger level itself (DEBUG lines at teardown): filter them
+        logging.getLogger("flwr").addFilter(quiet)
     import ray
     from flwr.simulation import run_simulation
 
@@ -132,6 +142,7 @@ def _run_once(cfg: dict[str, Any], out_dir: str | Path) -> dict[str, Any]:
                 verbose_logging=bool(cfg.get("verbose", False)),
             )
     finally:
+        logging.getLogger("flwr").removeFilter(quiet)
         if started_here and ray.is_initialized():
             ray.shutdown()
     return json.loads((Path(out_dir) / "summary.json").read_text())
