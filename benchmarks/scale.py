@@ -51,7 +51,7 @@ def round_profile(run_dir: Path, summary: dict, wall: float) -> dict:
         "accept_seconds": sum_of("accept"),
         "server_train_seconds": sum_of("update"),
         "evaluate_seconds": sum_of("evaluate"),
-        "control_seconds": None if summary.get("control_seconds") is None else round(summary["control_seconds"], 2),
+        "control_seconds": summary.get("control_seconds"),
         "client_peak_rss_mb": max((c.get("peak_rss_mb", 0.0) for c in clients), default=None),
         "clients_failed": sum(r.get("clients_failed", 0) for r in rounds),
     }

@@ -7,8 +7,8 @@ from types import SimpleNamespace
 
 import pytest
 
-import strategies.base as base
-from strategies.base import _push_and_pull, _RoundWatch
+import strategies.exchange as exchange
+from strategies.exchange import RoundWatch, push_and_pull
 
 
 def _reply(to: str, *, error: bool = False) -> SimpleNamespace:
@@ -40,13 +40,13 @@ class Log:
 
 @pytest.fixture(autouse=True)
 def fast_pulls(monkeypatch):
-    monkeypatch.setattr(base, "_PULL_INTERVAL", 0.01)
+    monkeypatch.setattr(exchange, "_PULL_INTERVAL", 0.01)
 
 
 def test_push_and_pull_waits_for_every_reply_in_arrival_order():
     grid = FakeGrid([[], [_reply("m2")], [_reply("m0", error=True), _reply("m1")]])
     polls = []
-    out = _push_and_pull(grid, [1, 2, 3], timeout=5, on_poll=lambda r, final: polls.append((len(r), final)))
+    out = push_and_pull(grid, [1, 2, 3], timeout=5, on_poll=lambda r, final: polls.append((len(r), final)))
     assert [m.metadata.reply_to_message_id for m in out] == ["m2", "m0", "m1"]
     assert grid.pulled == [{"m0", "m1", "m2"}, {"m0", "m1", "m2"}, {"m0", "m1"}]  # only what is still pending
     assert polls == [(0, False), (1, False), (3, True)]
@@ -55,22 +55,22 @@ def test_push_and_pull_waits_for_every_reply_in_arrival_order():
 def test_push_and_pull_stops_at_the_timeout_and_skips_unpushable_messages():
     grid = FakeGrid([[_reply("m0")]], unpushable=1)
     t0 = time.time()
-    out = _push_and_pull(grid, [1, 2, 3], timeout=0.2, on_poll=lambda r, final: None)
+    out = push_and_pull(grid, [1, 2, 3], timeout=0.2, on_poll=lambda r, final: None)
     assert 0.2 <= time.time() - t0 < 2 and len(out) == 1
     assert all(None not in ids for ids in grid.pulled) and grid.pulled[-1] == {"m1"}
-    assert _push_and_pull(FakeGrid([[_reply("m0")]], unpushable=1), [1, 2], timeout=5, on_poll=lambda r, f: None)
+    assert push_and_pull(FakeGrid([[_reply("m0")]], unpushable=1), [1, 2], timeout=5, on_poll=lambda r, f: None)
 
 
 def test_round_watch_eta_and_event_cadence():
     run = Log()
-    watch = _RoundWatch(3, 4, run=run)
+    watch = RoundWatch(3, 4, run=run)
     assert watch.status([], watch.t0 + 5)["eta_seconds"] is None
     replies = [_reply("m0", error=True), _reply("m1")]
     status = watch.status(replies, watch.t0 + 10)
     assert status == {"round": 3, "done": 2, "sampled": 4, "failed": 1, "elapsed": 10, "eta_seconds": 10.0}
     watch(replies, False)  # just started: no event yet
     assert run.events == []
-    watch.t0 = watch.last = time.monotonic() - _RoundWatch.every  # an interval later: one event
+    watch.t0 = watch.last = time.monotonic() - RoundWatch.every  # an interval later: one event
     watch(replies, False)
     watch(replies, False)  # not again right away
     assert [e for e, _ in run.events] == ["round_progress"]
@@ -83,7 +83,7 @@ def test_round_watch_shows_a_live_line_and_removes_it():
     from fedistill.reporting import progress_bars
 
     with progress_bars() as bars:
-        watch = _RoundWatch(1, 2, run=Log(), bars=bars, label="train.distill")
+        watch = RoundWatch(1, 2, run=Log(), bars=bars, label="train.distill")
         watch([_reply("m0")], False)
         task = bars.tasks[0]
         assert task.completed == 1 and task.total == 2 and "failed 0" in task.fields["info"]
@@ -114,11 +114,11 @@ class EchoGrid:
 
 def test_a_window_keeps_few_messages_in_flight_and_still_answers_every_one():
     grid = EchoGrid()
-    out = _push_and_pull(grid, list(range(25)), timeout=5, on_poll=lambda r, f: None, window=4)
+    out = push_and_pull(grid, list(range(25)), timeout=5, on_poll=lambda r, f: None, window=4)
     assert grid.max_in_flight == 4 and grid.order == list(range(25))  # pushed in order, never more than 4 waiting
     assert sorted(int(m.metadata.reply_to_message_id[1:]) for m in out) == list(range(25))
     unbounded = EchoGrid()
-    assert len(_push_and_pull(unbounded, list(range(25)), timeout=5, on_poll=lambda r, f: None)) == 25
+    assert len(push_and_pull(unbounded, list(range(25)), timeout=5, on_poll=lambda r, f: None)) == 25
     assert unbounded.max_in_flight == 25
 
 
