@@ -10,6 +10,7 @@ synthetic branch in fp32.
 from __future__ import annotations
 
 import copy
+import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
@@ -33,7 +34,7 @@ from fedistill.engines.base import (
 from fedistill.models import build_model, reinitialize
 from fedistill.seeding import derive_seed, torch_generator
 
-__all__ = ["DMConfig", "DMEngine", "RealSampler", "real_class_means", "synthetic_class_means"]
+__all__ = ["DMConfig", "DMEngine", "RealSampler", "compiled", "real_class_means", "synthetic_class_means"]
 
 
 @dataclass(frozen=True)
@@ -70,8 +71,20 @@ class DMConfig:
         10-20 s (less with a warm inductor cache) that makes each iteration about
         1.7x faster at width 32 and 10x faster at width 128 in bf16 on CPU.
         ``auto`` compiles on CPU when ``iterations >= compile_min_iterations``.
+    compile_synthetic
+        ``torch.compile`` the synthetic branch (forward and backward) with dynamic
+        shapes: compiled once per process (5-20 s; Dynamo's cache is keyed by the code,
+        not the network or the batch size), so a Ray actor that distills many clients
+        pays it once. About 1.5x faster per iteration at width 32 on CPU; gradients
+        agree with eager execution to ~1e-6. ``auto``: on CPU, for runs of at least
+        ``compile_min_iterations`` on images of at least ``compile_min_pixels``.
     compile_min_iterations
-        Threshold of ``compile="auto"``.
+        Threshold of ``compile="auto"`` and ``compile_synthetic="auto"``.
+    compile_min_pixels
+        Image area below which ``compile_synthetic="auto"`` stays eager: on 8x8 digits
+        an iteration costs ~1 ms and the compilation is never repaid (central DM, digits
+        IPC 10: 36 s of distillation compiled vs 16 s eager); a Fashion-MNIST client
+        distills ~1.5x faster compiled.
     min_class_samples
         Classes with fewer real samples are not distilled.
     pad_small_classes
@@ -104,7 +117,9 @@ class DMConfig:
     real_dtype: str = "auto"
     real_chunk: int = 128
     compile: bool | str = "auto"
+    compile_synthetic: bool | str = "auto"
     compile_min_iterations: int = 200
+    compile_min_pixels: int = 256
     min_class_samples: int = 1
     pad_small_classes: bool = False
     releases: int | None = None
@@ -209,6 +224,25 @@ def _resume(ckpt: Checkpoint | None, syn: torch.Tensor, opt: torch.optim.Optimiz
     return int(state["iteration"])
 
 
+def compiled(features: Callable[[torch.Tensor], torch.Tensor]) -> Callable[[torch.Tensor], torch.Tensor]:
+    """``torch.compile(features, dynamic=True)``, called on standard-stride inputs of 2+ rows.
+
+    Dynamic shapes make one compilation per process serve every batch size, and Dynamo's
+    cache is keyed by the code, not the network instance: a Ray actor that distills many
+    clients compiles once. One-row batches run eagerly (Dynamo would specialize them,
+    a second compilation for almost no work).
+    """
+    fast = torch.compile(features, dynamic=True)
+
+    def call(x: torch.Tensor) -> torch.Tensor:
+        if len(x) < 2:
+            return features(x)
+        # DSA ops (crop) can return permuted strides, which would trigger a recompilation.
+        return fast(x.clone(memory_format=torch.contiguous_format))
+
+    return call
+
+
 def _tensors(net: nn.Module) -> list[torch.Tensor]:
     return [*net.parameters(), *net.buffers()]
 
@@ -259,7 +293,7 @@ class DMEngine(Engine):
                 cache[ctx["release"]] = real_mean
         if dsa is not None:
             syn = dsa.apply(syn, ctx["params"], ctx["syn_aug_groups"])
-        return real_mean, self.features(net)(syn)
+        return real_mean, ctx["syn_embed"](syn)
 
     def features(self, net: nn.Module) -> Callable[[torch.Tensor], torch.Tensor]:
         """The per-image features whose class means are matched (DM: ``net.embed``)."""
@@ -293,13 +327,27 @@ class DMEngine(Engine):
             )
         return int(releases)
 
-    def compiles(self, device: torch.device) -> bool:
-        """Whether to ``torch.compile`` the real branch (resolves ``compile="auto"``)."""
-        mode = self.config.compile
+    def synthetic_features(
+        self, net: nn.Module, device: torch.device, image_size: tuple[int, int]
+    ) -> Callable[[torch.Tensor], torch.Tensor]:
+        """:meth:`features` of the synthetic branch, compiled when ``compile_synthetic`` resolves to it."""
+        fn = self.features(net)
+        return compiled(fn) if self.compiles(device, synthetic=True, pixels=math.prod(image_size)) else fn
+
+    def compiles(self, device: torch.device, *, synthetic: bool = False, pixels: int = 0) -> bool:
+        """Whether to ``torch.compile`` the real branch (``compile``) or the synthetic one (``compile_synthetic``).
+
+        ``auto`` compiles on CPU when ``iterations >= compile_min_iterations`` (and, for the
+        synthetic branch, images have at least ``compile_min_pixels`` = ``pixels``).
+        """
+        key = "compile_synthetic" if synthetic else "compile"
+        mode = getattr(self.config, key)
         if isinstance(mode, bool):
             return mode
         if mode != "auto":
-            raise ValueError(f"unknown compile {mode!r}; valid: auto, True, False")
+            raise ValueError(f"method.{key}={mode!r}: unknown; valid: auto, true, false")
+        if synthetic and pixels < self.config.compile_min_pixels:
+            return False
         return device.type == "cpu" and self.config.iterations >= self.config.compile_min_iterations
 
     def distill(
@@ -352,6 +400,7 @@ class DMEngine(Engine):
             "real_embed": (
                 torch.compile(self.features(real_net), dynamic=False) if self.compiles(dev) else self.features(real_net)
             ),
+            "syn_embed": self.synthetic_features(net, dev, data.info.image_size),
             "real_dtype": real_dtype or torch.float32,
         }
         steps = StepLog(cfg.iterations, every=cfg.log_every, progress=progress)

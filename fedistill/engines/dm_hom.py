@@ -90,7 +90,7 @@ class DMHomEngine(DMEngine):
         """``mean_weight * DM + mmd_weight * MMD^2`` summed over classes."""
         cfg = self.config
         dsa = ctx["dsa"]
-        syn_emb = net.embed(syn if dsa is None else dsa.apply(syn, ctx["params"], ctx["syn_aug_groups"]))
+        syn_emb = ctx["syn_embed"](syn if dsa is None else dsa.apply(syn, ctx["params"], ctx["syn_aug_groups"]))
         dim = syn_emb.shape[1]
         with torch.no_grad():
             flat = syn_emb.detach().float()

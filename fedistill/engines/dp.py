@@ -153,6 +153,7 @@ class DPDMEngine(DMEngine):
         ctx = {"num_classes": k, "syn_counts": syn_counts.to(dev, torch.float32)}
         ctx["syn_groups"] = torch.arange(k, device=dev).repeat_interleave(syn_counts.to(dev))
         cache: dict[int, tuple[torch.Tensor, Any]] = {}
+        embed = self.synthetic_features(net, dev, data.info.image_size)
         steps = StepLog(cfg.iterations, every=cfg.log_every, progress=progress)
         for it in range(cfg.iterations):
             r = it % num_releases
@@ -165,7 +166,7 @@ class DPDMEngine(DMEngine):
                 if num_releases < cfg.iterations:
                     cache[r] = (means, params)
             syn_in = syn if dsa is None else dsa.apply(syn, params, ctx["syn_groups"])
-            syn_mean = synthetic_class_means(clip_rows(self.features(net)(syn_in), cfg.clip), ctx)
+            syn_mean = synthetic_class_means(clip_rows(embed(syn_in), cfg.clip), ctx)
             loss = ((means - syn_mean) ** 2).sum()
             opt.zero_grad(set_to_none=True)
             loss.backward()
