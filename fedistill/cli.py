@@ -1,8 +1,9 @@
 """Command-line entry point: ``fedistill <command> [hydra overrides]``.
 
 Commands are registered by name; each is a Hydra app over the config tree in
-``configs/`` (shipped inside the wheel as ``fedistill/_configs``). Heavy imports
-(torch, and Flower for the federated commands) happen lazily per command.
+``configs/`` (shipped inside the wheel as ``fedistill/_configs``), except ``report`` and
+``deploy`` (plain argparse). Heavy imports (torch, and Flower for the federated commands)
+happen lazily per command.
 """
 
 from __future__ import annotations
@@ -170,6 +171,45 @@ def _simulate(args: list[str]) -> int:
     return _hydra_app("simulate", run_simulate, "fedistill simulate", argv)
 
 
+def _report(args: list[str]) -> int:
+    """``fedistill report DIR [DIR...] [--out OUT]`` (plain argparse: it only reads run directories)."""
+    import argparse
+
+    parser = argparse.ArgumentParser(
+        prog="fedistill report",
+        description="Tables and plots of every central/simulate run under DIR..., grouped by config minus seed.",
+    )
+    parser.add_argument("dirs", nargs="+", metavar="DIR", help="directories searched for run directories")
+    parser.add_argument("--out", help="where report.md, report.csv and report.html go (default: the first DIR)")
+    try:
+        opts = parser.parse_args(args)
+    except SystemExit as exc:  # --help (0) or a usage error (2), already printed
+        return int(exc.code or 0)
+    from fedistill.report import ReportError, collect
+    from fedistill.report_render import write_report
+
+    try:
+        report = collect(opts.dirs)
+    except ReportError as exc:
+        print(f"fedistill report: error: {exc}", file=sys.stderr)
+        return 2
+    out = opts.out or opts.dirs[0]
+    try:
+        paths = write_report(report, out, dirs=opts.dirs)
+    except OSError as exc:
+        print(
+            f"fedistill report: error: cannot write into {out} ({exc}); pass --out with a writable directory",
+            file=sys.stderr,
+        )
+        return 2
+    print(f"wrote {paths['md']} and {paths['csv']}")
+    print(
+        f"report: {paths['html']} ({len(report.runs)} runs in {len(report.groups)} groups, "
+        f"{len(report.incomplete)} failed or incomplete)"
+    )
+    return 0
+
+
 def _deploy(args: list[str]) -> int:
     from fedistill.deploy.commands import main as deploy_main
 
@@ -180,6 +220,7 @@ COMMANDS.register("simulate")(("federated distillation with Flower's simulation 
 COMMANDS.register("central")(("distill a dataset on one machine and evaluate it", _central))
 COMMANDS.register("evaluate")(("re-evaluate a saved synthetic.safetensors", _evaluate))
 COMMANDS.register("audit")(("membership-inference audit of a run's synthetic set", _audit))
+COMMANDS.register("report")(("tables and plots of the runs under directories (docs/report.md)", _report))
 COMMANDS.register("deploy")(("certificates, keys and node data for a real SuperLink (docs/deploy.md)", _deploy))
 
 
