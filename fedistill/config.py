@@ -105,6 +105,8 @@ class StrategyConfig:
     rounds: int = field(metadata=_at_least(1, 5))
     fraction: float = field(metadata=_check("in (0, 1]", lambda v: 0 < v <= 1, 1.0))
     min_success_fraction: float = field(metadata=_check("in [0, 1]", lambda v: 0 <= v <= 1, 0.5))
+    wait_timeout: float = field(metadata=_above(0, 120))
+    round_timeout: float = field(metadata=_above(0, 3600))
 
 
 @dataclass(frozen=True)

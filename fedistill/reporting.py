@@ -22,7 +22,10 @@ from fedistill.data.synthetic import SyntheticSet
 from fedistill.io import atomic_write_text, read_json_object
 
 __all__ = [
+    "CHANCE_MARGIN",
     "RunDir",
+    "baseline_warning",
+    "chance_warning",
     "progress_bars",
     "pyplot",
     "results_table",
@@ -30,6 +33,27 @@ __all__ = [
     "save_grid",
     "save_partition_plot",
 ]
+
+
+CHANCE_MARGIN = 2.0
+"""Percentage points above ``100 / classes`` below which a result counts as chance level."""
+
+
+def chance_warning(accuracy: float, num_classes: int, *, what: str, why: str) -> str | None:
+    """A one-line warning when ``accuracy`` (%) is within :data:`CHANCE_MARGIN` of chance, else ``None``.
+
+    ``what`` names the model (``"the global model"``), ``why`` says where to look.
+    """
+    if accuracy >= 100.0 / num_classes + CHANCE_MARGIN:
+        return None
+    return f"{what} is at chance level ({accuracy:.2f}% with {num_classes} classes): {why}"
+
+
+def baseline_warning(accuracy: float, baseline: float, *, what: str, baseline_name: str, fix: str) -> str | None:
+    """A one-line warning when ``accuracy`` is below ``baseline`` (both %), else ``None``."""
+    if accuracy >= baseline:
+        return None
+    return f"{what} ({accuracy:.2f}%) is below {baseline_name} ({baseline:.2f}%): {fix}"
 
 
 def pyplot() -> Any:

@@ -23,6 +23,7 @@ from flwr.serverapp import Grid
 
 from fedistill.checkpoint import Checkpoint, CheckpointError, config_key
 from fedistill.data.base import DataBundle
+from fedistill.data.synthetic import SyntheticSet
 from fedistill.engines import resolve_device
 from fedistill.federated import ClientFailure, FederationError, GlobalModel
 from fedistill.federated.client import model_spec
@@ -31,7 +32,7 @@ from fedistill.federated.node import data_spec
 from fedistill.federated.server import assign_faults
 from fedistill.federated.state import get_path, pack, set_path, unpack
 from fedistill.registry import Registry
-from fedistill.reporting import RunDir, progress_bars, save_accuracy_plot
+from fedistill.reporting import RunDir, chance_warning, progress_bars, save_accuracy_plot
 from fedistill.seeding import derive_seed, numpy_rng
 from fedistill.training import EvalRecipe
 from protocol.records import content_bytes, read_metrics, task_content, tensor_record
@@ -87,7 +88,7 @@ class Strategy:
         self.opts: dict[str, Any] = dict(cfg["strategy"])
         self.rounds = int(cfg["rounds"])
         self.seed = int(cfg["seed"])
-        self.device = resolve_device(cfg.get("device", "auto"))
+        self.device = resolve_device(cfg["device"])
         self.global_model = GlobalModel(
             model_spec(cfg["model"]),
             bundle,
@@ -130,6 +131,13 @@ class Strategy:
         """Controls (e.g. the random-real subset) run after the main result is on disk; extra summary fields."""
         return {}
 
+    def describe(self, syn: SyntheticSet) -> None:
+        """Record what a set saved by this run is: dataset, strategy, IPC and the model it trains
+        (``fedistill evaluate`` evaluates with that model unless told otherwise)."""
+        syn.metadata.update(
+            dataset=self.bundle.info.name, strategy=self.name, ipc=int(self.cfg["ipc"]), model=dict(self.cfg["model"])
+        )
+
     # ------------------------------------------------------------- machinery
     def client_task(self, task: dict[str, Any], client: str, round_: int) -> dict[str, Any]:
         """The full task for one client: the shared part plus its seed, data spec and fault."""
@@ -137,13 +145,13 @@ class Strategy:
         out["seed"] = derive_seed(self.seed, "client", client, round_)
         out["data"] = data_spec(self.cfg, self.bundle.info.name)
         out["model"] = dict(self.cfg["model"])
-        client_res = self.cfg.get("client", {})
-        out["threads"] = max(1, int(client_res.get("num_cpus", 1)))
+        client_res = self.cfg["client"]
+        out["threads"] = max(1, int(client_res["num_cpus"]))
         gpu_share = float(client_res["num_gpus"])
         out["device"] = client_res["device"] or ("cuda" if gpu_share > 0 else "cpu")
         if out["device"] == "cuda":
             out["gpu_fraction"] = gpu_share  # the node caps its process's GPU memory at this share
-        attack = dict(self.cfg.get("attack") or {})
+        attack = dict(self.cfg["attack"])
         if client in self.attackers():
             out["attack"] = attack
         faults = dict(self.cfg.get("faults") or {})
@@ -153,35 +161,35 @@ class Strategy:
             if fault == "slow":
                 out["fault_seconds"] = float(faults.get("slow_seconds", 3.0))
             elif fault == "timeout":  # reply only after the server stopped waiting
-                out["fault_seconds"] = float(self.opts.get("round_timeout", 600)) + 2.0
+                out["fault_seconds"] = float(self.opts["round_timeout"]) + 2.0
         return out
 
     def attackers(self) -> list[str]:
         """The hostile clients: ``attack.fraction`` of all, chosen from the seed (``attack.kind``)."""
         if self._attackers is None:
-            attack = dict(self.cfg.get("attack") or {})
+            attack = dict(self.cfg["attack"])
             self._attackers = []
-            if attack.get("kind"):
+            if attack["kind"]:
                 clients = sorted(self.clients.values(), key=_client_order)
-                plan = assign_faults({"attack": attack.get("fraction", 0.0)}, clients, seed=self.seed, kinds=["attack"])
+                plan = assign_faults({"attack": attack["fraction"]}, clients, seed=self.seed, kinds=["attack"])
                 self._attackers = sorted(plan, key=_client_order)
                 self.run.log("attack_planned", kind=attack["kind"], clients=self._attackers)
         return self._attackers
 
     def attack_summary(self) -> dict[str, Any]:
         """``attack`` fields of the summary: kind, hostile clients, a backdoor's success rate."""
-        attack = dict(self.cfg.get("attack") or {})
-        if not attack.get("kind"):
+        attack = dict(self.cfg["attack"])
+        if not attack["kind"]:
             return {}
         out: dict[str, Any] = {
             "kind": attack["kind"],
-            "fraction": attack.get("fraction"),
+            "fraction": attack["fraction"],
             "clients": self.attackers(),
             "defense": self.defense_name,
             "accuracy": self.history[-1]["accuracy"] if self.history else None,
         }
         if attack["kind"] == "backdoor":
-            out["target"] = int(attack.get("target", 0))
+            out["target"] = int(attack["target"])
             out["attack_success_rate"] = round(100 * self.global_model.backdoor_success(attack), 4)
         return {"attack": out}
 
@@ -199,7 +207,7 @@ class Strategy:
     def wait_for_nodes(self, grid: Grid) -> list[int]:
         """Block until the expected number of nodes registered (or time out with a clear error)."""
         expected = int(self.cfg["clients"])
-        timeout = float(self.opts.get("wait_timeout", 120))
+        timeout = float(self.opts["wait_timeout"])
         start = time.monotonic()
         while len(nodes := sorted(grid.get_node_ids())) < expected:
             if time.monotonic() - start > timeout:
@@ -214,7 +222,7 @@ class Strategy:
         """Ask every node for its partition id; key clients ``p{id}`` (``n{node}`` without one)."""
         msgs = [Message(task_content({}), dst_node_id=n, message_type="query.info") for n in nodes]
         self.clients = {n: f"n{n}" for n in nodes}
-        for rep in grid.send_and_receive(msgs, timeout=float(self.opts.get("round_timeout", 600))):
+        for rep in grid.send_and_receive(msgs, timeout=float(self.opts["round_timeout"])):
             if not rep.has_error():
                 pid = int(read_metrics(rep).get("partition-id", -1))
                 if pid >= 0:
@@ -223,7 +231,7 @@ class Strategy:
     def sample(self, round_: int) -> list[int]:
         """This round's nodes: ``fraction`` of all, drawn from the seed stream, in client order."""
         ordered = sorted(self.clients, key=lambda n: _client_order(self.clients[n]))
-        k = max(1, math.ceil(float(self.opts.get("fraction", 1.0)) * len(ordered)))
+        k = max(1, math.ceil(float(self.opts["fraction"]) * len(ordered)))
         if k >= len(ordered):
             return ordered
         pick = numpy_rng(self.seed, "client-sampling", round_).choice(len(ordered), size=k, replace=False)
@@ -261,8 +269,8 @@ class Strategy:
             msgs.append(Message(content, dst_node_id=n, message_type=message_type))
         replies, failures, up, seen = [], [], 0, set()
         watch = RoundWatch(round_, len(msgs), run=self.run, bars=getattr(self, "_bars", None), label=message_type)
-        timeout = float(self.opts.get("round_timeout", 600))
-        window = self.cfg.get("max_in_flight")
+        timeout = float(self.opts["round_timeout"])
+        window = self.cfg["max_in_flight"]
         for rep in push_and_pull(grid, msgs, timeout=timeout, on_poll=watch, window=window):
             node = rep.metadata.src_node_id
             seen.add(node)
@@ -335,13 +343,15 @@ class Strategy:
         save_accuracy_plot(
             self.history, self.run.path / "accuracy.png", title=f"{self.name} on {self.bundle.info.name}"
         )
-        chance = 100.0 / self.bundle.info.num_classes
-        if self.history[-1]["accuracy"] < chance + 2.0:
-            extra["warnings"] = [
-                f"the global model is at chance level ({self.history[-1]['accuracy']:.2f}% with "
-                f"{self.bundle.info.num_classes} classes): it learned nothing from the clients' uploads; see "
-                "clients_failed and the round failures in metrics.jsonl"
-            ]
+        chance = chance_warning(
+            self.history[-1]["accuracy"],
+            self.bundle.info.num_classes,
+            what="the global model",
+            why="it learned nothing from the clients' uploads; see clients_failed and the round failures in "
+            "metrics.jsonl",
+        )
+        if chance:
+            extra["warnings"] = [chance]
         summary = self.run.update_summary(
             final_accuracy=self.history[-1]["accuracy"],
             final_loss=self.history[-1]["loss"],
@@ -387,12 +397,12 @@ class Strategy:
         }
         for f in failures:
             self.run.log("client_failed", round=round_, **f.to_dict())
-        needed = math.ceil(float(self.opts.get("min_success_fraction", 0.5)) * len(nodes))
+        needed = math.ceil(float(self.opts["min_success_fraction"]) * len(nodes))
         if len(accepted) < max(1, needed):
             reasons = "; ".join(f"{f.client}: {f.reason}" for f in failures[:5])
             msg = (
                 f"round {round_}: only {len(accepted)} of {len(nodes)} sampled clients succeeded, "
-                f"min_success_fraction={self.opts.get('min_success_fraction', 0.5)} needs {needed} ({reasons})"
+                f"min_success_fraction={self.opts['min_success_fraction']} needs {needed} ({reasons})"
             )
             self.run.log("round_failed", **rec, error=msg)
             self.run.update_summary(status="failed", error=msg, rounds_completed=round_ - 1)

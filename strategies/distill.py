@@ -15,7 +15,7 @@ from fedistill.federated.policies import PolicyContext, PolicyResult, apply_poli
 from fedistill.federated.server import random_baseline
 from fedistill.privacy import ClientLedgers
 from fedistill.registry import UnknownNameError
-from fedistill.reporting import save_grid
+from fedistill.reporting import baseline_warning, save_grid
 from protocol.records import read_json, read_tensors
 from strategies.base import Reply, Strategy
 
@@ -57,7 +57,7 @@ class DistillStrategy(Strategy):
             "method": name,
             "method_options": method,
             "ipc": int(self.cfg["ipc"]),
-            "init": str(self.cfg.get("init", "auto")),
+            "init": str(self.cfg["init"]),
             "rounds": self.rounds,
         }
 
@@ -81,7 +81,7 @@ class DistillStrategy(Strategy):
 
     def max_client_images(self) -> int:
         """Per-client size cap on a synthetic-set reply."""
-        cap = self.opts.get("max_client_images")
+        cap = self.opts["max_client_images"]
         return int(cap) if cap else int(self.cfg["ipc"]) * self.bundle.info.num_classes
 
     def accept(self, round_: int, replies: list[Reply]) -> tuple[list[Reply], list[ClientFailure]]:
@@ -210,7 +210,7 @@ class DistillStrategy(Strategy):
         privacy = {"privacy": self.ledgers.summary()} if self.ledgers.ledgers else {}
         if self.synthetic is None:
             return privacy
-        self.synthetic.metadata.update(dataset=self.bundle.info.name, strategy=self.name, ipc=int(self.cfg["ipc"]))
+        self.describe(self.synthetic)
         path = self.synthetic.save(self.run.path / "synthetic.safetensors")
         save_grid(self.synthetic, self.run.path / "synthetic.png")
         return {
@@ -227,13 +227,15 @@ class DistillStrategy(Strategy):
         baseline = self.random_baseline()
         self.run.log("baseline", random_subset=baseline)
         out: dict[str, Any] = {"baselines": {"random_subset": baseline}}
-        final = self.history[-1]["accuracy"]
-        if final < baseline["accuracy"]:
-            out["warnings"] = [
-                *self.run.summary.get("warnings", []),
-                f"the global model ({final:.2f}%) is below the random real subset of the same "
-                f"{baseline['images']} images under the same server recipe ({baseline['accuracy']:.2f}%): the "
-                "synthetic sets add nothing over sending real images; try more client iterations "
-                "(method.iterations) or a fresh release every iteration (method.releases=null)",
-            ]
+        below = baseline_warning(
+            self.history[-1]["accuracy"],
+            baseline["accuracy"],
+            what="the global model",
+            baseline_name=f"the random real subset of the same {baseline['images']} images under the same "
+            "server recipe",
+            fix="the synthetic sets add nothing over sending real images; try more client iterations "
+            "(method.iterations) or a fresh release every iteration (method.releases=null)",
+        )
+        if below:
+            out["warnings"] = [*self.run.summary.get("warnings", []), below]
         return out

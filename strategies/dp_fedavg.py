@@ -57,15 +57,15 @@ class FlowerCentralDP:
 
     def __init__(self, options: dict[str, Any], *, clients: int, sampled: int, seed: int) -> None:
         self.noise_multiplier = float(options["noise_multiplier"])
-        self.clip = float(options.get("clip", 1.0))
-        self.delta = float(options.get("delta", 1e-5))
+        self.clip = float(options["clip"])
+        self.delta = float(options["delta"])
         self.seed = seed
         config = PrivacyConfig(
             target_delta=self.delta,
             population_size=clients,
             neighboring_relation=NeighboringRelation.ADD_OR_REMOVE_ONE,
             sampling_method=SamplingMethod.NO_AMPLIFICATION,
-            max_epsilon=options.get("max_epsilon"),
+            max_epsilon=options["max_epsilon"],
         )
         self.accountant = RdpAccountant(config)
         self.wrapper = DifferentialPrivacyServerSideFixedClipping(

@@ -45,16 +45,16 @@ class DynaFed(FedAvg):
                 self.global_model.state,
                 self.synthetic,
                 self.global_model.spec,
-                steps=int(self.opts.get("finetune_steps", 20)),
-                lr=float(self.opts.get("finetune_lr", 1e-4)),
-                batch_size=self.opts.get("finetune_batch"),
+                steps=int(self.opts["finetune_steps"]),
+                lr=float(self.opts["finetune_lr"]),
+                batch_size=self.opts["finetune_batch"],
                 seed=derive_seed(self.seed, "dynafed-finetune", round_),
                 device=self.device,
             )
             rec["finetune_seconds"] = round(time.perf_counter() - start, 3)
             return rec
         self.trajectory.record(self.global_model.state)
-        if len(self.trajectory) - 1 >= int(self.opts.get("trajectory_rounds", 25)):
+        if len(self.trajectory) - 1 >= int(self.opts["trajectory_rounds"]):
             start = time.perf_counter()
             self.synthetic = distill_trajectory(
                 self.trajectory.tensor(),
@@ -63,7 +63,7 @@ class DynaFed(FedAvg):
                 spec=self.global_model.spec,
                 seed=derive_seed(self.seed, "dynafed-distill"),
                 device=self.device,
-                **dict(self.opts.get("distill") or {}),
+                **dict(self.opts["distill"]),
             )
             rec["distill_seconds"] = round(time.perf_counter() - start, 3)
             self.run.log("dynafed_distilled", round=round_, images=len(self.synthetic), **rec)
@@ -74,7 +74,7 @@ class DynaFed(FedAvg):
         if self.synthetic is None:
             self.run.log("dynafed_not_distilled", recorded=len(self.trajectory))
             return {}
-        self.synthetic.metadata.update(dataset=self.bundle.info.name, strategy=self.name, ipc=int(self.cfg["ipc"]))
+        self.describe(self.synthetic)
         path = self.synthetic.save(self.run.path / "synthetic.safetensors")
         save_grid(self.synthetic, self.run.path / "synthetic.png")
         return {"synthetic_path": str(path.resolve()), "synthetic_images": len(self.synthetic)}

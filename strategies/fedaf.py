@@ -62,7 +62,7 @@ class FedAF(DistillStrategy):
 
     def exchange(self, grid: Grid, round_: int, nodes: list[int]) -> tuple[list[Reply], list[ClientFailure], int, int]:
         """Statistics and condensation, as two exchanges (``separate``) or one (``piggyback``)."""
-        mode = str(self.opts.get("stats_exchange", "separate"))
+        mode = str(self.opts["stats_exchange"])
         if mode == "separate":
             return self._exchange_separate(grid, round_, nodes)
         if mode == "piggyback":
@@ -73,7 +73,7 @@ class FedAF(DistillStrategy):
         self, grid: Grid, round_: int, nodes: list[int]
     ) -> tuple[list[Reply], list[ClientFailure], int, int]:
         """Gather and aggregate class statistics, then ask the clients that sent valid ones to condense."""
-        task = {"temperature": float(self.opts.get("temperature", 2.0))}
+        task = {"temperature": float(self.opts["temperature"])}
         replies, failures, down, up = self.send(grid, round_, nodes, "query.stats", task, self.global_model.state)
         ok = self._collect_stats(replies, failures)
         if not ok:
@@ -90,7 +90,7 @@ class FedAF(DistillStrategy):
         """One exchange: clients condense with the previous round's global logits (none in round 1)
         and send this round's statistics with their sets (half the downlink of ``separate``)."""
         task, arrays = self.configure(round_)
-        task["stats_temperature"] = float(self.opts.get("temperature", 2.0))
+        task["stats_temperature"] = float(self.opts["temperature"])
         inputs = None if self.global_stats is None else {"global_logits": self.global_stats["class_logits"]}
         replies, failures, down, up = self.send(grid, round_, nodes, self.message_type, task, arrays, inputs)
         return self._collect_stats(replies, failures), failures, down, up
@@ -118,8 +118,8 @@ class FedAF(DistillStrategy):
         assert self.global_stats is not None
         regularizer = knowledge_matching(
             self.global_stats["class_soft"],
-            weight=float(self.opts.get("lambda_glob", 0.8)),
-            temperature=float(self.opts.get("temperature", 2.0)),
+            weight=float(self.opts["lambda_glob"]),
+            temperature=float(self.opts["temperature"]),
         )
         rec = self.train_global(round_, self.merge(round_, accepted), regularizer=regularizer)
         rec["classes_held"] = int((self.global_stats["holders"] > 0).sum())

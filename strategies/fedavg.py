@@ -37,11 +37,11 @@ class FedAvg(Strategy):
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
-        dp = dict(self.opts.get("dp") or {})
+        dp = dict(self.opts["dp"])
         self.dp: FlowerCentralDP | None = None
-        if dp.get("noise_multiplier"):
+        if dp["noise_multiplier"]:
             clients = int(self.cfg["clients"])
-            sampled = max(1, math.ceil(float(self.opts.get("fraction", 1.0)) * clients))
+            sampled = max(1, math.ceil(float(self.opts["fraction"]) * clients))
             self.dp = FlowerCentralDP(dp, clients=clients, sampled=min(sampled, clients), seed=self.seed)
         if self.aggregator() != "mean" and self.dp is not None:
             raise ValueError(
@@ -63,11 +63,11 @@ class FedAvg(Strategy):
     def configure(self, round_: int) -> tuple[dict[str, Any], dict[str, torch.Tensor] | None]:
         """The local SGD recipe and the global weights."""
         fit = {
-            "epochs": int(self.opts.get("local_epochs", 5)),
-            "lr": float(self.opts.get("lr", 0.05)),
-            "momentum": float(self.opts.get("momentum", 0.9)),
-            "weight_decay": float(self.opts.get("weight_decay", 5e-4)),
-            "batch_size": int(self.opts.get("batch_size", 32)),
+            "epochs": int(self.opts["local_epochs"]),
+            "lr": float(self.opts["lr"]),
+            "momentum": float(self.opts["momentum"]),
+            "weight_decay": float(self.opts["weight_decay"]),
+            "batch_size": int(self.opts["batch_size"]),
         }
         return {"fit": fit}, self.global_model.state
 
@@ -91,7 +91,7 @@ class FedAvg(Strategy):
 
     def aggregator(self) -> str:
         """``strategy.aggregator``, or the robust aggregator a ``defense`` names (``defense=median``)."""
-        own = str(self.opts.get("aggregator", "mean"))
+        own = str(self.opts["aggregator"])
         chosen = self.defense.aggregator
         if chosen and own not in ("mean", chosen):
             raise ValueError(

@@ -59,7 +59,7 @@ class FedGen(DistillStrategy):
             self.gen_rounds = 0
         else:
             self.generator_state = fresh
-            self.gen_rounds = int(self.opts.get("gen_rounds", 10))
+            self.gen_rounds = int(self.opts["gen_rounds"])
         self.rounds = self.gen_rounds + 1
         self.payload = {"latent": 0, "pixel": 0, "clients": 0}
         self.run.update_summary(rounds=self.rounds, gen_rounds=self.gen_rounds, generator_source=str(path or "fedavg"))
@@ -92,7 +92,7 @@ class FedGen(DistillStrategy):
     def configure(self, round_: int) -> tuple[dict[str, Any], dict[str, torch.Tensor] | None]:
         """The generator's local recipe (phase 1) or the ``gen`` engine task (phase 2), and its weights."""
         if self.generator_phase(round_):
-            recipe = {**self.arch, **self.gen_recipe, "epochs": int(self.opts.get("local_epochs", 10))}
+            recipe = {**self.arch, **self.gen_recipe, "epochs": int(self.opts["local_epochs"])}
             return {"generator": recipe}, self.generator_state
         return self.engine_task(), self.generator_state
 

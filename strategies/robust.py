@@ -24,10 +24,10 @@ __all__ = ["AGGREGATORS", "robust_aggregate"]
 AGGREGATORS: Registry[Callable[[dict[str, Any]], Any]] = Registry("aggregator")
 AGGREGATORS.register("median")(lambda opts: FedMedian(weighted_by_key="weight"))
 AGGREGATORS.register("trimmed_mean")(
-    lambda opts: FedTrimmedAvg(weighted_by_key="weight", beta=float(opts.get("trim_beta", 0.2)))
+    lambda opts: FedTrimmedAvg(weighted_by_key="weight", beta=float(opts["trim_beta"]))
 )
 AGGREGATORS.register("krum")(
-    lambda opts: Krum(weighted_by_key="weight", num_malicious_nodes=int(opts.get("krum_malicious", 1)))
+    lambda opts: Krum(weighted_by_key="weight", num_malicious_nodes=int(opts["krum_malicious"]))
 )
 
 

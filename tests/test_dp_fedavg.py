@@ -34,7 +34,9 @@ def _replies(value: float, n: int) -> list[Reply]:
 
 
 def test_updates_are_clipped_averaged_noised_and_accounted():
-    dp = FlowerCentralDP({"noise_multiplier": 1.0, "clip": 1.0, "max_epsilon": 10.0}, clients=4, sampled=4, seed=0)
+    dp = FlowerCentralDP(
+        {"noise_multiplier": 1.0, "clip": 1.0, "delta": 1e-5, "max_epsilon": 10.0}, clients=4, sampled=4, seed=0
+    )
     state = {"w": torch.zeros(4000)}
     for round_ in (1, 2, 3):
         dp.start_round(round_, state, nodes=[0, 1, 2, 3])
@@ -53,7 +55,9 @@ def test_updates_are_clipped_averaged_noised_and_accounted():
 
 
 def test_release_is_skipped_when_a_sampled_client_is_missing():
-    dp = FlowerCentralDP({"noise_multiplier": 1.0, "clip": 1.0}, clients=4, sampled=4, seed=0)
+    dp = FlowerCentralDP(
+        {"noise_multiplier": 1.0, "clip": 1.0, "delta": 1e-5, "max_epsilon": None}, clients=4, sampled=4, seed=0
+    )
     dp.start_round(1, {"w": torch.zeros(4000)}, nodes=[0, 1, 2, 3])
     assert dp.aggregate(1, _replies(1.0, 3)) is None
     assert dp.epsilon() == 0.0
@@ -62,7 +66,9 @@ def test_release_is_skipped_when_a_sampled_client_is_missing():
 def test_noise_is_reproducible_for_a_seed():
     outs = []
     for _ in range(2):
-        dp = FlowerCentralDP({"noise_multiplier": 1.0, "clip": 1.0}, clients=2, sampled=2, seed=7)
+        dp = FlowerCentralDP(
+            {"noise_multiplier": 1.0, "clip": 1.0, "delta": 1e-5, "max_epsilon": None}, clients=2, sampled=2, seed=7
+        )
         dp.start_round(1, {"w": torch.zeros(4000)}, nodes=[0, 1])
         outs.append(dp.aggregate(1, _replies(1.0, 2))["w"])
     assert torch.equal(outs[0], outs[1])
