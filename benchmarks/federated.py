@@ -64,9 +64,9 @@ def _tree_rss(root: int) -> int:
     return sum(rss.get(p, 0) for p in tree)
 
 
-def run_point(args: list[str], out: Path) -> tuple[dict, float, int, int]:
-    """Run one simulation; returns its summary, wall seconds, peak tree RSS and the exit code."""
-    cmd = [sys.executable, "-m", "fedistill.cli", "simulate", *args, f"hydra.run.dir={out}"]
+def run_point(args: list[str], out: Path, *, command: str = "simulate") -> tuple[dict, float, int, int]:
+    """Run one ``fedistill <command>``; returns its summary, wall seconds, peak tree RSS and the exit code."""
+    cmd = [sys.executable, "-m", "fedistill.cli", command, *args, f"hydra.run.dir={out}"]
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     start = time.perf_counter()
     proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)

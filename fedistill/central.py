@@ -17,9 +17,9 @@ from fedistill.data import DataBundle, SyntheticSet, load_dataset
 from fedistill.engines import ENGINES, build_engine, resolve_device
 from fedistill.evaluation import EvalRecipe, ModelSpec, evaluate_synthetic
 from fedistill.privacy import privacy_line, privacy_summary
-from fedistill.reporting import RunDir, progress_bars, results_table, save_grid
+from fedistill.reporting import RunDir, baseline_warning, chance_warning, progress_bars, results_table, save_grid
 
-__all__ = ["eval_settings", "run_central", "run_evaluate"]
+__all__ = ["eval_settings", "result_warnings", "run_central", "run_evaluate"]
 
 
 def _model_spec(model_cfg: dict[str, Any] | str) -> ModelSpec:
@@ -132,10 +132,45 @@ def run_central(cfg: dict[str, Any], out_dir: str | Path) -> dict[str, Any]:
     if "privacy" in syn.metadata:
         run.update_summary(privacy=privacy_summary(syn.metadata["privacy"]))
     res = _evaluate(syn, bundle, cfg, run, device)
+    res["warnings"] = result_warnings(res, bundle.info.num_classes, name)
     summary = run.update_summary(**res, status="done")
     run.log("summary", accuracy=res["accuracy"], random_subset=res["baselines"]["random_subset"])
     _print_table(summary)
+    print(f"run directory: {run.path.resolve()}  (test accuracy {res['accuracy']['mean']:.2f}%)")
     return summary
+
+
+def result_warnings(res: dict[str, Any], num_classes: int, method: str) -> list[str]:
+    """What a user must be told about an evaluated set: at chance level, or below a same-size real subset.
+
+    The comparison with the random real subset uses the validation split (never the test
+    set); a soft-label set is compared with the random subset relabelled by the same
+    teacher when that baseline was trained.
+    """
+    out = []
+    chance = chance_warning(
+        res["accuracy"]["mean"],
+        num_classes,
+        what=f"the model trained on the {method} set",
+        why="the synthetic set taught it nothing; see the distillation loss in metrics.jsonl",
+    )
+    if chance:
+        out.append(chance)
+    val = res["accuracy"].get("val")
+    for key, name in (("random_subset", "random real subset"), ("random_subset_soft", "teacher-relabelled subset")):
+        base = res["baselines"].get(key, {}).get("val")
+        if val is None or base is None:
+            continue
+        below = baseline_warning(
+            val["mean"],
+            base["mean"],
+            what=f"on the validation split the {method} set",
+            baseline_name=f"the {name} of the same size under the same recipe",
+            fix=f"it adds nothing over real images; see configs/method/{method}.yaml for settings that work",
+        )
+        if below:
+            out.append(below)
+    return out
 
 
 def _checkpoint(engine: Any, cfg: dict[str, Any], path: Path) -> Checkpoint:
@@ -152,6 +187,13 @@ def _checkpoint(engine: Any, cfg: dict[str, Any], path: Path) -> Checkpoint:
 def run_evaluate(cfg: dict[str, Any], out_dir: str | Path) -> dict[str, Any]:
     """Re-evaluate a saved synthetic set (``cfg["synthetic_path"]``) into ``out_dir``."""
     syn = SyntheticSet.load(cfg["synthetic_path"])
+    if not cfg.get("model"):  # no model=...: the set's own, as its run evaluated it
+        recorded = syn.metadata.get("model")
+        if not isinstance(recorded, dict) or "name" not in recorded:
+            raise ValueError(
+                f"{cfg['synthetic_path']} records no model (metadata 'model'); choose one: model=convnet model.width=32"
+            )
+        cfg = {**cfg, "model": recorded}
     run = RunDir(out_dir)
     device = resolve_device(cfg.get("device", "auto"))
     bundle = _load(cfg, syn.info.name)
@@ -185,3 +227,5 @@ def _print_table(summary: dict[str, Any]) -> None:
         r = summary["ranking"]
         ars = f", ARS {r['ars']['ars']:.2f}" if "ars" in r else " (ARS: eval.ranking=true)"
         console.print(f"DD-Ranking: LRS {r['lrs']['lrs']:.2f}{ars} (percent)")
+    for warning in summary.get("warnings", []):
+        print(f"fedistill: warning: {warning}")

@@ -68,7 +68,6 @@ def test_evaluate_command_reevaluates_saved_set(central_run, tmp_path):
         str(central_run / "synthetic.safetensors"),
         "eval.epochs=2",
         "eval.runs=1",
-        "model.width=16",
         "device=cpu",
         f"hydra.run.dir={out}",
         cwd=tmp_path,
@@ -76,6 +75,12 @@ def test_evaluate_command_reevaluates_saved_set(central_run, tmp_path):
     summary = json.loads((out / "summary.json").read_text())
     assert summary["dataset"] == "digits" and len(summary["accuracy"]["runs"]) == 1
     assert "random_subset" in summary["baselines"]
+    # no model=...: the set's own model (the run distilled and evaluated with width 16), not the group default
+    assert list(summary["per_model"]) == ["convnet-w16"]
+    other = tmp_path / "ev-mlp"
+    args = ["eval.epochs=2", "eval.runs=1", "device=cpu", "model=mlp", f"hydra.run.dir={other}"]
+    fedistill("evaluate", str(central_run / "synthetic.safetensors"), *args, cwd=tmp_path)
+    assert list(json.loads((other / "summary.json").read_text())["per_model"]) == ["mlp-w128"]
 
 
 def test_unknown_choice_lists_valid_names(tmp_path):

@@ -90,7 +90,8 @@ def test_latent_reply_has_no_pixels_and_decodes_deterministically(tmp_path):
     split = node_split(_node(0), s.client_task({}, "p0", 1)["data"])
     opts = s.engine_task()["method_options"]
     task = s.client_task(s.engine_task(), "p0", 1)
-    local = build_engine("gen", model="convnet", model_kwargs={"width": 16}, **opts).distill(
+    model = dict(task["model"])
+    local = build_engine("gen", model=model.pop("name"), model_kwargs=model, **opts).distill(
         split, 2, seed=task["seed"], generator_state=s.generator_state
     )
     assert torch.equal(local.images, a.images)

@@ -97,8 +97,7 @@ def test_cli_central_method_rded(tmp_path):
         "evaluate",
         str(out / "synthetic.safetensors"),
         *tiny[:3],
-        "model.width=8",
-        "device=cpu",
+        "device=cpu",  # the set's own model (width 8, as recorded), not the group's default
         f"hydra.run.dir={ev}",
         cwd=tmp_path,
     )
