@@ -8,6 +8,7 @@ import pytest
 import torch
 from torch._dynamo.utils import counters
 
+import fedistill.engines.dm as dm_module
 from fedistill.engines import build_engine
 
 NET = {"width": 16, "depth": 2}
@@ -64,3 +65,19 @@ def test_auto_compiles_only_where_it_pays():
     assert build_engine("dm", iterations=10, compile_synthetic=True).compiles(cpu, synthetic=True, pixels=64)
     with pytest.raises(ValueError, match=r"method\.compile_synthetic='yes'"):
         build_engine("dm", compile_synthetic="yes").compiles(cpu, synthetic=True, pixels=784)
+
+
+def test_a_failing_compiler_falls_back_to_eager(digits, monkeypatch):
+    """No C++ compiler on an edge device: the client warns and finishes with the eager result."""
+
+    def broken(fn, **kwargs):
+        def fails(x):
+            raise RuntimeError("no C++ compiler")
+
+        return fails
+
+    monkeypatch.setattr(dm_module.torch, "compile", broken)
+    split = _client(digits, [0, 1, 2], 20)
+    with pytest.warns(UserWarning, match="running eagerly"):
+        fallback = _distill(split, 4, compile_synthetic=True)
+    assert torch.equal(fallback, _distill(split, 4, compile_synthetic=False))

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import copy
 import math
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
@@ -230,15 +231,22 @@ def compiled(features: Callable[[torch.Tensor], torch.Tensor]) -> Callable[[torc
     Dynamic shapes make one compilation per process serve every batch size, and Dynamo's
     cache is keyed by the code, not the network instance: a Ray actor that distills many
     clients compiles once. One-row batches run eagerly (Dynamo would specialize them,
-    a second compilation for almost no work).
+    a second compilation for almost no work). Where compilation fails (a device without a
+    C++ compiler, an op the backend lacks) it warns once and runs eagerly: a client on an
+    edge device finishes its task instead of failing it.
     """
-    fast = torch.compile(features, dynamic=True)
+    fast: list[Callable[[torch.Tensor], torch.Tensor]] = [torch.compile(features, dynamic=True)]
 
     def call(x: torch.Tensor) -> torch.Tensor:
-        if len(x) < 2:
+        if len(x) < 2 or not fast:
             return features(x)
-        # DSA ops (crop) can return permuted strides, which would trigger a recompilation.
-        return fast(x.clone(memory_format=torch.contiguous_format))
+        try:  # DSA ops (crop) can return permuted strides, which would trigger a recompilation
+            return fast[0](x.clone(memory_format=torch.contiguous_format))
+        except Exception as err:  # compilation failed before anything ran: the eager call redoes the work
+            reason = f"{type(err).__name__}: {err}"
+            warnings.warn(f"torch.compile of the synthetic branch failed ({reason}); running eagerly", stacklevel=2)
+            fast.clear()
+            return features(x)
 
     return call
 
