@@ -131,6 +131,12 @@ class Strategy:
         """Controls (e.g. the random-real subset) run after the main result is on disk; extra summary fields."""
         return {}
 
+    def chance_hint(self) -> str:
+        """The likely cause of a global model at chance level, and where to look (strategies add theirs)."""
+        return (
+            "it learned nothing from the clients' uploads; see clients_failed and the round failures in metrics.jsonl"
+        )
+
     def describe(self, syn: SyntheticSet) -> None:
         """Record what a set saved by this run is: dataset, strategy, IPC and the model it trains
         (``fedistill evaluate`` evaluates with that model unless told otherwise)."""
@@ -344,11 +350,7 @@ class Strategy:
             self.history, self.run.path / "accuracy.png", title=f"{self.name} on {self.bundle.info.name}"
         )
         chance = chance_warning(
-            self.history[-1]["accuracy"],
-            self.bundle.info.num_classes,
-            what="the global model",
-            why="it learned nothing from the clients' uploads; see clients_failed and the round failures in "
-            "metrics.jsonl",
+            self.history[-1]["accuracy"], self.bundle.info.num_classes, what="the global model", why=self.chance_hint()
         )
         if chance:
             extra["warnings"] = [chance]

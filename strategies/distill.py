@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import statistics
 from collections.abc import Callable
 from typing import Any
 
@@ -11,6 +12,7 @@ import torch
 from fedistill.data.synthetic import SyntheticSet, SyntheticSetError
 from fedistill.federated import ClientFailure, decode_synthetic
 from fedistill.federated.defenses import apply_defense
+from fedistill.federated.node import data_spec, partition_indices
 from fedistill.federated.policies import PolicyContext, PolicyResult, apply_policy
 from fedistill.federated.server import random_baseline
 from fedistill.privacy import ClientLedgers
@@ -219,6 +221,28 @@ class DistillStrategy(Strategy):
             "provenance": json.loads(json.dumps(self.synthetic.metadata.get("clients") or [])),
             **privacy,
         }
+
+    def chance_hint(self) -> str:
+        """With record-level DP clients: the noise each client added against the records it holds per class."""
+        eps = self.ledgers.epsilons()
+        if not eps:
+            return super().chance_hint()
+        held = [n for counts in self.partition_class_counts() for n in counts if n > 0]
+        per_class = statistics.median(held) if held else 0
+        return (
+            f"every client noised its own class sums (record-level DP, epsilon up to {max(eps.values()):.2f} per "
+            f"client) over a median of {per_class:g} records per class: the noise swamps the signal; raise "
+            "method.epsilon, give each client more data (fewer clients, partition=iid), or use a non-DP method"
+        )
+
+    def partition_class_counts(self) -> list[list[int]]:
+        """Records per class of every simulated client (empty on devices with their own data)."""
+        if self.run.summary.get("node_data") != "partition":
+            return []
+        labels = self.bundle.train.labels
+        classes = self.bundle.info.num_classes
+        parts = partition_indices(data_spec(self.cfg, self.bundle.info.name), int(self.cfg["clients"]))
+        return [torch.bincount(labels[torch.from_numpy(ix)], minlength=classes).tolist() for ix in parts]
 
     def control(self) -> dict[str, Any]:
         """The random-real control (``strategy.random_baseline``), run after the main result is written."""

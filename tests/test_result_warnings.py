@@ -44,3 +44,35 @@ def test_central_soft_labels_face_the_teacher_relabelled_subset():
 def test_central_chance_level():
     warned = result_warnings(_res(test=10.5, val=10.0, rnd_val=90.0), 10, "mtt")
     assert any("chance level" in w for w in warned) and any("below" in w for w in warned)
+
+
+def test_a_dp_run_at_chance_names_the_noise_against_the_records_per_class(tmp_path, grid):
+    """Record-level DP clients: the hint gives the spent epsilon and the median records per class a client holds."""
+    import statistics
+
+    import torch
+    from inprocess import make_strategy
+
+    from fedistill.federated.node import data_spec, partition_indices
+
+    s = make_strategy(
+        "oneshot",
+        tmp_path,
+        "method=dp_dm",
+        "clients=4",
+        "ipc=1",
+        "method.iterations=4",
+        "strategy.server.epochs=1",
+        "strategy.random_baseline=false",
+    )
+    s.run.update_summary(node_data="partition")
+    s.run_rounds(grid(4))
+    hint = s.chance_hint()
+    eps = max(s.ledgers.epsilons().values())
+    labels = s.bundle.train.labels
+    parts = partition_indices(data_spec(s.cfg, "digits"), 4)
+    held = [int(n) for ix in parts for n in torch.bincount(labels[torch.from_numpy(ix)]) if n > 0]
+    assert f"epsilon up to {eps:.2f}" in hint and f"median of {statistics.median(held):g} records" in hint
+    assert "method.epsilon" in hint
+    plain = make_strategy("oneshot", tmp_path / "plain", "clients=4")
+    assert "learned nothing" in plain.chance_hint() and "epsilon" not in plain.chance_hint()
