@@ -156,6 +156,8 @@ def _print_audit(run: Callable[[dict, Path], dict]) -> Callable[[dict, Path], di
         from rich.console import Console
 
         Console().print(audit_table(result))
+        for note in result.get("notes", []):
+            print(f"fedistill audit: note: {note}")
         print(f"audit written to {out / 'audit.json'} and {out / 'audit.png'}")
         return result
 

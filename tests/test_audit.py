@@ -84,3 +84,57 @@ def test_audit_command_writes_results_and_rejects_a_bad_run_dir(digits, tmp_path
     bad = fedistill("audit", str(tmp_path / "missing"), cwd=tmp_path, check=False)
     assert bad.returncode == 1 and "synthetic.safetensors not found" in bad.stderr
     assert "Traceback" not in bad.stderr
+
+
+def test_roc_metrics_report_their_bootstrap_uncertainty():
+    rng = np.random.default_rng(1)
+    m = roc_metrics(rng.normal(0.3, 1, 200), rng.normal(0, 1, 200))
+    lo, hi = m["auc_ci95"]
+    assert lo < m["auc"] < hi and 0.02 < hi - lo < 0.2  # ~0.1 wide for 200 vs 200
+    assert m["tpr_at_1pct_fpr_ci95"][0] <= m["tpr_at_1pct_fpr"] <= m["tpr_at_1pct_fpr_ci95"][1]
+
+
+class _SizeAudit:
+    """An audit whose 'model' is its training-set size (accuracy is then a function of size)."""
+
+    def __init__(self, digits):
+        self.bundle, self.seed, self.device = digits, 0, torch.device("cpu")
+
+    def train(self, images, targets, tag, k=0):
+        return len(images)
+
+
+def test_matched_subset_searches_below_the_sets_size_when_the_set_is_weaker(digits, monkeypatch):
+    """A near-chance set (12%) is matched by a smaller real subset, not by one of its own size at ~99%."""
+    import fedistill.privacy.audit as audit_module
+
+    monkeypatch.setattr(audit_module, "accuracy", lambda n, test, device: min(0.99, n / 200))
+    labels = torch.arange(10).repeat_interleave(20)  # 200 images: 99% at its own size
+    pick, acc = audit_module._matched_subset(_SizeAudit(digits), labels, 12.0)
+    assert abs(acc - 12.0) <= 2.5 and len(pick) < len(labels)
+    assert len(audit_module.scaled_labels(labels, 0.01)) == 10  # one image per class at the bottom
+    pick, acc = audit_module._matched_subset(_SizeAudit(digits), torch.arange(10).repeat_interleave(2), 40.0)
+    assert acc == 40.0 and len(pick) == 80  # a stronger set: the search goes up (x2, x4)
+
+
+def test_audit_notes_explain_unmatched_subsets_and_aucs_below_half():
+    from fedistill.privacy.audit import audit_notes
+
+    attack = {"auc": 0.44}
+    result = {
+        "synthetic": {"test_accuracy": 4.74, "loss_attack": attack, "lira": {"auc": 0.52}},
+        "matched_real_subset": {
+            "test_accuracy": 99.16,
+            "train_images": 860,
+            "matched": False,
+            "loss_attack": {"auc": 0.51},
+            "lira": {"auc": 0.55},
+        },
+    }
+    notes = audit_notes(result, tolerance=5.0, num_classes=10)
+    assert len(notes) == 2
+    assert "no real subset" in notes[0] and "99.16%" in notes[0]
+    assert "AUC 0.44 < 0.5" in notes[1] and "near chance level" in notes[1]
+    result["matched_real_subset"]["matched"] = True
+    result["synthetic"]["loss_attack"] = {"auc": 0.6}
+    assert audit_notes(result, tolerance=5.0, num_classes=10) == []

@@ -54,26 +54,43 @@ def lira_offline(target_phi: np.ndarray, shadow_phi: np.ndarray) -> np.ndarray:
     return (target_phi - mu) / sigma
 
 
-def roc_metrics(members: np.ndarray, nonmembers: np.ndarray) -> dict[str, Any]:
-    """AUC and TPR at 1% and 0.1% FPR of scores (higher = member), plus the curve.
+def _tpr_at(fpr: np.ndarray, tpr: np.ndarray, limit: float) -> float:
+    ok = fpr <= limit
+    return float(tpr[ok].max()) if ok.any() else 0.0
+
+
+def roc_metrics(members: np.ndarray, nonmembers: np.ndarray, *, bootstrap: int = 200, seed: int = 0) -> dict[str, Any]:
+    """AUC and TPR at 1% and 0.1% FPR of scores (higher = member), the curve, and their uncertainty.
 
     TPR at a FPR is the best TPR among thresholds whose FPR does not exceed it (with
-    fewer than 1000 non-members, 0.1% FPR means no false positive at all).
+    fewer than 1000 non-members, 0.1% FPR means no false positive at all). ``auc_ci95`` and
+    ``tpr_at_1pct_fpr_ci95``: 2.5th and 97.5th percentiles over ``bootstrap`` resamples of
+    the members and of the non-members (each with replacement, from a ``seed``-ed stream).
     """
     from sklearn.metrics import roc_auc_score, roc_curve
 
+    members, nonmembers = np.asarray(members), np.asarray(nonmembers)
     y = np.r_[np.ones(len(members)), np.zeros(len(nonmembers))]
     s = np.r_[members, nonmembers]
     fpr, tpr, _ = roc_curve(y, s)
+    rng = np.random.default_rng(seed)
+    aucs, tprs = [], []
+    for _ in range(bootstrap):
+        m = members[rng.integers(len(members), size=len(members))]
+        n = nonmembers[rng.integers(len(nonmembers), size=len(nonmembers))]
+        bf, bt, _ = roc_curve(y, np.r_[m, n])
+        aucs.append(roc_auc_score(y, np.r_[m, n]))
+        tprs.append(_tpr_at(bf, bt, 0.01))
 
-    def tpr_at(limit: float) -> float:
-        ok = fpr <= limit
-        return float(tpr[ok].max()) if ok.any() else 0.0
+    def interval(values: list[float]) -> list[float] | None:
+        return [float(v) for v in np.percentile(values, [2.5, 97.5])] if values else None
 
     return {
         "auc": float(roc_auc_score(y, s)),
-        "tpr_at_1pct_fpr": tpr_at(0.01),
-        "tpr_at_0.1pct_fpr": tpr_at(0.001),
+        "auc_ci95": interval(aucs),
+        "tpr_at_1pct_fpr": _tpr_at(fpr, tpr, 0.01),
+        "tpr_at_1pct_fpr_ci95": interval(tprs),
+        "tpr_at_0.1pct_fpr": _tpr_at(fpr, tpr, 0.001),
         "members": len(members),
         "nonmembers": len(nonmembers),
         "curve": {"fpr": fpr.tolist(), "tpr": tpr.tolist()},

@@ -45,11 +45,16 @@ class AuditSettings:
         Shadow models per audited model (LiRA, offline).
     matched
         Also audit a real random subset of matched accuracy.
+    match_tolerance
+        Percentage points within which the real subset's accuracy counts as matched; when no
+        subset size gets that close, the audit says so (``matched: false``) instead of
+        comparing unlike models.
     """
 
     members: int = 200
     shadows: int = 4
     matched: bool = True
+    match_tolerance: float = 5.0
 
 
 @dataclass
@@ -101,17 +106,60 @@ def audit_training_set(
     }
 
 
+def scaled_labels(labels: torch.Tensor, factor: float) -> torch.Tensor:
+    """``labels``' class counts times ``factor`` (rounded; at least one per present class), class-ordered."""
+    classes, counts = torch.unique(labels, return_counts=True)
+    scaled = torch.clamp(torch.round(counts.double() * factor).long(), min=1)
+    return classes.repeat_interleave(scaled)
+
+
 def _matched_subset(audit: _Audit, syn_labels: torch.Tensor, target_acc: float) -> tuple[torch.Tensor, float]:
-    """Smallest real subset (label counts of the set x 1, 2, 4, ...) reaching ``target_acc``."""
+    """The real subset (the set's label proportions) whose accuracy is closest to ``target_acc``.
+
+    Sizes tried: the set's label counts x 1, then x 2, 4, ... while below the target (up to
+    the training set), or x 1/2, 1/4, ... while above it (down to one image per class).
+    """
     train = audit.bundle.train
-    mult = 1
+    tried: list[tuple[float, torch.Tensor, float]] = []
+    factor = 1.0
     while True:
-        pick = random_subset_indices(train, syn_labels.repeat(mult), seed=derive_seed(audit.seed, "audit-matched"))
-        model = audit.train(train.images[pick], train.labels[pick], "matched-search", mult)
+        labels = scaled_labels(syn_labels, factor)
+        pick = random_subset_indices(train, labels, seed=derive_seed(audit.seed, "audit-matched"))
+        model = audit.train(train.images[pick], train.labels[pick], "matched-search", len(pick))
         acc = 100 * accuracy(model, audit.bundle.test, device=audit.device)
-        if acc >= target_acc or len(pick) >= len(train):
-            return pick, acc
-        mult *= 2
+        tried.append((abs(acc - target_acc), pick, acc))
+        up = acc < target_acc
+        if (up and factor < 1) or (not up and factor > 1):  # crossed the target
+            break
+        if (up and len(pick) >= len(train)) or (not up and len(labels) <= len(torch.unique(syn_labels))):
+            break
+        factor = factor * 2 if up else factor / 2
+    _, pick, acc = min(tried, key=lambda t: t[0])
+    return pick, acc
+
+
+def audit_notes(result: dict[str, Any], *, tolerance: float, num_classes: int) -> list[str]:
+    """What a reader must know to read an audit: an unmatched comparison, AUCs below 0.5."""
+    notes = []
+    syn_acc = result["synthetic"]["test_accuracy"]
+    real = result.get("matched_real_subset")
+    if real is not None and not real["matched"]:
+        notes.append(
+            f"no real subset with the set's label proportions matches its {syn_acc:.2f}% within {tolerance:g} points "
+            f"(closest: {real['test_accuracy']:.2f}% with {real['train_images']} images): the two audits compare "
+            "models of different accuracy"
+        )
+    for key in ("synthetic", "matched_real_subset"):
+        r = result.get(key)
+        for attack in ("loss_attack", "lira") if r else ():
+            if r[attack]["auc"] < 0.5:
+                chance = " (near chance level)" if r["test_accuracy"] < 100 / num_classes + 5 else ""
+                notes.append(
+                    f"{key} {attack}: AUC {r[attack]['auc']:.2f} < 0.5 on a model at {r['test_accuracy']:.2f}% test "
+                    f"accuracy{chance}: the attack does worse than guessing; read it as no measurable membership "
+                    "signal, not as negative leakage"
+                )
+    return notes
 
 
 def run_audit(cfg: dict[str, Any], out_dir: str | Path) -> dict[str, Any]:
@@ -142,7 +190,7 @@ def run_audit(cfg: dict[str, Any], out_dir: str | Path) -> dict[str, Any]:
     recipe_cfg = {k: v for k, v in recipe_cfg.items() if k in EvalRecipe.__dataclass_fields__}
     if cfg.get("epochs"):
         recipe_cfg["epochs"] = int(cfg["epochs"])
-    settings = AuditSettings(**{k: cfg[k] for k in ("members", "shadows", "matched") if k in cfg})
+    settings = AuditSettings(**{k: cfg[k] for k in ("members", "shadows", "matched", "match_tolerance") if k in cfg})
     audit = _Audit(
         bundle,
         ModelSpec(model.pop("name"), model),
@@ -160,12 +208,16 @@ def run_audit(cfg: dict[str, Any], out_dir: str | Path) -> dict[str, Any]:
     result: dict[str, Any] = {"run_dir": str(run_dir.resolve()), "method": syn.metadata.get("method")}
     result["synthetic"] = audit_training_set(audit, syn.images, targets, members, nonmembers, population, "synthetic")
     if settings.matched:
-        pick, _ = _matched_subset(audit, syn.hard_labels, result["synthetic"]["test_accuracy"])
+        target_acc = result["synthetic"]["test_accuracy"]
+        pick, _ = _matched_subset(audit, syn.hard_labels, target_acc)
         real_members = bundle.train.subset(pick[torch.randperm(len(pick), generator=g)[:n]])
         images, labels = bundle.train.images[pick], bundle.train.labels[pick]
-        result["matched_real_subset"] = audit_training_set(
+        real = audit_training_set(
             audit, images, labels, real_members, nonmembers.subset(torch.arange(len(real_members))), population, "real"
         )
+        real["matched"] = abs(real["test_accuracy"] - target_acc) <= settings.match_tolerance
+        result["matched_real_subset"] = real
+    result["notes"] = audit_notes(result, tolerance=settings.match_tolerance, num_classes=bundle.info.num_classes)
     if "privacy" in summary:
         result["privacy"] = {k: v for k, v in summary["privacy"].items() if k != "public"}
     out = RunDir(out_dir)
