@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import json
-import statistics
 from collections.abc import Callable
 from typing import Any
 
+import numpy as np
 import torch
 
+from fedistill.data.partition import class_histogram
 from fedistill.data.synthetic import SyntheticSet, SyntheticSetError
 from fedistill.federated import ClientFailure, decode_synthetic
 from fedistill.federated.defenses import apply_defense
@@ -227,22 +228,21 @@ class DistillStrategy(Strategy):
         eps = self.ledgers.epsilons()
         if not eps:
             return super().chance_hint()
-        held = [n for counts in self.partition_class_counts() for n in counts if n > 0]
-        per_class = statistics.median(held) if held else 0
+        held = self.median_records_per_class()
+        over = f" over a median of {held:g} records per class" if held is not None else ""
         return (
             f"every client noised its own class sums (record-level DP, epsilon up to {max(eps.values()):.2f} per "
-            f"client) over a median of {per_class:g} records per class: the noise swamps the signal; raise "
-            "method.epsilon, give each client more data (fewer clients, partition=iid), or use a non-DP method"
+            f"client){over}: the noise swamps the signal; raise method.epsilon, give each client more data (fewer "
+            "clients, partition=iid), or use a non-DP method"
         )
 
-    def partition_class_counts(self) -> list[list[int]]:
-        """Records per class of every simulated client (empty on devices with their own data)."""
+    def median_records_per_class(self) -> float | None:
+        """Median records per held class over the simulated clients (``None`` on devices with their own data)."""
         if self.run.summary.get("node_data") != "partition":
-            return []
-        labels = self.bundle.train.labels
-        classes = self.bundle.info.num_classes
+            return None
         parts = partition_indices(data_spec(self.cfg, self.bundle.info.name), int(self.cfg["clients"]))
-        return [torch.bincount(labels[torch.from_numpy(ix)], minlength=classes).tolist() for ix in parts]
+        hist = class_histogram(self.bundle.train.labels.numpy(), parts, self.bundle.info.num_classes)
+        return float(np.median(hist[hist > 0]))
 
     def control(self) -> dict[str, Any]:
         """The random-real control (``strategy.random_baseline``), run after the main result is written."""
