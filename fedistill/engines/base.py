@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import time
+import warnings
 from abc import ABC, abstractmethod
 from collections.abc import Callable
 from functools import lru_cache
@@ -30,6 +31,7 @@ __all__ = [
     "Progress",
     "StepLog",
     "build_engine",
+    "compiled",
     "init_synthetic",
     "real_branch_dtype",
     "register_engine",
@@ -221,3 +223,29 @@ def init_synthetic(
                 keep[i * ipc + len(take) : (i + 1) * ipc] = False
     labels = torch.tensor(classes, dtype=torch.int64).repeat_interleave(ipc)
     return images[keep].contiguous(), labels[keep]
+
+
+def compiled(features: Callable[[torch.Tensor], torch.Tensor]) -> Callable[[torch.Tensor], torch.Tensor]:
+    """``torch.compile(features, dynamic=True)``, called on standard-stride inputs of 2+ rows.
+
+    Dynamic shapes make one compilation per process serve every batch size, and Dynamo's
+    cache is keyed by the code, not the network instance: a Ray actor that distills many
+    clients compiles once. One-row batches run eagerly (Dynamo would specialize them,
+    a second compilation for almost no work). Where compilation fails (a device without a
+    C++ compiler, an op the backend lacks) it warns once and runs eagerly: a client on an
+    edge device finishes its task instead of failing it.
+    """
+    fast: list[Callable[[torch.Tensor], torch.Tensor]] = [torch.compile(features, dynamic=True)]
+
+    def call(x: torch.Tensor) -> torch.Tensor:
+        if len(x) < 2 or not fast:
+            return features(x)
+        try:  # DSA ops (crop) can return permuted strides, which would trigger a recompilation
+            return fast[0](x.clone(memory_format=torch.contiguous_format))
+        except Exception as err:  # compilation failed before anything ran: the eager call redoes the work
+            reason = f"{type(err).__name__}: {err}"
+            warnings.warn(f"torch.compile of the synthetic branch failed ({reason}); running eagerly", stacklevel=2)
+            fast.clear()
+            return features(x)
+
+    return call

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import copy
 import math
-import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
@@ -27,6 +26,7 @@ from fedistill.engines.base import (
     Engine,
     Progress,
     StepLog,
+    compiled,
     init_synthetic,
     real_branch_dtype,
     register_engine,
@@ -35,7 +35,7 @@ from fedistill.engines.base import (
 from fedistill.models import build_model, reinitialize
 from fedistill.seeding import derive_seed, torch_generator
 
-__all__ = ["DMConfig", "DMEngine", "RealSampler", "compiled", "real_class_means", "synthetic_class_means"]
+__all__ = ["DMConfig", "DMEngine", "RealSampler", "real_class_means", "synthetic_class_means"]
 
 
 @dataclass(frozen=True)
@@ -223,32 +223,6 @@ def _resume(ckpt: Checkpoint | None, syn: torch.Tensor, opt: torch.optim.Optimiz
         g.set_state(tensors[f"gen.{k}"])
     steps.history = list(state.get("history", []))
     return int(state["iteration"])
-
-
-def compiled(features: Callable[[torch.Tensor], torch.Tensor]) -> Callable[[torch.Tensor], torch.Tensor]:
-    """``torch.compile(features, dynamic=True)``, called on standard-stride inputs of 2+ rows.
-
-    Dynamic shapes make one compilation per process serve every batch size, and Dynamo's
-    cache is keyed by the code, not the network instance: a Ray actor that distills many
-    clients compiles once. One-row batches run eagerly (Dynamo would specialize them,
-    a second compilation for almost no work). Where compilation fails (a device without a
-    C++ compiler, an op the backend lacks) it warns once and runs eagerly: a client on an
-    edge device finishes its task instead of failing it.
-    """
-    fast: list[Callable[[torch.Tensor], torch.Tensor]] = [torch.compile(features, dynamic=True)]
-
-    def call(x: torch.Tensor) -> torch.Tensor:
-        if len(x) < 2 or not fast:
-            return features(x)
-        try:  # DSA ops (crop) can return permuted strides, which would trigger a recompilation
-            return fast[0](x.clone(memory_format=torch.contiguous_format))
-        except Exception as err:  # compilation failed before anything ran: the eager call redoes the work
-            reason = f"{type(err).__name__}: {err}"
-            warnings.warn(f"torch.compile of the synthetic branch failed ({reason}); running eagerly", stacklevel=2)
-            fast.clear()
-            return features(x)
-
-    return call
 
 
 def _tensors(net: nn.Module) -> list[torch.Tensor]:
