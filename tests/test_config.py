@@ -71,6 +71,8 @@ def test_the_default_configs_are_valid():
         ("simulate", ["seed=-1"], "seed"),
         ("simulate", ["strategy.min_success_fraction=1.5"], "strategy.min_success_fraction"),
         ("simulate", ["strategy.fraction=0"], "strategy.fraction"),
+        ("simulate", ["strategy.round_timeout=0"], "strategy.round_timeout"),
+        ("simulate", ["strategy.wait_timeout=-1", "strategy=dynafed"], "strategy.wait_timeout"),
         ("simulate", ["client.num_cpus=0"], "client.num_cpus"),
         ("simulate", ["client.num_gpus=-0.5"], "client.num_gpus"),
         ("simulate", ["data.val_fraction=1.0"], "data.val_fraction"),
