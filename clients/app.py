@@ -12,6 +12,9 @@ Handlers
 ``query.stats``
     FedAF: class-wise mean logits and soft labels of the global weights on this
     node's real data (ArrayRecord ``stats``).
+``query.release``
+    ``strategy=dp_stats``: noisy per-class sums of clipped embeddings for the
+    server's shared releases (ArrayRecord ``release``), accounted in the node's ledger.
 ``train.fit``
     Local SGD from the global weights (the FedAvg baseline); reply with the weights.
 ``train.generator``
@@ -41,6 +44,7 @@ from flwr.clientapp import ClientApp
 
 from fedistill.data.base import Split
 from fedistill.federated import distill_task, encode_synthetic, evaluate_task, fit_task, node_split, stats_task
+from fedistill.federated.client import release_task
 from fedistill.federated.generator import generator_task, latent_task
 from fedistill.federated.node import footprint, node_task, release_gpu_cache
 from protocol.records import metrics_record, read_json, read_tensors, reply, tensor_record
@@ -87,6 +91,16 @@ def _done(metrics: dict, context: Context) -> dict:
     return metrics
 
 
+def _ledger(context: Context) -> dict | None:
+    """The node's own cumulative DP ledger (``None`` before its first DP release)."""
+    saved = context.state.config_records.get(LEDGER)
+    return json.loads(str(saved["json"])) if saved else None
+
+
+def _keep_ledger(context: Context, privacy: dict) -> None:
+    context.state[LEDGER] = ConfigRecord({"json": json.dumps(privacy["ledger"])})
+
+
 @app.query("info")
 @_guard
 def info(msg: Message, context: Context) -> Message:
@@ -104,6 +118,24 @@ def stats(msg: Message, context: Context) -> Message:
     return reply(msg, stats=tensor_record(tensors), metrics=metrics_record(metrics))
 
 
+@app.query("release")
+@_guard
+def release(msg: Message, context: Context) -> Message:
+    """``strategy=dp_stats``: noisy class sums for the shared releases; the node keeps its ledger."""
+    task, split = _task(msg, context)
+    tensors, privacy, metrics = release_task(split, task, ledger_state=_ledger(context))
+    _keep_ledger(context, privacy)
+    _done(metrics, context)
+    arrays = tensor_record(tensors)
+    metrics["bytes"] = arrays.count_bytes()
+    return reply(
+        msg,
+        release=arrays,
+        meta=ConfigRecord({"json": json.dumps({"privacy": privacy}, default=str)}),
+        metrics=metrics_record(metrics),
+    )
+
+
 @app.train("distill")
 @_guard
 def distill(msg: Message, context: Context) -> Message:
@@ -114,13 +146,11 @@ def distill(msg: Message, context: Context) -> Message:
     records = msg.content.array_records
     base = read_tensors(records["global"]) if "global" in records else None
     inputs = read_tensors(records["inputs"]) if "inputs" in records else None
-    saved = context.state.config_records.get(LEDGER)
-    ledger = json.loads(str(saved["json"])) if saved else None
-    syn, metrics = distill_task(split, task, base_state=base, inputs=inputs, ledger_state=ledger)
+    syn, metrics = distill_task(split, task, base_state=base, inputs=inputs, ledger_state=_ledger(context))
     metrics["data_seconds"] = round(data_seconds, 4)  # loading the node's data (cached per Ray actor after the first)
     _done(metrics, context)
     if syn is not None and "privacy" in syn.metadata:  # the node keeps its own cumulative ledger
-        context.state[LEDGER] = ConfigRecord({"json": json.dumps(syn.metadata["privacy"]["ledger"])})
+        _keep_ledger(context, syn.metadata["privacy"])
     records = {}
     if "stats_temperature" in task:  # FedAF with stats_exchange=piggyback: class statistics ride along
         if base is None:

@@ -24,7 +24,7 @@ from fedistill.federated import partition_indices
 from fedistill.io import atomic_write_text
 from fedistill.privacy import privacy_line
 from fedistill.reporting import RunDir, save_partition_plot
-from strategies import dynafed, fedaf, fedavg, feddm, fedgen, oneshot  # noqa: F401  (registration)
+from strategies import dp_stats, dynafed, fedaf, fedavg, feddm, fedgen, oneshot  # noqa: F401  (registration)
 from strategies.base import STRATEGIES, data_spec
 
 __all__ = ["app", "make_server_app", "serve"]

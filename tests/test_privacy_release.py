@@ -160,7 +160,8 @@ def test_one_record_moves_the_release_by_at_most_the_clip(digits, releases, name
     data = digits.train.subset(torch.arange(120))
     classes = data.labels.unique().tolist()
     big = _grow(data, 1e6)
-    engine = build_engine(name, **COMMON | ENGINES[name] | {"model_kwargs": {**NET, "norm": "none"}})
+    no_norm = {"model_kwargs": {**NET, "norm": "none"}, "sample_rate": 1.0}
+    engine = build_engine(name, **COMMON | ENGINES[name] | no_norm)
     net = build_model("convnet", data.info, seed=0, **NET, norm="none")
     outs, norms = [], []
     for split in (data, big):
@@ -168,8 +169,8 @@ def test_one_record_moves_the_release_by_at_most_the_clip(digits, releases, name
             engine.config, ledger=None, releases=1, sample_rate=1.0, generator=torch.Generator().manual_seed(5)
         )
         sampler = PoissonClassSampler(split, classes, 1.0, torch.device("cpu"), torch.Generator().manual_seed(0))
-        if name == "dp_dm":
-            engine._release(net, sampler, release, len(classes), None, None)
+        if name == "dp_dm":  # the engine's own release path (its network: NET without normalisation)
+            engine.release(split, classes, release_seed=0, seed=5, device=torch.device("cpu"))
         else:
             engine._release, engine._rate = release, 1.0
             engine.real_targets(net, sampler, classes, dsa=None, params=None)

@@ -20,6 +20,7 @@ budget across rounds).
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Any
 
@@ -29,7 +30,7 @@ from torch import nn
 from torch.func import functional_call, grad, vmap
 
 from fedistill.augment import DSA, DSAConfig
-from fedistill.data.base import Split
+from fedistill.data.base import DatasetInfo, Split
 from fedistill.data.synthetic import SyntheticSet
 from fedistill.engines.base import Progress, StepLog, init_synthetic, register_engine, resolve_device
 from fedistill.engines.dm import DMConfig, DMEngine, synthetic_class_means
@@ -47,12 +48,22 @@ __all__ = [
     "DPDSAGMConfig",
     "DPGMConfig",
     "PoissonClassSampler",
+    "release_means",
 ]
 
 
 @dataclass(frozen=True)
 class DPDMConfig(PrivacyConfig, DMConfig):
-    """:class:`DMConfig` plus :class:`~fedistill.privacy.PrivacyConfig` (``dsa_groups`` is always ``class``)."""
+    """:class:`DMConfig` plus :class:`~fedistill.privacy.PrivacyConfig` (``dsa_groups`` is always ``class``).
+
+    ``center``: ``noise`` subtracts, in each release, the release network's mean embedding
+    of public Gaussian noise images (data-independent) before clipping, on the real and the
+    synthetic side alike. A random ReLU network embeds every image near one common vector;
+    without centering the clip spends most of its norm on that shared offset instead of on
+    what tells the classes apart. ``none`` clips raw embeddings.
+    """
+
+    center: str = "noise"
 
 
 @dataclass(frozen=True)
@@ -98,7 +109,7 @@ class PoissonClassSampler:
 def _sample_rate(config: PrivacyConfig, batch_real: int, data: Split, classes: list[int]) -> float:
     if config.sample_rate is not None:
         return float(config.sample_rate)
-    largest = max(int(data.class_counts()[c]) for c in classes)
+    largest = max(1, *(int(data.class_counts()[c]) for c in classes))
     return min(1.0, batch_real / largest)
 
 
@@ -114,7 +125,15 @@ def _private_start(
 
 @register_engine("dp_dm")
 class DPDMEngine(DMEngine):
-    """Distribution matching with record-level DP (``method=dp_dm``)."""
+    """Distribution matching with record-level DP (``method=dp_dm``).
+
+    A distillation is two halves: :meth:`release` (the only part that reads real
+    records: noisy per-class sums, accounted in the holder's ledger) and :meth:`match`
+    (post-processing: the synthetic set matches the released class means). The random
+    networks and augmentations of release ``r`` come from ``release_seed`` alone, so
+    releases of several holders with one ``release_seed`` can be summed before matching
+    (``strategy=dp_stats``); central ``dp_dm`` uses its own seed for both.
+    """
 
     name = "dp_dm"
     Config = DPDMConfig
@@ -134,67 +153,163 @@ class DPDMEngine(DMEngine):
         ledger: PrivacyLedger | None = None,
     ) -> SyntheticSet:
         """See :meth:`Engine.distill`; ``ledger`` continues a data holder's budget."""
-        cfg = self.config
         dev = resolve_device(device)
-        images, labels, classes, net = _private_start(self.name, data, ipc, cfg, init, seed, dev)
-        net.requires_grad_(False)
-        k = len(classes)
-        rate = _sample_rate(cfg, cfg.batch_real, data, classes)
-        num_releases = min(cfg.releases or cfg.iterations, cfg.iterations)
-        release = PrivateRelease(
-            cfg, ledger=ledger, releases=num_releases, sample_rate=rate, generator=torch_generator(seed, "dp-noise")
+        images, labels, classes, _ = _private_start(self.name, data, ipc, self.config, init, seed, dev)
+        sums, release = self.release(data, classes, release_seed=seed, seed=seed, device=dev, ledger=ledger)
+        expected = torch.tensor([release.sample_rate * int(data.class_counts()[c]) for c in classes], device=dev)
+        syn = self.match(
+            images, labels, sums / expected[:, None], info=data.info, release_seed=seed, device=dev, progress=progress
         )
-        sampler = PoissonClassSampler(data, classes, rate, dev, torch_generator(seed, "dp-sample"))
-        syn = images.to(dev).requires_grad_(True)
-        opt = torch.optim.SGD([syn], lr=cfg.lr_img, momentum=cfg.momentum)
-        aug_gen = torch_generator(seed, "dm-dsa")
+        syn.metadata.update(init=init, seed=seed, privacy=release.report())
+        return syn
+
+    def num_releases(self) -> int:
+        """Distinct releases of one distillation (cycled through the iterations)."""
+        return min(self.config.releases or self.config.iterations, self.config.iterations)
+
+    def release(
+        self,
+        data: Split,
+        classes: list[int],
+        *,
+        release_seed: int,
+        seed: int,
+        device: torch.device,
+        ledger: PrivacyLedger | None = None,
+        count_share: float = 0.0,
+    ) -> tuple[torch.Tensor, PrivateRelease]:
+        """:meth:`num_releases` noisy per-class sums of clipped real embeddings, ``[R, len(classes), D]``.
+
+        Reserves the releases in ``ledger`` first (a holder over budget refuses before
+        reading a record). Networks and augmentations come from ``release_seed``; Poisson
+        sampling and noise from ``seed`` (the holder's own streams). With
+        ``count_share = w > 0`` every record contributes ``[sqrt(1 - w^2) clip(e), w clip]``
+        (norm at most ``clip``): the last column is a noisy count, ``[R, K, D + 1]``, so no
+        class size needs to be public (:func:`release_means` divides by it).
+        """
+        cfg = self.config
+        if not 0 <= count_share < 1:
+            raise ValueError(f"count_share={count_share}: must be in [0, 1)")
+        net = build_model(cfg.model, data.info, **cfg.model_kwargs).to(device).requires_grad_(False)
+        check_private_setup(init="noise", net=net, engine=self.name)
+        rate = _sample_rate(cfg, cfg.batch_real, data, classes)
+        num = self.num_releases()
+        release = PrivateRelease(
+            cfg, ledger=ledger, releases=num, sample_rate=rate, generator=torch_generator(seed, "dp-noise")
+        )
+        sampler = PoissonClassSampler(data, classes, rate, device, torch_generator(seed, "dp-sample"))
         dsa = DSA(DSAConfig(flip=data.info.flip)) if cfg.dsa else None
-        _, syn_counts = torch.unique_consecutive(labels, return_counts=True)
-        ctx = {"num_classes": k, "syn_counts": syn_counts.to(dev, torch.float32)}
-        ctx["syn_groups"] = torch.arange(k, device=dev).repeat_interleave(syn_counts.to(dev))
-        cache: dict[int, tuple[torch.Tensor, Any]] = {}
-        embed = self.synthetic_features(net, dev, data.info.image_size)
+        embed, chunk = self.features(net), cfg.real_chunk
+        out = []
+        for r in range(num):
+            self.prepare_network(net, r, release_seed)
+            params = _release_augmentation(dsa, len(classes), release_seed, r, data.info.image_size)
+            real, groups = sampler.sample()
+            with torch.no_grad():
+                if dsa is not None and len(real):
+                    real = dsa.apply(real, params, groups)
+                rows = [embed(real[i : i + chunk]) for i in range(0, len(real), chunk)]
+                emb = torch.cat(rows) if rows else embed(real.new_zeros(1, *real.shape[1:]))[:0]
+                emb = emb - self.center(embed, data.info, release_seed, r, device)
+                if count_share > 0:
+                    emb = _with_count(emb, cfg.clip, count_share)
+            out.append(release.sums(emb, groups, len(classes)))
+        return torch.stack(out), release
+
+    def center(
+        self, embed: Any, info: DatasetInfo, release_seed: int, r: int, device: torch.device
+    ) -> torch.Tensor | float:
+        """Release ``r``'s center: the mean embedding of public noise images (``center=noise``), or 0."""
+        if self.config.center == "none":
+            return 0.0
+        if self.config.center != "noise":
+            raise ValueError(f"method.center={self.config.center!r}: unknown; valid: noise, none")
+        noise = torch.randn(CENTER_IMAGES, *info.shape, generator=torch_generator(release_seed, "dp-center", r))
+        return embed(noise.to(device)).mean(0)
+
+    def match(
+        self,
+        images: torch.Tensor,
+        labels: torch.Tensor,
+        means: torch.Tensor,
+        *,
+        info: DatasetInfo,
+        release_seed: int,
+        device: torch.device,
+        progress: Progress | None = None,
+    ) -> SyntheticSet:
+        """Optimize ``images`` (class-ordered, ``labels``) so their clipped class means match ``means`` ``[R, K, D]``.
+
+        Iteration ``i`` uses release ``i mod R``: its network and augmentation (from
+        ``release_seed``, as in :meth:`release`) and its means. Post-processing: no real
+        record is read. Returns the set (``metadata``: method, ipc, iterations, loss history).
+        """
+        cfg = self.config
+        classes, syn_counts = torch.unique_consecutive(labels, return_counts=True)
+        k = len(classes)
+        if means.shape[1] != k:
+            raise ValueError(f"means cover {means.shape[1]} classes, the synthetic set {k}")
+        net = build_model(cfg.model, info, **cfg.model_kwargs).to(device).requires_grad_(False)
+        means = means.to(device)
+        syn = images.to(device).requires_grad_(True)
+        opt = torch.optim.SGD([syn], lr=cfg.lr_img, momentum=cfg.momentum)
+        dsa = DSA(DSAConfig(flip=info.flip)) if cfg.dsa else None
+        ctx = {"num_classes": k, "syn_counts": syn_counts.to(device, torch.float32)}
+        ctx["syn_groups"] = torch.arange(k, device=device).repeat_interleave(syn_counts.to(device))
+        params_cache: dict[int, Any] = {}
+        centers: dict[int, torch.Tensor] = {}
+        embed = self.synthetic_features(net, device, info.image_size)
         steps = StepLog(cfg.iterations, every=cfg.log_every, progress=progress)
         for it in range(cfg.iterations):
-            r = it % num_releases
-            self.prepare_network(net, r, seed)
-            if r in cache:
-                means, params = cache[r]
-            else:
-                params = dsa.sample(k, aug_gen, image_size=data.info.image_size) if dsa else None
-                means = self._release(net, sampler, release, k, dsa, params) / sampler.expected
-                if num_releases < cfg.iterations:
-                    cache[r] = (means, params)
-            syn_in = syn if dsa is None else dsa.apply(syn, params, ctx["syn_groups"])
-            syn_mean = synthetic_class_means(clip_rows(embed(syn_in), cfg.clip), ctx)
-            loss = ((means - syn_mean) ** 2).sum()
+            r = it % len(means)
+            self.prepare_network(net, r, release_seed)
+            if r not in params_cache:
+                params_cache[r] = _release_augmentation(dsa, k, release_seed, r, info.image_size)
+                with torch.no_grad():
+                    centers[r] = self.center(self.features(net), info, release_seed, r, device)
+            syn_in = syn if dsa is None else dsa.apply(syn, params_cache[r], ctx["syn_groups"])
+            syn_mean = synthetic_class_means(clip_rows(embed(syn_in) - centers[r], cfg.clip), ctx)
+            loss = ((means[r] - syn_mean) ** 2).sum()
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
             steps.log(it, loss=loss.detach() / k)
-        meta = {"method": self.name, "ipc": ipc, "init": init, "seed": seed, "iterations": cfg.iterations}
-        meta |= {"loss_history": steps.history, "privacy": release.report()}
-        return SyntheticSet(syn.detach().cpu().contiguous(), labels, data.info, metadata=meta)
+        ipc = int(syn_counts.max())
+        meta = {"method": self.name, "ipc": ipc, "iterations": cfg.iterations, "loss_history": steps.history}
+        return SyntheticSet(syn.detach().cpu().contiguous(), labels, info, metadata=meta)
 
-    def _release(
-        self,
-        net: nn.Module,
-        sampler: PoissonClassSampler,
-        release: PrivateRelease,
-        k: int,
-        dsa: DSA | None,
-        params: Any,
-    ) -> torch.Tensor:
-        """One noisy release of per-class sums of clipped real embeddings."""
-        real, groups = sampler.sample()
-        embed = self.features(net)
-        chunk = self.config.real_chunk
-        with torch.no_grad():
-            if dsa is not None and len(real):
-                real = dsa.apply(real, params, groups)
-            rows = [embed(real[i : i + chunk]) for i in range(0, len(real), chunk)]
-            emb = torch.cat(rows) if rows else embed(real.new_zeros(1, *real.shape[1:]))[:0]
-        return release.sums(emb, groups, k)
+
+#: Public noise images whose mean embedding centers a release (``DPDMConfig.center=noise``).
+CENTER_IMAGES = 256
+
+
+def _release_augmentation(dsa: DSA | None, groups: int, release_seed: int, r: int, image_size: Any) -> Any:
+    """The DSA parameters of release ``r`` (data-independent: from ``release_seed`` alone)."""
+    if dsa is None:
+        return None
+    return dsa.sample(groups, torch_generator(release_seed, "dp-dsa", r), image_size=image_size)
+
+
+def _with_count(emb: torch.Tensor, clip: float, share: float) -> torch.Tensor:
+    """``[sqrt(1 - w^2) clip(e), w clip]`` per record: norm at most ``clip``, the last column counts records."""
+    scaled = clip_rows(emb, clip) * math.sqrt(1 - share**2)
+    return torch.cat([scaled.reshape(len(emb), -1), emb.new_full((len(emb), 1), share * clip)], 1)
+
+
+def release_means(
+    sums: torch.Tensor, *, clip: float, count_share: float, min_count: float = 1.0
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Class means ``[R, K, D]`` and noisy class counts ``[K]`` from released sums with a count column.
+
+    The counts are averaged over the ``R`` releases (each counts the same expected
+    sample) and clamped at ``min_count``; post-processing of :meth:`DPDMEngine.release`'s
+    output (``count_share > 0``), summed over holders or not.
+    """
+    if count_share <= 0:
+        raise ValueError("release_means needs releases with a count column (count_share > 0)")
+    counts = (sums[..., -1] / (count_share * clip)).mean(0).clamp(min=min_count)
+    means = sums[..., :-1] / math.sqrt(1 - count_share**2) / counts[None, :, None]
+    return means, counts
 
 
 @register_engine("dp_dc")

@@ -34,6 +34,7 @@ __all__ = [
     "evaluate_task",
     "fit_task",
     "model_spec",
+    "release_task",
     "stats_task",
 ]
 
@@ -245,3 +246,54 @@ def stats_task(
     stats = class_stats(model, split, temperature=float(task.get("temperature", 2.0)), device=device)
     stats = poison_stats(stats, task.get("attack"))
     return stats, {"examples": len(split), "seconds": round(time.perf_counter() - start, 3)}
+
+
+RELEASE_PUBLIC = (
+    "which clients took part in a round (the server sees a reply per client)",
+    "the sum's shape: releases x classes x embedding width (fixed by the public plan)",
+)
+"""What a ``dp_stats`` release reveals beyond its noisy sums (class sizes are noised, not public)."""
+
+
+def release_task(
+    split: Split, task: Mapping[str, Any], *, ledger_state: Mapping[str, Any] | None = None
+) -> tuple[dict[str, torch.Tensor], dict[str, Any], dict[str, Any]]:
+    """Aggregate-then-distill DP (``strategy=dp_stats``): this client's noisy class sums for shared releases.
+
+    The task's ``release_seed`` fixes the releases' networks and augmentations (the same
+    on every client); the client's own ``seed`` drives its Poisson sampling and noise.
+    Every release is accounted in the client's ledger (continued from ``ledger_state``
+    as in :func:`distill_task`, budget ``method_options.epsilon`` over ``rounds``).
+
+    Returns
+    -------
+    tensors, privacy, metrics
+        ``{"sums": [R, K, D + 1]}`` (all ``K`` classes, the last column the noisy count),
+        the release's privacy report (with the updated ledger; its ``public`` side channels
+        are :data:`RELEASE_PUBLIC`) and ``{"epsilon", "releases", "seconds"}`` (no record
+        or class counts: those go out only as the noisy count column).
+    """
+    device = _setup(task)
+    start = time.perf_counter()
+    spec = model_spec(task["model"])
+    options = dict(task["method_options"])
+    if options.get("planned_rounds") is None:
+        options["planned_rounds"] = int(task["rounds"])
+    ledger = client_ledger(task, options, ledger_state)
+    engine = build_engine("dp_dm", model=spec.name, model_kwargs=spec.kwargs, **options)
+    sums, release = engine.release(  # type: ignore[attr-defined]
+        split,
+        list(range(split.info.num_classes)),
+        release_seed=int(task["release_seed"]),
+        seed=int(task["seed"]),
+        device=device,
+        ledger=ledger,
+        count_share=float(task["count_share"]),
+    )
+    # no record or class count goes out in the clear: the count column carries them, noised
+    metrics = {
+        "epsilon": round(ledger.epsilon, 6),
+        "releases": len(sums),
+        "seconds": round(time.perf_counter() - start, 3),
+    }
+    return {"sums": sums.cpu().contiguous()}, release.report() | {"public": list(RELEASE_PUBLIC)}, metrics
