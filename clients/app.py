@@ -15,6 +15,11 @@ Handlers
 ``query.release``
     ``strategy=dp_stats``: noisy per-class sums of clipped embeddings for the
     server's shared releases (ArrayRecord ``release``), accounted in the node's ledger.
+``train`` (plain, through Flower's ``secaggplus_mod``)
+    ``strategy=dp_stats strategy.secure_aggregation=true``: the same release, with this
+    node's share of distributed noise, masked by SecAgg+ so the server learns only the
+    sum over clients (the task arrives in ``fitins.config``, the reply is a legacy
+    ``FitRes`` record; ``num_examples`` 1 makes Flower's average an exact sum).
 ``train.fit``
     Local SGD from the global weights (the FedAvg baseline); reply with the weights.
 ``train.generator``
@@ -39,7 +44,8 @@ import time
 import traceback
 from collections.abc import Callable
 
-from flwr.app import ConfigRecord, Context, Error, Message
+from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Error, Message, MetricRecord, RecordDict
+from flwr.client.mod import secaggplus_mod
 from flwr.clientapp import ClientApp
 
 from fedistill.data.base import Split
@@ -134,6 +140,29 @@ def release(msg: Message, context: Context) -> Message:
         meta=ConfigRecord({"json": json.dumps({"privacy": privacy}, default=str)}),
         metrics=metrics_record(metrics),
     )
+
+
+@app.train(mods=[secaggplus_mod])
+@_guard
+def secure_release(msg: Message, context: Context) -> Message:
+    """``dp_stats`` under SecAgg+: the release, divided by the task's ``secure_scale``, goes out masked."""
+    task = node_task(context.node_config, json.loads(str(msg.content.config_records["fitins.config"]["task"])))
+    split = node_split(context.node_config, task["data"])
+    tensors, privacy, metrics = release_task(split, task, ledger_state=_ledger(context))
+    _keep_ledger(context, privacy)
+    _done(metrics, context)
+    vector = (tensors["sums"].double() / float(task["secure_scale"])).numpy()
+    # values beyond SecAgg+'s clipping range would be clipped silently: say how many
+    metrics["secure_clipped"] = int((abs(vector) > float(task["secure_range"])).sum())
+    content = RecordDict(
+        {
+            "fitres.parameters": ArrayRecord({"sums": Array(vector)}),
+            "fitres.num_examples": MetricRecord({"num_examples": 1}),
+            "fitres.metrics": ConfigRecord({"privacy": json.dumps(privacy, default=str), **metrics}),
+            "fitres.status": ConfigRecord({"code": 0, "message": ""}),
+        }
+    )
+    return Message(content, reply_to=msg)
 
 
 @app.train("distill")

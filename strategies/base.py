@@ -46,11 +46,12 @@ register_strategy = STRATEGIES.register
 
 @dataclass
 class Reply:
-    """A successful reply: the node, its client key, the message and its metrics."""
+    """A successful reply: the node, its client key, the message (``None`` when the client's
+    payload reached the server only inside a secure sum) and its metrics."""
 
     node: int
     client: str
-    msg: Message
+    msg: Message | None
     metrics: dict[str, Any] = field(default_factory=dict)
 
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Callable
-from typing import Any
+from typing import Any, ClassVar
 
 import numpy as np
 import torch
@@ -36,6 +36,11 @@ class DistillStrategy(Strategy):
 
     message_type = "train.distill"
     defense_acts_on = ("sets",)
+    #: What the below-the-random-subset warning suggests.
+    baseline_fix: ClassVar[str] = (
+        "the synthetic sets add nothing over sending real images; try more client iterations "
+        "(method.iterations) or a fresh release every iteration (method.releases=null)"
+    )
     checkpoint_attrs = (*Strategy.checkpoint_attrs, "synthetic", "ledgers")
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
@@ -257,8 +262,7 @@ class DistillStrategy(Strategy):
             what="the global model",
             baseline_name=f"the random real subset of the same {baseline['images']} images under the same "
             "server recipe",
-            fix="the synthetic sets add nothing over sending real images; try more client iterations "
-            "(method.iterations) or a fresh release every iteration (method.releases=null)",
+            fix=self.baseline_fix,
         )
         if below:
             out["warnings"] = [*self.run.summary.get("warnings", []), below]

@@ -2,18 +2,30 @@
 
 from __future__ import annotations
 
+import json
+import math
+import statistics
 import time
 from typing import Any
 
 import torch
+from flwr.serverapp import Grid
 
 from fedistill.federated import ClientFailure
-from fedistill.federated.dp_stats import ReleaseError, distill_from_sums, release_shape, validate_release
+from fedistill.federated.dp_stats import (
+    RELEASE_KEY,
+    ReleaseError,
+    distill_from_sums,
+    release_bound,
+    release_shape,
+    validate_release,
+)
 from fedistill.registry import UnknownNameError
 from fedistill.seeding import derive_seed
 from protocol.records import read_json, read_tensors
 from strategies.base import Reply, register_strategy
 from strategies.distill import DistillStrategy
+from strategies.secagg import CLIPPING_RANGE, secure_sum, survivors_needed
 
 __all__ = ["DPStats"]
 
@@ -30,15 +42,28 @@ class DPStats(DistillStrategy):
     aggregated noisy class means (:func:`fedistill.federated.dp_stats.distill_from_sums`):
     post-processing, no extra budget. Per-client epsilon is reported as for ``oneshot``.
 
+    With ``secure_aggregation`` the releases go through Flower's SecAgg+
+    (:mod:`strategies.secagg`): the server learns only their sum, so each client adds
+    ``1 / sqrt(t)`` of the noise (``t``: the clients SecAgg+ needs alive, a
+    ``secure_threshold`` fraction of those sampled) and the sum of at least ``t`` carries
+    the full noise its ledger accounts (distributed DP; trust model in
+    ``docs/secure-aggregation.md``).
+
     Options (``strategy.*``): ``count_share`` (the share of every record's clip spent
     on its count), ``min_records`` (a class needs that many records over the federation,
-    by the noisy count, to get images), ``server`` (the global model's recipe).
+    by the noisy count, to get images), ``secure_aggregation``, ``secure_threshold``,
+    ``server`` (the global model's recipe).
     """
 
     name = "dp_stats"
     message_type = "query.release"
     continue_training = False
     checkpoint_attrs = (*DistillStrategy.checkpoint_attrs, "total")
+    baseline_fix = (
+        "the random subset is real, unprotected data, so some gap is the price of the privacy; to narrow "
+        "it raise method.epsilon, sum under secure aggregation (strategy.secure_aggregation=true: each "
+        "client adds only its share of the noise) or federate more records per class"
+    )
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
@@ -49,35 +74,67 @@ class DPStats(DistillStrategy):
                 "use strategy=oneshot for other engines"
             )
         self.total: torch.Tensor | None = None
+        self.round_sum: torch.Tensor | None = None
+        self.secure_total: torch.Tensor | None = None
         self.release_seed = derive_seed(self.seed, "dp-stats-releases")
         self.shape = release_shape(self.cfg["method"], self.cfg["model"], self.bundle.info)
 
     def configure(self, round_: int) -> tuple[dict[str, Any], dict[str, torch.Tensor] | None]:
-        """The method group, the shared release seed and the count share; no arrays."""
+        """The method group, the shared release seed, the count share and the client's noise share; no arrays."""
         task = self.engine_task()
-        task.update(release_seed=self.release_seed, count_share=float(self.opts["count_share"]))
+        task.update(release_seed=self.release_seed, count_share=float(self.opts["count_share"]), noise_share=1.0)
         return task, None
 
+    def exchange(self, grid: Grid, round_: int, nodes: list[int]) -> tuple[list[Reply], list[ClientFailure], int, int]:
+        """One ``query.release`` per client, or (``secure_aggregation``) one SecAgg+ sum over them."""
+        if not self.opts["secure_aggregation"]:
+            return super().exchange(grid, round_, nodes)
+        task, _ = self.configure(round_)
+        threshold = survivors_needed(len(nodes), float(self.opts["secure_threshold"]))
+        noise_share = 1 / math.sqrt(threshold)
+        scale = release_bound(self.cfg["method"], rounds=self.rounds, noise_share=noise_share) / CLIPPING_RANGE
+        task.update(noise_share=noise_share, secure_scale=scale, secure_range=CLIPPING_RANGE)
+        tasks = {n: self.client_task(task, self.clients[n], round_) for n in nodes}
+        out = secure_sum(grid, tasks, threshold=threshold, timeout=float(self.opts["round_timeout"]))
+        if out.total is None:
+            why = f"SecAgg+ halted: fewer than {threshold} of {len(nodes)} clients stayed (strategy.secure_threshold)"
+            return [], [ClientFailure(n, self.clients[n], "dropped", why) for n in nodes], out.bytes_down, out.bytes_up
+        failures = [
+            ClientFailure(n, self.clients[n], "dropped", "left SecAgg+ before its masked vector was summed")
+            for n in out.dropped
+        ]
+        self.secure_total = torch.from_numpy(out.total).reshape(self.shape) * scale
+        replies = [Reply(n, self.clients[n], None, out.metrics[n]) for n in out.nodes]
+        self.run.log("secure_aggregation", round=round_, clients=len(out.nodes), threshold=threshold, scale=scale)
+        return replies, failures, out.bytes_down, out.bytes_up
+
     def accept(self, round_: int, replies: list[Reply]) -> tuple[list[Reply], list[ClientFailure]]:
-        """Check every release (keys, shape, finite values) and mirror the client's ledger."""
-        ok, bad = [], []
+        """Check every release (keys, shape, finite values) or the secure sum, and mirror the clients' ledgers."""
+        ok, bad, sums = [], [], []
         self.round_empty, self.round_epsilon = 0, {}
         for r in replies:
             try:
-                sums = validate_release(read_tensors(r.msg.content.array_records["release"]), shape=self.shape)
-                privacy = read_json(r.msg, "meta", "json")["privacy"]
+                if r.msg is None:  # a SecAgg+ participant: only its plaintext metadata reached the server
+                    privacy = json.loads(str(r.metrics.pop("privacy")))
+                else:
+                    sums.append(
+                        validate_release(read_tensors(r.msg.content.array_records["release"]), shape=self.shape)
+                    )
+                    privacy = read_json(r.msg, "meta", "json")["privacy"]
             except (ReleaseError, KeyError, ValueError) as err:
                 bad.append(ClientFailure(r.node, r.client, "rejected", f"release: {err}"))
                 continue
             self.round_epsilon[r.client] = round(self.ledgers.record(r.client, privacy), 6)
-            r.metrics["release"] = sums
             ok.append(r)
+        if ok and ok[0].msg is None:
+            sums = [validate_release({RELEASE_KEY: self.secure_total}, shape=self.shape)]
+        self.round_sum = torch.stack(sums).sum(0) if sums else None
         return ok, bad
 
     def update(self, round_: int, accepted: list[Reply]) -> dict[str, Any]:
         """Add the round's releases to the total, distill from it on the server, retrain the global model."""
-        round_sum = torch.stack([r.metrics["release"] for r in accepted]).sum(0)
-        self.total = round_sum if self.total is None else self.total + round_sum
+        assert self.round_sum is not None
+        self.total = self.round_sum if self.total is None else self.total + self.round_sum
         t0 = time.perf_counter()
         syn = distill_from_sums(
             self.total,
@@ -95,4 +152,23 @@ class DPStats(DistillStrategy):
         result = None if syn is None else self.aggregate(round_, [("server", syn)])
         rec = self.train_global(round_, result)
         counts = {} if syn is None else syn.metadata["noisy_counts"]
-        return {**rec, "clients_released": len(accepted), "distill_seconds": seconds, "noisy_counts": counts}
+        rec.update(clients_released=len(accepted), distill_seconds=seconds, noisy_counts=counts)
+        clipped = sum(int(r.metrics.get("secure_clipped", 0)) for r in accepted)
+        if clipped:  # SecAgg+ clipped values outside its range: the sum is biased there
+            rec["secure_clipped"] = clipped
+            self.run.log(
+                "warning", message=f"round {round_}: SecAgg+ clipped {clipped} values of the clients' releases"
+            )
+        return rec
+
+    def chance_hint(self) -> str:
+        """The noise on the summed sums against the records per class the server counted."""
+        eps = self.ledgers.epsilons()
+        counts = list((self.history[-1].get("noisy_counts") or {}).values()) if self.history else []
+        held = f" over ~{statistics.median(counts):.0f} records per class (noisy count)" if counts else ""
+        how = "each client adding its share" if self.opts["secure_aggregation"] else "each client adding its full noise"
+        top = f"epsilon up to {max(eps.values()):.2f} per client, " if eps else ""
+        return (
+            f"the noise on the summed class sums ({top}{how}){held} swamps the signal; raise method.epsilon, "
+            "sum under secure aggregation (strategy.secure_aggregation=true) or federate more records per class"
+        )

@@ -35,6 +35,7 @@ def _task(seed: int, model: dict = MODEL, **options) -> dict:
         "release_seed": 7,
         "seed": seed,
         "count_share": SHARE,
+        "noise_share": 1.0,
         "threads": 1,
     }
 
@@ -98,6 +99,19 @@ def test_release_noise_has_the_calibrated_scale_and_the_ledger_what_was_released
     acc.history = [(sigma, 1.0, 4)]
     assert privacy["epsilon_spent"] == pytest.approx(acc.get_epsilon(1e-5), rel=1e-6)
     assert privacy["epsilon_spent"] <= OPTIONS["epsilon"] * 1.01
+
+
+def test_under_secure_aggregation_a_client_adds_its_share_of_the_noise_and_accounts_the_sum(digits):
+    """noise_share 0.5 (the sum of four clients carries the full noise): this client's noise std
+    is half of sigma x clip, while its ledger accounts the full sigma, as without the share."""
+    data = digits.train.subset(torch.arange(300))
+    tensors, privacy, _ = release_task(data, _task(5) | {"noise_share": 0.5})
+    noise = tensors["sums"].double() - release_task(data, _noiseless(5))[0]["sums"].double()
+    full = release_task(data, _task(5))[1]
+    assert privacy["sigma"] == full["sigma"] and privacy["epsilon_spent"] == full["epsilon_spent"]
+    assert float(noise.std()) == pytest.approx(0.5 * privacy["sigma"] * CLIP, rel=0.06)
+    with pytest.raises(ValueError, match="noise_share"):
+        release_task(data, _task(5) | {"noise_share": 0.0})
 
 
 def test_a_holder_at_budget_refuses_before_reading_a_record(digits, monkeypatch):

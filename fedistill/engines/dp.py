@@ -177,6 +177,7 @@ class DPDMEngine(DMEngine):
         device: torch.device,
         ledger: PrivacyLedger | None = None,
         count_share: float = 0.0,
+        noise_share: float = 1.0,
     ) -> tuple[torch.Tensor, PrivateRelease]:
         """:meth:`num_releases` noisy per-class sums of clipped real embeddings, ``[R, len(classes), D]``.
 
@@ -185,7 +186,8 @@ class DPDMEngine(DMEngine):
         sampling and noise from ``seed`` (the holder's own streams). With
         ``count_share = w > 0`` every record contributes ``[sqrt(1 - w^2) clip(e), w clip]``
         (norm at most ``clip``): the last column is a noisy count, ``[R, K, D + 1]``, so no
-        class size needs to be public (:func:`release_means` divides by it).
+        class size needs to be public (:func:`release_means` divides by it). ``noise_share``:
+        see :class:`~fedistill.privacy.PrivateRelease` (distributed noise under secure aggregation).
         """
         cfg = self.config
         if not 0 <= count_share < 1:
@@ -195,7 +197,12 @@ class DPDMEngine(DMEngine):
         rate = _sample_rate(cfg, cfg.batch_real, data, classes)
         num = self.num_releases()
         release = PrivateRelease(
-            cfg, ledger=ledger, releases=num, sample_rate=rate, generator=torch_generator(seed, "dp-noise")
+            cfg,
+            ledger=ledger,
+            releases=num,
+            sample_rate=rate,
+            generator=torch_generator(seed, "dp-noise"),
+            noise_share=noise_share,
         )
         sampler = PoissonClassSampler(data, classes, rate, device, torch_generator(seed, "dp-sample"))
         dsa = DSA(DSAConfig(flip=data.info.flip)) if cfg.dsa else None

@@ -264,6 +264,8 @@ def release_task(
     on every client); the client's own ``seed`` drives its Poisson sampling and noise.
     Every release is accounted in the client's ledger (continued from ``ledger_state``
     as in :func:`distill_task`, budget ``method_options.epsilon`` over ``rounds``).
+    ``noise_share`` below 1 adds that share of the noise (distributed DP: only under
+    secure aggregation, where the server sees nothing but the sum).
 
     Returns
     -------
@@ -289,6 +291,7 @@ def release_task(
         device=device,
         ledger=ledger,
         count_share=float(task["count_share"]),
+        noise_share=float(task["noise_share"]),
     )
     # no record or class count goes out in the clear: the count column carries them, noised
     metrics = {

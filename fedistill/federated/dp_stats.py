@@ -18,6 +18,7 @@ not be public. Without secure aggregation the server sees every client's noisy s
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -28,9 +29,18 @@ from fedistill.data.synthetic import SyntheticSet
 from fedistill.engines import build_engine
 from fedistill.engines.dp import release_means
 from fedistill.models import build_model
+from fedistill.privacy.accounting import calibrate_noise
 from fedistill.seeding import torch_generator
 
-__all__ = ["RELEASE_KEY", "ReleaseError", "distill_from_sums", "release_engine", "release_shape", "validate_release"]
+__all__ = [
+    "RELEASE_KEY",
+    "ReleaseError",
+    "distill_from_sums",
+    "release_bound",
+    "release_engine",
+    "release_shape",
+    "validate_release",
+]
 
 RELEASE_KEY = "sums"
 """The one array of a client's release reply: ``[R, K, D + 1]`` noisy sums and counts."""
@@ -55,6 +65,30 @@ def release_shape(method: Mapping[str, Any], model: Mapping[str, Any], info: Dat
     with torch.no_grad():
         dim = int(net.embed(torch.zeros(1, *info.shape)).shape[1])
     return engine.num_releases(), info.num_classes, dim + 1
+
+
+def release_bound(method: Mapping[str, Any], *, rounds: int, noise_share: float) -> float:
+    """A public bound on every coordinate of one client's release sums (secure aggregation's scale).
+
+    A release sums at most the class's Poisson sample, whose mean is at most ``batch_real``
+    when the rate is derived (``sample_rate: null``); each record adds at most ``clip`` to a
+    coordinate. The noise std is at most ``sigma x clip x noise_share`` with ``sigma``
+    calibrated at sampling rate 1 (the largest any client can need). The bound is that
+    sample's mean plus 6 standard deviations, plus 6 noise standard deviations; a client
+    counts and reports the values beyond it (``secure_clipped``), which secure aggregation
+    would clip.
+    """
+    cfg = release_engine(method, {"name": "convnet"}).config
+    steps = min(cfg.releases or cfg.iterations, cfg.iterations) * max(1, int(cfg.planned_rounds or rounds))
+    if cfg.sigma is not None:
+        sigma = float(cfg.sigma)
+    else:
+        rate = 1.0 if cfg.sample_rate is None else float(cfg.sample_rate)
+        sigma = calibrate_noise(
+            epsilon=cfg.epsilon, delta=cfg.delta, sample_rate=rate, steps=steps, accountant=cfg.accountant
+        )
+    records = cfg.batch_real + 6 * math.sqrt(cfg.batch_real) + 6
+    return float(cfg.clip) * (records + 6 * sigma * noise_share)
 
 
 def validate_release(tensors: Mapping[str, torch.Tensor], *, shape: Sequence[int]) -> torch.Tensor:

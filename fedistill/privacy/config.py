@@ -108,6 +108,11 @@ class PrivateRelease:
         Poisson rate of every release.
     generator
         Drives the noise.
+    noise_share
+        Distributed DP under secure aggregation: this holder adds noise of std
+        ``noise_share * sigma * clip`` so that the *sum* of at least ``1 / noise_share^2``
+        holders' releases carries the full ``sigma * clip`` (the ledger accounts ``sigma``:
+        the guarantee holds against a server that sees only that sum). ``1``: local DP.
     """
 
     def __init__(
@@ -118,8 +123,12 @@ class PrivateRelease:
         releases: int,
         sample_rate: float,
         generator: torch.Generator,
+        noise_share: float = 1.0,
     ) -> None:
+        if not 0 < noise_share <= 1:
+            raise ValueError(f"noise_share={noise_share}: must be in (0, 1]")
         self.config = config
+        self.noise_share = noise_share
         if config.sigma is not None:
             sigma = float(config.sigma)
         elif config.epsilon is not None:
@@ -144,8 +153,13 @@ class PrivateRelease:
     def sums(self, rows: torch.Tensor, groups: torch.Tensor, num_groups: int) -> torch.Tensor:
         """Clipped per-group sums of ``rows`` plus ``N(0, sigma^2 clip^2)`` noise (one reserved release)."""
         return noisy_group_sums(
-            rows, groups, num_groups, clip=self.config.clip, sigma=self.sigma, generator=self.generator
+            rows, groups, num_groups, clip=self.config.clip, sigma=self.local_sigma, generator=self.generator
         )
+
+    @property
+    def local_sigma(self) -> float:
+        """The noise multiplier this holder adds itself (``sigma``, times ``noise_share`` under secure aggregation)."""
+        return self.sigma * self.noise_share
 
     def clipped_sums(
         self, rows: torch.Tensor, groups: torch.Tensor, num_groups: int, *, out: torch.Tensor | None = None
@@ -161,13 +175,14 @@ class PrivateRelease:
 
         Draws the same noise as :meth:`sums` would on the same rows.
         """
-        return add_group_noise(sums, clip=self.config.clip, sigma=self.sigma, generator=self.generator)
+        return add_group_noise(sums, clip=self.config.clip, sigma=self.local_sigma, generator=self.generator)
 
     def report(self) -> dict[str, Any]:
         """What the synthetic set's metadata records about the guarantee."""
         return {
             **self.config.privacy_options(),
             "sigma": self.sigma,
+            "noise_share": self.noise_share,
             "sample_rate": self.sample_rate,
             "releases": self.releases,
             "epsilon_spent": self.ledger.epsilon,
