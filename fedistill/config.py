@@ -15,6 +15,8 @@ torch start; the ServerApp validates the config it composes from a Flower run co
 
 from __future__ import annotations
 
+import dataclasses
+import math
 import types
 import typing
 from collections.abc import Callable, Mapping
@@ -24,12 +26,15 @@ from typing import Any
 
 __all__ = [
     "SCHEMAS",
+    "STRATEGY_SCHEMAS",
     "CentralConfig",
     "ClientResources",
     "ConfigError",
+    "DPStatsConfig",
     "DataConfig",
     "SimulateConfig",
     "StrategyConfig",
+    "check_strategy",
     "compose_config",
     "config_dir",
     "hydra_error_line",
@@ -107,6 +112,50 @@ class StrategyConfig:
     min_success_fraction: float = field(metadata=_check("in [0, 1]", lambda v: 0 <= v <= 1, 0.5))
     wait_timeout: float = field(metadata=_above(0, 120))
     round_timeout: float = field(metadata=_above(0, 3600))
+
+
+@dataclass(frozen=True)
+class DPStatsConfig(StrategyConfig):
+    """``strategy=dp_stats`` (``configs/strategy/dp_stats.yaml``): the shared keys plus its own."""
+
+    count_share: float = field(metadata=_check("in (0, 1)", lambda v: 0 < v < 1, 0.5))
+    min_records: float = field(metadata=_at_least(0, 10))
+    secure_aggregation: bool
+    secure_threshold: float = field(metadata=_check("in (0, 1]", lambda v: 0 < v <= 1, 0.8))
+
+    def check(self, cfg: Mapping[str, Any]) -> None:
+        """Cross-key rules: the strategy sums ``dp_dm`` releases; SecAgg+ needs 2 sampled clients."""
+        method = cfg["method"]["name"]
+        if method != "dp_dm":
+            raise ConfigError(
+                f"method={method}: strategy=dp_stats sums the clients' dp_dm releases and needs method=dp_dm; "
+                "use strategy=oneshot for other engines"
+            )
+        sampled = math.ceil(self.fraction * int(cfg["clients"]))
+        if self.secure_aggregation and sampled < 2:
+            raise ConfigError(
+                f"strategy.secure_aggregation=true needs at least 2 sampled clients per round, got {sampled} "
+                "(clients x strategy.fraction); raise clients= or set strategy.secure_aggregation=false"
+            )
+
+
+STRATEGY_SCHEMAS: dict[str, type[StrategyConfig]] = {"dp_stats": DPStatsConfig}
+"""Strategies whose group has keys (and cross-key rules) of its own beyond :class:`StrategyConfig`."""
+
+
+def check_strategy(cfg: Mapping[str, Any]) -> StrategyConfig:
+    """The typed ``strategy`` group of a ``simulate`` config, its cross-key rules checked.
+
+    Raises
+    ------
+    ConfigError
+        One line naming the key, the value and the fix.
+    """
+    schema = STRATEGY_SCHEMAS.get(str(cfg["strategy"]["name"]), StrategyConfig)
+    typed = _build(schema, cfg["strategy"], "strategy.", "simulate")
+    if hasattr(typed, "check"):
+        typed.check(cfg)
+    return typed
 
 
 @dataclass(frozen=True)
@@ -243,4 +292,9 @@ def validate_config(config_name: str, cfg: Mapping[str, Any]) -> Any:
         ``clients=0: clients must be an integer >= 1; e.g. clients=10``.
     """
     schema = SCHEMAS.get(config_name)
-    return None if schema is None else _build(schema, cfg, "", config_name)
+    if schema is None:
+        return None
+    typed = _build(schema, cfg, "", config_name)
+    if config_name == "simulate":  # the strategy's own keys and cross-key rules
+        typed = dataclasses.replace(typed, strategy=check_strategy(cfg))
+    return typed

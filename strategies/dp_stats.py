@@ -11,6 +11,7 @@ from typing import Any
 import torch
 from flwr.serverapp import Grid
 
+from fedistill.config import check_strategy
 from fedistill.federated import ClientFailure
 from fedistill.federated.dp_stats import (
     RELEASE_KEY,
@@ -20,7 +21,6 @@ from fedistill.federated.dp_stats import (
     release_shape,
     validate_release,
 )
-from fedistill.registry import UnknownNameError
 from fedistill.seeding import derive_seed
 from protocol.records import read_json, read_tensors
 from strategies.base import Reply, register_strategy
@@ -67,12 +67,7 @@ class DPStats(DistillStrategy):
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
-        method = self.cfg["method"]["name"]
-        if method != "dp_dm":
-            raise UnknownNameError(
-                f"strategy=dp_stats sums the clients' dp_dm releases and needs method=dp_dm (got method={method}); "
-                "use strategy=oneshot for other engines"
-            )
+        check_strategy(self.cfg)  # method=dp_dm, 2 sampled clients for SecAgg+ (refused up front by the CLI)
         self.total: torch.Tensor | None = None
         self.round_sum: torch.Tensor | None = None
         self.secure_total: torch.Tensor | None = None

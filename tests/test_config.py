@@ -77,6 +77,8 @@ def test_the_default_configs_are_valid():
         ("simulate", ["client.num_gpus=-0.5"], "client.num_gpus"),
         ("simulate", ["data.val_fraction=1.0"], "data.val_fraction"),
         ("simulate", ["init=zeros"], "init"),
+        ("simulate", ["strategy.count_share=1.5", "strategy=dp_stats"], "strategy.count_share"),
+        ("simulate", ["strategy.secure_threshold=0", "strategy=dp_stats"], "strategy.secure_threshold"),
         ("central", ["ipc=abc"], "ipc"),
         ("central", ["seed=-3"], "seed"),
         ("central", ["data.val_fraction=-0.1"], "data.val_fraction"),
@@ -92,6 +94,19 @@ def test_bad_values_name_the_key_value_range_and_a_fix(name, overrides, key):
     assert message.startswith(f"{key}=")
     assert f"{key} must be" in message and "e.g. " in message, message
     assert value.rstrip("0").rstrip(".") in message or value in message
+
+
+def test_dp_stats_cross_key_rules_are_refused_up_front():
+    """method=dp_dm is needed; SecAgg+ needs two sampled clients (turning it off, or more clients, passes)."""
+    with pytest.raises(ConfigError, match=r"^method=dm: strategy=dp_stats .* needs method=dp_dm"):
+        validate_config("simulate", compose_config("simulate", ["strategy=dp_stats", "method=dm"]))
+    with pytest.raises(ConfigError, match=r"^strategy.secure_aggregation=true needs at least 2 sampled clients"):
+        validate_config(
+            "simulate", compose_config("simulate", ["strategy=dp_stats", "clients=4", "strategy.fraction=0.25"])
+        )
+    for ok in (["clients=1", "strategy.secure_aggregation=false"], ["clients=2"]):
+        typed = validate_config("simulate", compose_config("simulate", ["strategy=dp_stats", *ok]))
+        assert typed.strategy.name == "dp_stats" and 0 < typed.strategy.count_share < 1
 
 
 def test_edges_of_the_ranges_pass():

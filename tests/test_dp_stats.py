@@ -143,7 +143,14 @@ def test_dp_stats_round_sends_only_noisy_sums_and_distills_one_set_on_the_server
     """10 clients with ~130 records each, epsilon 2 per client: the clients send noisy sums only
     (never pixels), the server holds their exact sum and distills ipc x classes images from it,
     and every client's epsilon stays within its budget."""
-    s = make_strategy("dp_stats", tmp_path, "clients=10", "method.epsilon=2", "method.iterations=200")
+    s = make_strategy(
+        "dp_stats",
+        tmp_path,
+        "clients=10",
+        "method.epsilon=2",
+        "method.iterations=200",
+        "strategy.secure_aggregation=false",
+    )
     g = grid(10)
     summary = s.run_rounds(g)
     assert {k for _, k, _ in g.sent} == {"query.info", "query.release"}

@@ -57,7 +57,6 @@ def test_server_learns_only_the_exact_sum_and_survives_a_dropout(tmp_path, monke
         "simulate",
         [
             "strategy=dp_stats",
-            "strategy.secure_aggregation=true",
             "strategy.secure_threshold=0.75",
             "clients=4",
             "device=cpu",
@@ -69,6 +68,7 @@ def test_server_learns_only_the_exact_sum_and_survives_a_dropout(tmp_path, monke
             "+faults.3=crash",  # p3 fails inside SecAgg+'s stage 2, after the key exchange: a dropout
         ],
     )
+    assert cfg["strategy"]["secure_aggregation"] is True  # the default
     summary = run_simulate(cfg, tmp_path / "run")
     assert summary["status"] == "done" and summary["clients_failed"] == 1
 
