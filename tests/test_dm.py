@@ -94,13 +94,18 @@ def test_unknown_option_lists_valid_ones():
 
 @pytest.mark.slow
 def test_dm_beats_random_subset_at_ipc10(digits):
-    """DM at IPC 10 beats the random real subset of the same size (same evaluator, seeds).
+    """DM at IPC 10 beats the random real subset of the same size (same evaluator, 3 evaluation seeds).
 
-    The CLI's defaults (300 iterations, ConvNet-128, lr_img 1). Measured on the dev
-    machine: 95.17 vs 92.76 (real init alone: 93.41); the asserted margin is under half.
+    The central digits model (two ConvNet blocks, configs/dataset_model/digits_convnet.yaml),
+    300 iterations over 20 cached releases (as `simulate` runs DM). Measured on the dev
+    machine: 97.49 vs 95.91 (a fresh release every iteration: 97.96, 9x the distillation
+    time); the asserted margin is under half.
     """
-    syn = build_engine("dm", iterations=300).distill(digits.train, 10, seed=0)
-    res = evaluate_synthetic(syn, digits, models=[ModelSpec("convnet")], recipe=EvalRecipe(epochs=300), runs=3, seed=0)
+    two_blocks = {"depth": 2}
+    syn = build_engine("dm", iterations=300, releases=20, model_kwargs=two_blocks).distill(digits.train, 10, seed=0)
+    res = evaluate_synthetic(
+        syn, digits, models=[ModelSpec("convnet", two_blocks)], recipe=EvalRecipe(epochs=300), runs=3, seed=0
+    )
     dm, rnd = res["accuracy"]["mean"], res["baselines"]["random_subset"]["mean"]
     print(f"DM {dm:.2f} vs random subset {rnd:.2f}")
-    assert dm > rnd + 1.0, (dm, rnd)
+    assert dm > rnd + 0.75, (dm, rnd)
