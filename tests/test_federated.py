@@ -22,7 +22,13 @@ from fedistill.federated import (
 from fedistill.federated.client import FAULTS
 from fedistill.models import build_model
 
-DATA = {"dataset": "digits", "partition": {"scheme": "dirichlet", "alpha": 0.5}, "seed": 3}
+DATA = {  # a task's data spec, as data_spec builds it
+    "dataset": "digits",
+    "root": None,
+    "val_fraction": 0.1,
+    "partition": {"scheme": "dirichlet", "alpha": 0.5},
+    "seed": 3,
+}
 
 
 def _set(info, n_per_class=2, classes=(0, 1, 2)) -> SyntheticSet:
@@ -233,7 +239,7 @@ def test_client_without_enough_samples_succeeds_with_nothing_to_send():
     from clients.app import app
     from protocol.records import task_content
 
-    data = {"dataset": "digits", "partition": {"scheme": "dirichlet", "alpha": 0.1}, "seed": 0}
+    data = {**DATA, "partition": {"scheme": "dirichlet", "alpha": 0.1}, "seed": 0}
     pid = next(
         i
         for i in range(100)
