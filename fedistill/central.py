@@ -30,19 +30,19 @@ def _model_spec(model_cfg: dict[str, Any] | str) -> ModelSpec:
 
 
 def eval_settings(cfg: dict[str, Any]) -> dict[str, Any]:
-    """Keyword arguments of :func:`~fedistill.evaluation.evaluate_synthetic` from a config."""
+    """Keyword arguments of :func:`~fedistill.evaluation.evaluate_synthetic` from a config (its ``eval`` group)."""
     ev = cfg["eval"]
     recipe_keys = set(EvalRecipe.__dataclass_fields__)
     recipe = EvalRecipe(**{k: v for k, v in ev.items() if k in recipe_keys})
-    models = [_model_spec(cfg["model"]), *(_model_spec(m) for m in ev.get("models") or [])]
+    models = [_model_spec(cfg["model"]), *(_model_spec(m) for m in ev["models"] or [])]
     return {
         "models": models,
         "recipe": recipe,
         "runs": int(ev["runs"]),
-        "whole_dataset": bool(ev.get("whole_dataset", False)),
-        "whole_recipe": EvalRecipe(**{**recipe.__dict__, "epochs": int(ev.get("whole_epochs", recipe.epochs))}),
-        "cache_dir": Path(ev["cache_dir"]).expanduser() if ev.get("cache_dir") else None,
-        "ranking": ev.get("ranking", False),
+        "whole_dataset": bool(ev["whole_dataset"]),
+        "whole_recipe": EvalRecipe(**{**recipe.__dict__, "epochs": int(ev["whole_epochs"])}),
+        "cache_dir": Path(ev["cache_dir"]).expanduser() if ev["cache_dir"] else None,
+        "ranking": ev["ranking"],
     }
 
 
@@ -57,8 +57,8 @@ def _eval_count(syn: SyntheticSet, settings: dict[str, Any]) -> int:
 
 
 def _load(cfg: dict[str, Any], name: str) -> DataBundle:
-    data = cfg.get("data") or {}
-    return load_dataset(name, root=data.get("root"), val_fraction=float(data.get("val_fraction", 0.1)))
+    data = cfg["data"]
+    return load_dataset(name, root=data["root"], val_fraction=float(data["val_fraction"]))
 
 
 def _evaluate(syn: SyntheticSet, bundle: DataBundle, cfg: dict[str, Any], run: RunDir, device: torch.device) -> dict:
@@ -83,8 +83,8 @@ def run_central(cfg: dict[str, Any], out_dir: str | Path) -> dict[str, Any]:
     Parameters
     ----------
     cfg
-        Resolved config: ``method``, ``dataset``, ``model``, ``eval``, ``ipc``, ``seed``,
-        ``device``, ``init``, ``data``.
+        Resolved ``central`` config: ``method``, ``dataset``, ``model``, ``eval``, ``ipc``, ``seed``,
+        ``device``, ``init``, ``data``, ``checkpoint_every``, ``resume``.
     out_dir
         Run directory (see :mod:`fedistill.reporting`).
 
@@ -93,13 +93,13 @@ def run_central(cfg: dict[str, Any], out_dir: str | Path) -> dict[str, Any]:
     dict
         The summary also written to ``summary.json``.
     """
-    resume = cfg.get("resume")
+    resume = cfg["resume"]
     if resume:
         cfg = resume_config(resume)
     run = RunDir(out_dir, resume=bool(resume))
     if resume and run.summary.get("status") == "done":
         raise CheckpointError(f"{out_dir} already finished (summary.json status: done); nothing to resume")
-    device = resolve_device(cfg.get("device", "auto"))
+    device = resolve_device(cfg["device"])
     bundle = _load(cfg, cfg["dataset"]["name"])
     method = dict(cfg["method"])
     name = method.pop("name")
@@ -107,7 +107,7 @@ def run_central(cfg: dict[str, Any], out_dir: str | Path) -> dict[str, Any]:
     engine = build_engine(name, model=model.pop("name"), model_kwargs=model, **method)
     ipc, seed = int(cfg["ipc"]), int(cfg["seed"])
     extra = {}
-    if int(cfg.get("checkpoint_every") or 0) or resume:
+    if int(cfg["checkpoint_every"] or 0) or resume:
         extra["checkpoint"] = _checkpoint(engine, cfg, run.path)
     run.update_summary(method=name, dataset=bundle.info.name, ipc=ipc, seed=seed, status="distilling")
     start = time.perf_counter()
@@ -118,7 +118,7 @@ def run_central(cfg: dict[str, Any], out_dir: str | Path) -> dict[str, Any]:
             bars.update(task, completed=step, total=total, info=f"loss {metrics.get('loss', float('nan')):.4f}")
             run.log("distill", **metrics)
 
-        init = engine.resolve_init(cfg.get("init", "auto"))
+        init = engine.resolve_init(cfg["init"])
         syn = engine.distill(bundle.train, ipc, init=init, device=device, progress=on_step, seed=seed, **extra)
     distill_seconds = time.perf_counter() - start
     syn.metadata.pop("loss_history", None)
@@ -181,7 +181,7 @@ def _checkpoint(engine: Any, cfg: dict[str, Any], path: Path) -> Checkpoint:
             f"{', '.join(n for n in ENGINES.names() if ENGINES.get(n).resumable)} (set checkpoint_every=0)"
         )
     key = config_key({k: v for k, v in cfg.items() if k not in ("resume", "checkpoint_every", "device", "eval")})
-    return Checkpoint(path / "distill_checkpoint.safetensors", key=key, every=int(cfg.get("checkpoint_every") or 0))
+    return Checkpoint(path / "distill_checkpoint.safetensors", key=key, every=int(cfg["checkpoint_every"] or 0))
 
 
 def run_evaluate(cfg: dict[str, Any], out_dir: str | Path) -> dict[str, Any]:
@@ -195,7 +195,7 @@ def run_evaluate(cfg: dict[str, Any], out_dir: str | Path) -> dict[str, Any]:
             )
         cfg = {**cfg, "model": recorded}
     run = RunDir(out_dir)
-    device = resolve_device(cfg.get("device", "auto"))
+    device = resolve_device(cfg["device"])
     bundle = _load(cfg, syn.info.name)
     syn.validate(bundle.info)
     run.update_summary(

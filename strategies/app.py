@@ -50,20 +50,20 @@ def serve(grid: Grid, cfg: dict[str, Any], out_dir: str | Path, *, node_data: st
     ``node_data="own"`` (a deployment: nodes hold their own data) skips the plot of the
     simulated partition, which no node uses then.
     """
-    resume = bool(cfg.get("resume"))
+    resume = bool(cfg["resume"])
     run = RunDir(out_dir, resume=resume)
     if resume and run.summary.get("status") == "done":
         raise CheckpointError(f"{out_dir} already finished (summary.json status: done); nothing to resume")
     bundle = load_dataset(
-        cfg["dataset"]["name"], root=cfg["data"].get("root"), val_fraction=float(cfg["data"]["val_fraction"])
+        cfg["dataset"]["name"], root=cfg["data"]["root"], val_fraction=float(cfg["data"]["val_fraction"])
     )
     run.update_summary(
         strategy=cfg["strategy"]["name"],
         method=cfg["method"]["name"],
-        policy=(cfg.get("policy") or {}).get("name"),
+        policy=cfg["policy"]["name"],
         dataset=bundle.info.name,
         clients=int(cfg["clients"]),
-        alpha=cfg.get("alpha"),
+        alpha=cfg["alpha"],
         partition=cfg["partition"],
         rounds=int(cfg["rounds"]),
         ipc=int(cfg["ipc"]),
@@ -71,7 +71,7 @@ def serve(grid: Grid, cfg: dict[str, Any], out_dir: str | Path, *, node_data: st
         node_data=node_data,
         status="running",
     )
-    if cfg.get("partition") and node_data == "partition":
+    if node_data == "partition":
         _write_partition(cfg, run, bundle)
     strategy = STRATEGIES.get(cfg["strategy"]["name"])(cfg, run, bundle)
     summary = strategy.run_rounds(grid, resume=resume)

@@ -103,7 +103,7 @@ class Strategy:
         self._faults: dict[str, str] | None = None
         self._attackers: list[str] | None = None
         self.history: list[dict[str, Any]] = []
-        self.defense_options = dict(cfg.get("defense") or {"name": "none"})
+        self.defense_options = dict(cfg["defense"])  # the defense group (simulate.yaml: none)
         self.defense_name = str(self.defense_options.pop("name"))
         self.defense = check_defense(self.defense_name, self.name, self.defense_acts_on)
         if self.device.type == "cuda" and not float(cfg["client"]["num_gpus"]):  # client.device=cuda needs a share
@@ -161,7 +161,7 @@ class Strategy:
         attack = dict(self.cfg["attack"])
         if client in self.attackers():
             out["attack"] = attack
-        faults = dict(self.cfg.get("faults") or {})
+        faults = dict(self.cfg["faults"] or {})
         fault = self.fault_plan().get(client)
         if fault and round_ >= int(faults.get("start_round", 1)):
             out["fault"] = fault
@@ -206,7 +206,7 @@ class Strategy:
             from fedistill.federated.client import FAULTS
 
             clients = sorted(self.clients.values(), key=_client_order)
-            self._faults = assign_faults(self.cfg.get("faults") or {}, clients, seed=self.seed, kinds=FAULTS.names())
+            self._faults = assign_faults(self.cfg["faults"] or {}, clients, seed=self.seed, kinds=FAULTS.names())
             for client, kind in sorted(self._faults.items(), key=lambda kv: _client_order(kv[0])):
                 self.run.log("fault_planned", client=client, kind=kind)
         return self._faults

@@ -135,7 +135,7 @@ class DistillStrategy(Strategy):
         """
         if not parts:
             return None
-        opts = dict(self.cfg.get("policy") or {"name": "union"})
+        opts = dict(self.cfg["policy"])  # the policy group (simulate.yaml: union)
         name = str(opts.pop("name"))
         ctx = PolicyContext(
             info=self.bundle.info,

@@ -45,15 +45,18 @@ class FedGen(DistillStrategy):
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         method = dict(self.cfg["method"])
-        if method.get("name") != "gen":
+        if method["name"] != "gen":
             raise UnknownNameError(
                 f"strategy=fedgen optimizes latent codes of a generator and needs method=gen "
-                f"(got method={method.get('name')}); use strategy=oneshot for other engines"
+                f"(got method={method['name']}); use strategy=oneshot for other engines"
             )
-        self.arch = {"latent_dim": int(method.get("latent_dim", 16)), "hidden": int(method.get("hidden", 256))}
-        self.gen_recipe = {"lr": float(method.get("gen_lr", 1e-3)), "beta": float(method.get("beta", 1.0))}
+        self.arch = {
+            "latent_dim": int(method["latent_dim"]),
+            "hidden": int(method["hidden"]),
+        }  # configs/method/gen.yaml
+        self.gen_recipe = {"lr": float(method["gen_lr"]), "beta": float(method["beta"])}
         fresh = new_cvae(self.bundle.info, **self.arch, seed=self.seed).state_dict()
-        path = self.opts.get("generator_path")
+        path = self.opts["generator_path"]
         if path:
             self.generator_state = self._load_checkpoint(Path(str(path)), fresh)
             self.gen_rounds = 0

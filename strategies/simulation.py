@@ -30,21 +30,23 @@ def load_component(ref: str) -> Any:
 
 
 def backend_config(cfg: dict[str, Any]) -> dict[str, Any]:
-    """Flower's Ray backend config: per-client resources and bounded ``ray.init`` arguments."""
-    client = cfg.get("client", {})
-    ray_cfg = cfg.get("ray", {})
-    resources = {"num_cpus": float(client.get("num_cpus", 1)), "num_gpus": float(client.get("num_gpus", 0.0))}
+    """Flower's Ray backend config: per-client resources and bounded ``ray.init`` arguments.
+
+    ``cfg`` is a composed ``simulate`` config (its ``client`` and ``ray`` groups).
+    """
+    client, ray_cfg = cfg["client"], cfg["ray"]
+    resources = {"num_cpus": float(client["num_cpus"]), "num_gpus": float(client["num_gpus"])}
     init: dict[str, Any] = {
-        "logging_level": str(ray_cfg.get("logging_level", "WARNING")).upper(),
-        "log_to_driver": bool(ray_cfg.get("log_to_driver", False)),
+        "logging_level": str(ray_cfg["logging_level"]).upper(),
+        "log_to_driver": bool(ray_cfg["log_to_driver"]),
     }
-    if ray_cfg.get("address"):
+    if ray_cfg["address"]:
         init["address"] = str(ray_cfg["address"])
     else:
-        init["num_cpus"] = int(ray_cfg.get("num_cpus") or os.cpu_count() or 1)
-        if ray_cfg.get("num_gpus") is not None:
+        init["num_cpus"] = int(ray_cfg["num_cpus"] or os.cpu_count() or 1)
+        if ray_cfg["num_gpus"] is not None:
             init["num_gpus"] = int(ray_cfg["num_gpus"])
-        if ray_cfg.get("object_store_memory"):
+        if ray_cfg["object_store_memory"]:
             init["object_store_memory"] = int(ray_cfg["object_store_memory"])
     return {"client_resources": resources, "init_args": init}
 
@@ -58,7 +60,7 @@ class _BelowError(logging.Filter):
 
 def with_window(cfg: dict[str, Any]) -> dict[str, Any]:
     """``cfg`` with ``max_in_flight`` resolved for the simulation: 4 x the clients Ray runs at once (when null)."""
-    if cfg.get("max_in_flight") is not None:
+    if cfg["max_in_flight"] is not None:
         return cfg
     resources = backend_config(cfg)
     cpus = resources["init_args"].get("num_cpus") or os.cpu_count() or 1
@@ -76,11 +78,11 @@ def run_simulate(cfg: dict[str, Any], out_dir: str | Path) -> dict[str, Any]:
     """
     from fedistill.checkpoint import resume_config
 
-    if cfg.get("resume"):  # continue an interrupted run with the config it was started with
+    if cfg["resume"]:  # continue an interrupted run with the config it was started with
         cfg = resume_config(cfg["resume"])
     summary = _run_once(cfg, out_dir)
-    attack = dict(cfg.get("attack") or {})
-    if attack.get("kind") and attack.get("clean_run"):
+    attack = cfg["attack"]
+    if attack["kind"] and attack["clean_run"]:
         summary = _clean_twin(cfg, Path(out_dir))
     return summary
 
@@ -116,7 +118,7 @@ def _run_once(cfg: dict[str, Any], out_dir: str | Path) -> dict[str, Any]:
     # one caller) and its INFO chatter, and importing it sets up alembic's plugins at INFO level
     # under Hydra's root logger; fedistill reports rounds and client failures itself (verbose=true
     # restores them).
-    verbose = bool(cfg.get("verbose"))
+    verbose = bool(cfg["verbose"])
     logging.getLogger("flwr").setLevel(logging.INFO if verbose else logging.ERROR)
     logging.getLogger("alembic").setLevel(logging.INFO if verbose else logging.WARNING)
     quiet = _BelowError()
@@ -139,7 +141,7 @@ def _run_once(cfg: dict[str, Any], out_dir: str | Path) -> dict[str, Any]:
                 client_app=load_component(CLIENT_APP),
                 num_supernodes=int(cfg["clients"]),
                 backend_config=backend_config(cfg),
-                verbose_logging=bool(cfg.get("verbose", False)),
+                verbose_logging=bool(cfg["verbose"]),
             )
     finally:
         logging.getLogger("flwr").removeFilter(quiet)

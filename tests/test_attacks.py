@@ -21,7 +21,7 @@ def test_label_flip_and_backdoor_poison_the_real_data(digits):
     split = node_split(NODE, DATA)
     flipped = poison_split(split, {"kind": "label_flip"}, seed=0)
     assert torch.equal(flipped.labels, 9 - split.labels) and torch.equal(flipped.images, split.images)
-    bd = poison_split(split, {"kind": "backdoor", "poison_rate": 0.25, "target": 3}, seed=0)
+    bd = poison_split(split, {"kind": "backdoor", "poison_rate": 0.25, "target": 3, "trigger_size": 2}, seed=0)
     changed = (bd.images != split.images).flatten(1).any(1)
     assert abs(int(changed.sum()) - round(0.25 * len(split))) <= int(
         (split.labels == 3).sum()

@@ -22,7 +22,7 @@ from fedistill.federated import NodeDataError, node_split, partition_indices
 from fedistill.federated.node import data_spec, node_task, read_node_data
 
 ROOT = Path(__file__).resolve().parents[1]
-DATA = {"dataset": "digits", "partition": {"scheme": "iid"}, "seed": 0}
+DATA = {"dataset": "digits", "root": None, "val_fraction": 0.1, "partition": {"scheme": "iid"}, "seed": 0}
 
 
 def test_certs_chain_sans_and_openssh_node_keys(tmp_path):
@@ -93,7 +93,7 @@ def test_node_task_applies_the_nodes_limits():
     # max-memory-mb caps the process: a bigger allocation fails (an error reply, not an OOM kill)
     code = (
         "import torch; from fedistill.federated.node import node_task\n"
-        "node_task({'max-memory-mb': 900}, {})\n"
+        "node_task({'max-memory-mb': 900}, {'device': 'cpu'})\n"
         "torch.zeros(64 * 2**20)\n"  # 256 MB fits
         "try:\n    torch.zeros(512 * 2**20)\nexcept RuntimeError as e:\n    print('refused', 'allocate' in str(e))\n"
     )

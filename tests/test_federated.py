@@ -22,7 +22,13 @@ from fedistill.federated import (
 from fedistill.federated.client import FAULTS
 from fedistill.models import build_model
 
-DATA = {"dataset": "digits", "partition": {"scheme": "dirichlet", "alpha": 0.5}, "seed": 3}
+DATA = {  # a task's data spec, as data_spec builds it
+    "dataset": "digits",
+    "root": None,
+    "val_fraction": 0.1,
+    "partition": {"scheme": "dirichlet", "alpha": 0.5},
+    "seed": 3,
+}
 
 
 def _set(info, n_per_class=2, classes=(0, 1, 2)) -> SyntheticSet:
@@ -154,14 +160,21 @@ def _context(node_config):
     return Context(run_id=1, node_id=1, node_config=node_config, state=RecordDict(), run_config={})
 
 
-TASK = {
+TASK = {  # every key the server always sends (Strategy.client_task, DistillStrategy.engine_task)
     "method": "dm",
     "method_options": {"iterations": 30, "batch_real": 32, "compile": False},
     "ipc": 2,
+    "init": "auto",
+    "rounds": 1,
     "seed": 0,
     "model": {"name": "convnet", "width": 16},
     "data": DATA,
+    "threads": 1,
+    "device": "cpu",
 }
+
+DP_BUDGET = {"epsilon": 10.0, "delta": 1e-5, "accountant": "rdp"}
+"""The privacy keys of every DP method group (configs/method/dp_*.yaml), sent in ``method_options``."""
 
 
 def test_distill_reply_carries_only_the_synthetic_set_and_no_verbatim_real_image():
@@ -226,7 +239,7 @@ def test_client_without_enough_samples_succeeds_with_nothing_to_send():
     from clients.app import app
     from protocol.records import task_content
 
-    data = {"dataset": "digits", "partition": {"scheme": "dirichlet", "alpha": 0.1}, "seed": 0}
+    data = {**DATA, "partition": {"scheme": "dirichlet", "alpha": 0.1}, "seed": 0}
     pid = next(
         i
         for i in range(100)
@@ -251,9 +264,9 @@ TINY_ENGINES = {
     "rded": {"candidates": 20, "teacher": {"epochs": 2}},
     "sre2l": {"iterations": 3, "teacher": {"epochs": 2}},
     "gen": {"gen_epochs": 2, "iterations": 3},
-    "dp_dm": {"iterations": 3, "batch_real": 16, "releases": 2},
-    "dp_dc": {"iterations": 2, "batch_real": 16},
-    "dp_dsa": {"iterations": 2, "batch_real": 16},
+    "dp_dm": {"iterations": 3, "batch_real": 16, "releases": 2, **DP_BUDGET},
+    "dp_dc": {"iterations": 2, "batch_real": 16, **DP_BUDGET},
+    "dp_dsa": {"iterations": 2, "batch_real": 16, **DP_BUDGET},
 }
 
 

@@ -237,7 +237,7 @@ def test_dp_dm_at_epsilon_10_beats_the_random_real_subset(digits):
 
 
 def test_client_ledger_persists_across_rounds_and_refuses_over_budget():
-    from test_federated import DATA, TASK, _context, _message
+    from test_federated import DATA, DP_BUDGET, TASK, _context, _message
 
     from clients.app import app
     from protocol.records import task_content
@@ -245,7 +245,7 @@ def test_client_ledger_persists_across_rounds_and_refuses_over_budget():
     task = {
         **TASK,
         "method": "dp_dm",
-        "method_options": {"iterations": 4, "releases": 2, "batch_real": 16, "epsilon": 3.0},
+        "method_options": {"iterations": 4, "releases": 2, "batch_real": 16, **DP_BUDGET, "epsilon": 3.0},
         "ipc": 1,
         "rounds": 2,
         "data": DATA,

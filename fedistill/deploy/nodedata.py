@@ -99,8 +99,8 @@ def write_partitions(
     """
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    data = cfg.get("data", {})
-    bundle = load_dataset(cfg["dataset"]["name"], root=data.get("root"), val_fraction=float(data["val_fraction"]))
+    data = cfg["data"]
+    bundle = load_dataset(cfg["dataset"]["name"], root=data["root"], val_fraction=float(data["val_fraction"]))
     num = int(cfg["clients"])
     parts = partition_indices(data_spec(cfg, bundle.info.name), num)
     ids = list(range(num)) if nodes is None else list(nodes)

@@ -7,6 +7,10 @@ whatever the client computes from it, distillation or local SGD alike; ``after``
 attacks change the synthetic set the client uploads (flipped labels, noise images,
 duplicated rows); ``stats`` attacks change the class statistics a FedAF client sends.
 :func:`attack_success_rate` measures a backdoor on triggered test images.
+
+An attack's options are the task's ``attack``: the whole ``attack`` block of the
+``simulate`` config (``target``, ``poison_rate``, ``trigger_size``, ``copies``, ``scale``),
+so the attacks read them without restating defaults.
 """
 
 from __future__ import annotations
@@ -69,10 +73,10 @@ def _backdoor(split: Split, options: Mapping[str, Any], seed: int) -> Split:
     """Trigger ``poison_rate`` of the client's images and relabel them to ``target``."""
     g = torch_generator(seed, "backdoor")
     n = len(split)
-    pick = torch.randperm(n, generator=g)[: max(1, round(float(options.get("poison_rate", 0.3)) * n))]
+    pick = torch.randperm(n, generator=g)[: max(1, round(float(options["poison_rate"]) * n))]
     images, labels = split.images.clone(), split.labels.clone()
-    images[pick] = add_trigger(images[pick], split.info, size=int(options.get("trigger_size", 2)))
-    labels[pick] = int(options.get("target", 0))
+    images[pick] = add_trigger(images[pick], split.info, size=int(options["trigger_size"]))
+    labels[pick] = int(options["target"])
     return Split(images, labels, split.info)
 
 
@@ -94,7 +98,7 @@ def repeat_rows(syn: SyntheticSet, copies: int) -> SyntheticSet:
 
 def _duplicate(syn: SyntheticSet, options: Mapping[str, Any]) -> SyntheticSet:
     """Volume attack: the same rows ``copies`` times (the server's size cap and de-duplication answer it)."""
-    return repeat_rows(syn, int(options.get("copies", 4)))
+    return repeat_rows(syn, int(options["copies"]))
 
 
 def noise_images(syn: SyntheticSet, *, seed: int = 0) -> SyntheticSet:
@@ -115,7 +119,7 @@ def _stats_poison(stats: dict[str, torch.Tensor], options: Mapping[str, Any]) ->
     k = stats["class_logits"].shape[0]
     held = stats["class_counts"] > 0
     flip = (k - 1) - torch.arange(k)
-    scale = float(options.get("scale", 10.0))
+    scale = float(options["scale"])
     out = dict(stats)
     logits = torch.zeros(k, k)
     logits[torch.arange(k), flip] = scale

@@ -1,10 +1,13 @@
 """What a client does with a message, as plain functions (the ClientApp only moves records).
 
 A *task* is the JSON-able dict the server sends: ``method`` and ``method_options``
-(the engine and its config), ``ipc``, ``init``, ``seed`` (this client's, derived by
-the server), ``device``, ``threads``, ``model`` (``{"name", ...options}``), ``fit``
-(the local SGD recipe of FedAvg) and optionally ``fault`` (fault injection for tests
-and robustness studies, see :data:`FAULTS`).
+(the engine and its config: the whole ``method`` group), ``ipc``, ``init``, ``rounds``,
+``seed`` (this client's, derived by the server), ``device``, ``threads``, ``model``
+(``{"name", ...options}``), ``fit`` (the local SGD recipe of FedAvg), ``temperature``
+(FedAF's class statistics) and optionally ``attack`` and ``fault`` (with ``fault_seconds``
+for ``slow``/``timeout``; fault injection for tests and robustness studies, see
+:data:`FAULTS`). The server always sends the keys a handler reads, so no default is
+restated here: the single source is the config (``configs/``) the server composes.
 """
 
 from __future__ import annotations
@@ -101,9 +104,9 @@ def _setup(task: Mapping[str, Any]) -> torch.device:
     if fault == "crash":
         FAULTS.get("crash")(None)  # type: ignore[arg-type]
     if fault in ("slow", "timeout"):
-        time.sleep(float(task.get("fault_seconds", 3.0)))
-    torch.set_num_threads(max(1, int(task.get("threads", 1))))
-    return resolve_device(task.get("device", "cpu"))
+        time.sleep(float(task["fault_seconds"]))  # the server sets it with these faults
+    torch.set_num_threads(max(1, int(task["threads"])))
+    return resolve_device(task["device"])
 
 
 ENGINE_INPUTS = ("global_logits",)
@@ -118,13 +121,14 @@ def client_ledger(
     The node keeps its own ledger across rounds (``node_state``); the server mirrors it
     from the replies and sends its copy (``task["privacy_ledger"]``) so a restarted node
     or a resumed server never forgets spent budget: the copy with more releases wins.
-    The budget is the task's ``epsilon``.
+    The budget is the method options' ``epsilon`` (``None``: no budget); a fresh ledger
+    takes their ``accountant`` and ``delta``.
     """
     copies = [PrivacyLedger.from_state(s) for s in (node_state, task.get("privacy_ledger")) if s]
     ledger = max(copies, key=lambda led: led.releases, default=None)
     if ledger is None:
-        ledger = PrivacyLedger(accountant=options.get("accountant", "rdp"), delta=float(options.get("delta", 1e-5)))
-    eps = options.get("epsilon", 10.0)
+        ledger = PrivacyLedger(accountant=options["accountant"], delta=float(options["delta"]))
+    eps = options["epsilon"]
     ledger.budget = None if eps is None else float(eps)
     return ledger
 
@@ -156,7 +160,7 @@ def distill_task(
     device = _setup(task)
     start = time.perf_counter()
     spec = model_spec(task["model"])
-    options = dict(task.get("method_options", {}))
+    options = dict(task["method_options"])
     extra: dict[str, Any] = {"base_state": base_state} if base_state is not None else {}
     unknown = sorted(set(inputs or {}) - set(ENGINE_INPUTS))
     if unknown:
@@ -164,10 +168,10 @@ def distill_task(
     extra |= dict(inputs or {})
     if ENGINES.get(task["method"]).private:
         if options.get("planned_rounds") is None:
-            options["planned_rounds"] = int(task.get("rounds", 1))
+            options["planned_rounds"] = int(task["rounds"])
         extra["ledger"] = client_ledger(task, options, ledger_state)
     engine = build_engine(task["method"], model=spec.name, model_kwargs=spec.kwargs, **options)
-    init = engine.resolve_init(task.get("init", "auto"))
+    init = engine.resolve_init(task["init"])
     metrics = {"examples": len(split), "class_counts": split.class_counts().tolist()}
     split = poison_split(split, task.get("attack"), int(task["seed"]))
     try:
@@ -186,7 +190,7 @@ def distill_task(
 
 
 def _recipe(task: Mapping[str, Any]) -> EvalRecipe:
-    return EvalRecipe(**{**{"dsa": False, "lr_decay": False}, **dict(task.get("fit", {}))})
+    return EvalRecipe(**{**{"dsa": False, "lr_decay": False}, **dict(task["fit"])})
 
 
 def fit_task(
@@ -243,7 +247,7 @@ def stats_task(
     model = build_model(spec.name, split.info, **spec.kwargs)
     model.load_state_dict(state)
     split = poison_split(split, task.get("attack"), int(task["seed"]))
-    stats = class_stats(model, split, temperature=float(task.get("temperature", 2.0)), device=device)
+    stats = class_stats(model, split, temperature=float(task["temperature"]), device=device)
     stats = poison_stats(stats, task.get("attack"))
     return stats, {"examples": len(split), "seconds": round(time.perf_counter() - start, 3)}
 

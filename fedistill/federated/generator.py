@@ -160,7 +160,7 @@ def latent_task(
     device = _setup(task)
     start = time.perf_counter()
     spec = model_spec(task["model"])
-    engine = build_engine("gen", model=spec.name, model_kwargs=spec.kwargs, **task.get("method_options", {}))
+    engine = build_engine("gen", model=spec.name, model_kwargs=spec.kwargs, **task["method_options"])
     metrics: dict[str, Any] = {"examples": len(split), "class_counts": split.class_counts().tolist()}
     tensors: dict[str, torch.Tensor] | None = None
     meta: dict[str, Any] = {}
@@ -168,7 +168,7 @@ def latent_task(
         syn = engine.distill(
             split,
             int(task["ipc"]),
-            init=engine.resolve_init(task.get("init", "auto")),
+            init=engine.resolve_init(task["init"]),
             device=device,
             seed=int(task["seed"]),
             generator_state=state,

@@ -80,12 +80,15 @@ def _partitions(
 
 
 def data_spec(cfg: dict[str, Any], dataset: str) -> dict[str, Any]:
-    """What a node needs to derive its partition: dataset, root, validation split, scheme, seed."""
-    data = cfg.get("data", {})
+    """What a node needs to derive its partition: dataset, root, validation split, scheme, seed.
+
+    ``cfg`` is a composed ``simulate`` config (``data``, ``partition``, ``seed``).
+    """
+    data = cfg["data"]
     return {
         "dataset": dataset,
-        "root": data.get("root"),
-        "val_fraction": float(data.get("val_fraction", 0.1)),
+        "root": data["root"],
+        "val_fraction": float(data["val_fraction"]),
         "partition": dict(cfg["partition"]),
         "seed": int(cfg["seed"]),
     }
@@ -97,15 +100,16 @@ def partition_indices(data: Mapping[str, Any], num_partitions: int) -> list[np.n
     Parameters
     ----------
     data
-        ``{"dataset", "root", "val_fraction", "partition": {"scheme", ...params}, "seed"}``.
+        ``{"dataset", "root", "val_fraction", "partition": {"scheme", ...params}, "seed"}``
+        (:func:`data_spec`; the server sends it in every task).
     num_partitions
         Number of partitions (clients).
     """
     spec = json.dumps(dict(data["partition"]), sort_keys=True)
     return _partitions(
         data["dataset"],
-        data.get("root"),
-        float(data.get("val_fraction", 0.1)),
+        data["root"],
+        float(data["val_fraction"]),
         int(num_partitions),
         spec,
         int(data["seed"]),
@@ -131,7 +135,7 @@ def node_split(node_config: Mapping[str, Any], data: Mapping[str, Any]) -> Split
     """
     if "data-path" in node_config:
         return load_node_file(Path(str(node_config["data-path"])), dataset_info(data["dataset"]))
-    bundle = load_dataset(data["dataset"], root=data.get("root"), val_fraction=float(data.get("val_fraction", 0.1)))
+    bundle = load_dataset(data["dataset"], root=data["root"], val_fraction=float(data["val_fraction"]))
     if "partition-id" not in node_config or "num-partitions" not in node_config:
         raise NodeDataError(
             "node config has neither 'data-path' nor 'partition-id'/'num-partitions'; "
@@ -179,7 +183,7 @@ def gpu_memory_cap(task: Mapping[str, Any]) -> tuple[int | None, float] | None:
     fraction of the device's memory: Ray's fractional GPUs limit scheduling, not memory.
     A fraction of 1 or more (a whole GPU) needs no cap. Pure: looks at no device.
     """
-    device = str(task.get("device", "cpu"))
+    device = str(task["device"])
     if not device.startswith("cuda") or task.get("gpu_fraction") is None:
         return None
     fraction = float(task["gpu_fraction"])

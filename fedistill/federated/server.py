@@ -208,9 +208,9 @@ class GlobalModel:
         return attack_success_rate(
             model,
             self.bundle.test,
-            target=int(attack.get("target", 0)),
+            target=int(attack["target"]),
             device=self.device,
-            trigger_size=int(attack.get("trigger_size", 2)),
+            trigger_size=int(attack["trigger_size"]),
         )
 
     def save(self, path: str | Path) -> Path:

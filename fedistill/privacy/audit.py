@@ -163,7 +163,11 @@ def audit_notes(result: dict[str, Any], *, tolerance: float, num_classes: int) -
 
 
 def run_audit(cfg: dict[str, Any], out_dir: str | Path) -> dict[str, Any]:
-    """Audit the run in ``cfg["run_dir"]``; writes ``audit.json`` and ``audit.png`` into ``out_dir``."""
+    """Audit the run in ``cfg["run_dir"]``; writes ``audit.json`` and ``audit.png`` into ``out_dir``.
+
+    ``cfg`` is a composed ``audit`` config (``configs/audit.yaml``); the run's own ``config.yaml``
+    is read from disk and may come from an older version (its ``data`` keys are optional).
+    """
     from fedistill.engines import resolve_device
     from fedistill.reporting import RunDir
 
@@ -188,15 +192,15 @@ def run_audit(cfg: dict[str, Any], out_dir: str | Path) -> dict[str, Any]:
     model = dict(run_cfg["model"])
     recipe_cfg = dict(run_cfg["eval"]) if "eval" in run_cfg else dict(run_cfg["strategy"].get("server", {}))
     recipe_cfg = {k: v for k, v in recipe_cfg.items() if k in EvalRecipe.__dataclass_fields__}
-    if cfg.get("epochs"):
+    if cfg["epochs"]:
         recipe_cfg["epochs"] = int(cfg["epochs"])
-    settings = AuditSettings(**{k: cfg[k] for k in ("members", "shadows", "matched", "match_tolerance") if k in cfg})
+    settings = AuditSettings(**{k: cfg[k] for k in ("members", "shadows", "matched", "match_tolerance")})
     audit = _Audit(
         bundle,
         ModelSpec(model.pop("name"), model),
         EvalRecipe(**recipe_cfg),
-        int(cfg.get("seed", 0)),
-        resolve_device(cfg.get("device", "auto")),
+        int(cfg["seed"]),
+        resolve_device(cfg["device"]),
         settings,
     )
     g = torch_generator(audit.seed, "audit-candidates")
