@@ -84,7 +84,7 @@ def run_central(cfg: dict[str, Any], out_dir: str | Path) -> dict[str, Any]:
     ----------
     cfg
         Resolved ``central`` config: ``method``, ``dataset``, ``model``, ``eval``, ``ipc``, ``seed``,
-        ``device``, ``init``, ``data``, ``checkpoint_every``, ``resume``.
+        ``device``, ``init``, ``data``, ``checkpoint_every``, ``resume``, ``tracking``.
     out_dir
         Run directory (see :mod:`fedistill.reporting`).
 
@@ -99,6 +99,12 @@ def run_central(cfg: dict[str, Any], out_dir: str | Path) -> dict[str, Any]:
     run = RunDir(out_dir, resume=bool(resume))
     if resume and run.summary.get("status") == "done":
         raise CheckpointError(f"{out_dir} already finished (summary.json status: done); nothing to resume")
+    with run.track(cfg):  # the tracker (tracking=...) gets the summary and artefacts however the run ends
+        return _distill_and_evaluate(cfg, run)
+
+
+def _distill_and_evaluate(cfg: dict[str, Any], run: RunDir) -> dict[str, Any]:
+    resume = cfg["resume"]
     device = resolve_device(cfg["device"])
     bundle = _load(cfg, cfg["dataset"]["name"])
     method = dict(cfg["method"])
@@ -116,7 +122,7 @@ def run_central(cfg: dict[str, Any], out_dir: str | Path) -> dict[str, Any]:
 
         def on_step(step: int, total: int, metrics: dict[str, float]) -> None:
             bars.update(task, completed=step, total=total, info=f"loss {metrics.get('loss', float('nan')):.4f}")
-            run.log("distill", **metrics)
+            run.log("distill", **{"iteration": step - 1, **metrics})  # the engine's own iteration wins
 
         init = engine.resolve_init(cfg["init"])
         syn = engine.distill(bundle.train, ipc, init=init, device=device, progress=on_step, seed=seed, **extra)
@@ -180,7 +186,8 @@ def _checkpoint(engine: Any, cfg: dict[str, Any], path: Path) -> Checkpoint:
             f"method={engine.name} does not checkpoint its distillation; resumable engines: "
             f"{', '.join(n for n in ENGINES.names() if ENGINES.get(n).resumable)} (set checkpoint_every=0)"
         )
-    key = config_key({k: v for k, v in cfg.items() if k not in ("resume", "checkpoint_every", "device", "eval")})
+    skip = ("resume", "checkpoint_every", "device", "eval", "tracking")
+    key = config_key({k: v for k, v in cfg.items() if k not in skip})
     return Checkpoint(path / "distill_checkpoint.safetensors", key=key, every=int(cfg["checkpoint_every"] or 0))
 
 

@@ -32,6 +32,7 @@ def _hydra_app(config_name: str, task: Callable[[dict, Path], object], prog: str
         from fedistill.privacy import BudgetExceededError
         from fedistill.privacy.audit import RunDirError
         from fedistill.reporting import RunDir
+        from fedistill.tracking import TrackingError
 
         out = Path(HydraConfig.get().runtime.output_dir)
         resolved = OmegaConf.to_container(cfg, resolve=True)
@@ -54,6 +55,7 @@ def _hydra_app(config_name: str, task: Callable[[dict, Path], object], prog: str
             BudgetExceededError,
             RunDirError,
             CheckpointError,
+            TrackingError,
         ) as exc:
             # input errors carry their own explanation and fix: no traceback
             print(f"fedistill {config_name}: error: {exc}", file=sys.stderr)

@@ -24,6 +24,8 @@ from dataclasses import dataclass, field, fields, is_dataclass
 from pathlib import Path
 from typing import Any
 
+from fedistill.tracking import TRACKERS, missing_extra
+
 __all__ = [
     "SCHEMAS",
     "STRATEGY_SCHEMAS",
@@ -34,6 +36,7 @@ __all__ = [
     "DataConfig",
     "SimulateConfig",
     "StrategyConfig",
+    "TrackingConfig",
     "check_strategy",
     "compose_config",
     "config_dir",
@@ -183,6 +186,18 @@ class ClientResources:
 
 
 @dataclass(frozen=True)
+class TrackingConfig:
+    """``tracking`` (``configs/tracking/*.yaml``): the experiment tracker; its library must be installed."""
+
+    name: str = field(metadata=_choice(tuple(TRACKERS.names())))
+
+    def __post_init__(self) -> None:
+        fix = missing_extra(self.name)
+        if fix:
+            raise ConfigError(fix)
+
+
+@dataclass(frozen=True)
 class CentralConfig:
     """``fedistill central`` (``configs/central.yaml``), top level."""
 
@@ -193,11 +208,12 @@ class CentralConfig:
     device: str
     init: str = field(metadata=_choice(("auto", "real", "noise")))
     data: DataConfig
+    tracking: TrackingConfig
 
 
 @dataclass(frozen=True)
 class SimulateConfig:
-    """``fedistill simulate`` (``configs/simulate.yaml``), top level and ``strategy``/``data``/``client``."""
+    """``fedistill simulate`` (``configs/simulate.yaml``): the top level and its typed groups."""
 
     clients: int = field(metadata=_at_least(1, 10))
     alpha: float = field(metadata=_above(0, 0.5))
@@ -212,6 +228,7 @@ class SimulateConfig:
     strategy: StrategyConfig
     data: DataConfig
     client: ClientResources
+    tracking: TrackingConfig
 
 
 SCHEMAS: dict[str, type] = {"simulate": SimulateConfig, "central": CentralConfig}

@@ -1,6 +1,6 @@
 """``fedistill report DIR...``: collect every run under some directories and group them by config.
 
-A run directory is a directory holding ``config.yaml`` (``.hydra`` folders are skipped)
+A run directory is a directory holding ``config.yaml`` (``.hydra`` and ``mlruns`` folders are skipped)
 written by ``fedistill central`` or ``fedistill simulate``: single runs and the jobs of
 Hydra multiruns alike; which command wrote it is told by its config (:data:`RUN_KINDS`).
 Runs are grouped by their resolved config minus the seed and the keys that never change a
@@ -41,7 +41,7 @@ __all__ = [
 ]
 
 # config keys (and key prefixes) left out of the group key: the seed, and what never changes a result
-IGNORED_KEYS = ("seed", "resume", "hydra", "verbose", "data.root", "eval.cache_dir")
+IGNORED_KEYS = ("seed", "resume", "hydra", "verbose", "data.root", "eval.cache_dir", "tracking")
 # summary["privacy"]: per-client max (federated distillation), spent (central DP engine), FedAvg's
 _EPSILON_KEYS = ("epsilon_max", "epsilon_spent", "epsilon")
 
@@ -282,7 +282,9 @@ def collect(dirs: Sequence[str | Path]) -> Report:
                 f"{d}: {'not a' if d.exists() else 'no such'} directory; pass directories that hold run "
                 "directories (outputs/, multirun/, or a run's own directory)"
             )
-        found |= {p.parent.resolve() for p in d.rglob("config.yaml") if ".hydra" not in p.relative_to(d).parts}
+        # .hydra: Hydra's copy of the config; mlruns: MLflow's artefact copies of tracked runs (tracking=mlflow)
+        skip = {".hydra", "mlruns"}
+        found |= {p.parent.resolve() for p in d.rglob("config.yaml") if not skip & set(p.relative_to(d).parts)}
     read = {p: read_run(p) for p in sorted(found)}
     runs = [r for r in read.values() if r is not None]
     if not runs:

@@ -3,7 +3,8 @@
 A run directory holds ``config.yaml``, ``metrics.jsonl`` (one JSON object per
 event, appended and flushed as it happens), ``summary.json`` (rewritten
 atomically as results arrive, so an interrupted run keeps what it finished),
-``synthetic.safetensors`` (+ ``.json``) and ``synthetic.png``.
+``synthetic.safetensors`` (+ ``.json``) and ``synthetic.png``. :meth:`RunDir.track` also
+sends them to an experiment tracker (:mod:`fedistill.tracking`).
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ import torch
 from fedistill.checkpoint import CheckpointError
 from fedistill.data.synthetic import SyntheticSet
 from fedistill.io import atomic_write_text, read_json_object
+from fedistill.tracking import Tracking, open_tracking
 
 __all__ = [
     "CHANCE_MARGIN",
@@ -80,21 +82,60 @@ class RunDir:
     def __init__(self, path: str | Path, *, resume: bool = False) -> None:
         self.path = Path(path)
         self.path.mkdir(parents=True, exist_ok=True)
+        self.resume = resume
         self.summary: dict[str, Any] = {}
         if resume and (self.path / "summary.json").is_file():  # continue the interrupted run's summary
             fix = "repair it, or move it away to resume with a fresh summary"
             self.summary = read_json_object(self.path / "summary.json", CheckpointError, fix)
         self._t0 = time.time()
+        self.tracking: Tracking | None = None
+
+    def track(self, cfg: dict[str, Any]) -> RunDir:
+        """Forward this run to the tracker of ``cfg["tracking"]`` (:mod:`fedistill.tracking`) until :meth:`close`.
+
+        Logs the resolved ``cfg`` as params (unless resumed), then every event with a step;
+        use the run directory as a context manager (``with run.track(cfg):``) so the tracker
+        gets the summary and the artefacts and is closed however the run ends.
+
+        Raises
+        ------
+        TrackingError
+            The tracker's library is not installed (its extra is named).
+        """
+        self.tracking = open_tracking(cfg, self.path, resume=self.resume, warn=self._warn)
+        return self
+
+    def _warn(self, message: str) -> None:
+        print(f"fedistill: warning: {message}")
+        self._append("warning", message=message)
+
+    def close(self, *, failed: bool = False) -> None:
+        """Hand the summary and artefacts to the tracker and close it (no-op when untracked)."""
+        tracking, self.tracking = self.tracking, None
+        if tracking is not None:
+            tracking.finish(self.path, self.summary, failed=failed)
+
+    def __enter__(self) -> RunDir:
+        return self
+
+    def __exit__(self, exc_type: type[BaseException] | None, *_: object) -> None:
+        self.close(failed=exc_type is not None)
 
     def write_config(self, yaml_text: str) -> None:
         """Write the resolved config as ``config.yaml``."""
         atomic_write_text(self.path / "config.yaml", yaml_text)
 
     def log(self, event: str, **fields: Any) -> None:
-        """Append one event to ``metrics.jsonl`` (flushed immediately)."""
+        """Append one event to ``metrics.jsonl`` (flushed immediately) and forward it to the tracker."""
+        rec = self._append(event, **fields)
+        if self.tracking is not None:
+            self.tracking.event(event, rec)
+
+    def _append(self, event: str, **fields: Any) -> dict[str, Any]:
         rec = {"event": event, "time": round(time.time() - self._t0, 3), **fields}
         with open(self.path / "metrics.jsonl", "a") as f:
             f.write(json.dumps(rec) + "\n")
+        return rec
 
     def update_summary(self, **fields: Any) -> dict[str, Any]:
         """Merge ``fields`` into ``summary.json`` and rewrite it atomically."""

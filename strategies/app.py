@@ -54,6 +54,12 @@ def serve(grid: Grid, cfg: dict[str, Any], out_dir: str | Path, *, node_data: st
     run = RunDir(out_dir, resume=resume)
     if resume and run.summary.get("status") == "done":
         raise CheckpointError(f"{out_dir} already finished (summary.json status: done); nothing to resume")
+    with run.track(cfg):  # the tracker (tracking=...) gets the summary and artefacts however the run ends
+        return _serve(grid, cfg, run, node_data)
+
+
+def _serve(grid: Grid, cfg: dict[str, Any], run: RunDir, node_data: str) -> dict[str, Any]:
+    resume = bool(cfg["resume"])
     bundle = load_dataset(
         cfg["dataset"]["name"], root=cfg["data"]["root"], val_fraction=float(cfg["data"]["val_fraction"])
     )
@@ -79,7 +85,7 @@ def serve(grid: Grid, cfg: dict[str, Any], out_dir: str | Path, *, node_data: st
     _print_table(summary, strategy.history)
     for warning in summary.get("warnings", []):
         print(f"fedistill: warning: {warning}")
-    print(f"run directory: {Path(out_dir).resolve()}  (final accuracy {summary['final_accuracy']:.2f}%)")
+    print(f"run directory: {run.path.resolve()}  (final accuracy {summary['final_accuracy']:.2f}%)")
     return summary
 
 

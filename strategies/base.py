@@ -296,7 +296,7 @@ class Strategy:
     # ---------------------------------------------------------- checkpoints
     def checkpoint(self) -> Checkpoint:
         """This run's round checkpoint (keyed by the config, so another config cannot resume it)."""
-        skip = ("resume", "device", "verbose", "ray", "client", "max_in_flight")
+        skip = ("resume", "device", "verbose", "ray", "client", "max_in_flight", "tracking")
         key = config_key({k: v for k, v in self.cfg.items() if k not in skip})
         return Checkpoint(self.run.path / "checkpoint.safetensors", key=key)
 

@@ -77,9 +77,11 @@ def run_simulate(cfg: dict[str, Any], out_dir: str | Path) -> dict[str, Any]:
     ``attack`` as ``clean``.
     """
     from fedistill.checkpoint import resume_config
+    from fedistill.tracking import check_installed
 
     if cfg["resume"]:  # continue an interrupted run with the config it was started with
         cfg = resume_config(cfg["resume"])
+    check_installed(cfg)  # tracking=... without its extra fails here, before Ray starts
     summary = _run_once(cfg, out_dir)
     attack = cfg["attack"]
     if attack["kind"] and attack["clean_run"]:
