@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from fedistill.io import read_json_object, read_yaml_mapping
+from fedistill.io import flatten_mapping, read_json_object, read_yaml_mapping
 from fedistill.registry import Registry
 
 __all__ = [
@@ -168,16 +168,6 @@ def _value(v: Any) -> str:
     return json.dumps(v) if isinstance(v, list | dict) else str(v)
 
 
-def _flatten(cfg: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for key, value in cfg.items():
-        if isinstance(value, Mapping) and value:
-            out |= _flatten(value, f"{prefix}{key}.")
-        else:
-            out[f"{prefix}{key}"] = value
-    return out
-
-
 def _ignored(key: str) -> bool:
     return any(key == k or key.startswith(f"{k}.") for k in IGNORED_KEYS)
 
@@ -211,7 +201,7 @@ def read_run(path: Path) -> Run | None:
     kinds = [name for name in RUN_KINDS if set(RUN_KINDS.get(name).markers) <= cfg.keys()]
     if len(kinds) != 1:
         return None
-    run = Run(path, kinds[0], _flatten(cfg), "no summary.json", curve=_curve(path))
+    run = Run(path, kinds[0], flatten_mapping(cfg), "no summary.json", curve=_curve(path))
     if not (path / "summary.json").is_file():
         return run
     try:

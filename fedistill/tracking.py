@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
 
+from fedistill.io import flatten_mapping
 from fedistill.registry import Registry
 
 __all__ = [
@@ -229,13 +230,8 @@ def check_installed(cfg: Mapping[str, Any]) -> None:
 
 def flatten_config(cfg: Mapping[str, Any], prefix: str = "") -> dict[str, str]:
     """A resolved config as dotted keys and string values (``null``, ``true``, JSON lists, ``{}``: an empty group)."""
-    out: dict[str, str] = {}
-    for key, value in cfg.items():
-        if isinstance(value, Mapping) and value:
-            out |= flatten_config(value, f"{prefix}{key}.")
-        else:
-            out[f"{prefix}{key}"] = value if isinstance(value, str) else json.dumps(value)
-    return out
+    flat = flatten_mapping(cfg, prefix)
+    return {k: v if isinstance(v, str) else json.dumps(v) for k, v in flat.items()}
 
 
 def numbers(fields: Mapping[str, Any], *, depth: int, prefix: str = "") -> dict[str, float]:
