@@ -93,12 +93,19 @@ def _pm(values: list[float]) -> str:
     return f"{statistics.fmean(values):.2f} ± {statistics.pstdev(values):.2f}"
 
 
-def test_report_groups_seeds_means_and_lists_failed_runs(runs):
+@pytest.fixture(scope="module")
+def report(runs) -> tuple[subprocess.CompletedProcess, Path]:
+    """``fedistill report`` over the runs: the finished process and the report directory."""
     out = runs / "report"
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     cmd = [sys.executable, "-m", "fedistill.cli", "report", str(runs / "sweep"), str(runs / "sim"), "--out", str(out)]
     proc = subprocess.run(cmd, cwd=runs, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr
+    return proc, out
+
+
+def test_report_groups_seeds_means_and_lists_failed_runs(runs, report):
+    proc, out = report
     assert proc.stdout.splitlines()[-1] == f"report: {out / 'report.html'} (8 runs in 3 groups, 3 failed or incomplete)"
 
     rows = list(csv.DictReader((out / "report.csv").open()))
@@ -212,3 +219,53 @@ def test_bad_input_is_one_line_and_exit_code_2(tmp_path, capsys):
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "no fedistill central or simulate run under" in err and str(tmp_path) in err
     assert "Traceback" not in err
+
+
+# What a real browser makes of report.html (Debian's chromium, headless): the page gets a probe
+# script that records, once loaded, how many of its images decoded to real pictures.
+PROBE = """<script>window.addEventListener("load", () => {
+  const imgs = [...document.images];
+  const shown = imgs.filter((i) => i.complete && i.naturalWidth >= 200 && i.naturalHeight >= 100);
+  document.body.setAttribute("data-probe", `${shown.length}/${imgs.length}`);
+});</script>"""
+
+
+def _chromium(page: Path, profile: Path, *args: str) -> subprocess.CompletedProcess:
+    exe = shutil.which("chromium") or shutil.which("chromium-browser")
+    if exe is None:
+        pytest.skip("the browser check needs Debian's chromium: apt-get install chromium")
+    cmd = [exe, "--headless", "--no-sandbox", "--disable-gpu", "--enable-logging=stderr", "--v=0"]
+    cmd += [f"--user-data-dir={profile}", "--virtual-time-budget=5000", *args, page.resolve().as_uri()]
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+
+
+def _browse(html: str, tmp_path: Path, *args: str) -> tuple[str, list[str], subprocess.CompletedProcess]:
+    """Load ``html`` (with the probe) in headless chromium: the probe's ``shown/total`` images and
+    every console message the page produced."""
+    tmp_path.mkdir(parents=True, exist_ok=True)
+    page = tmp_path / "probe.html"
+    page.write_text(html.replace("</body>", f"{PROBE}</body>"))
+    proc = _chromium(page, tmp_path / "profile", "--dump-dom", *args)
+    probe = re.search(r'data-probe="(\d+/\d+)"', proc.stdout)
+    console = [line for line in proc.stderr.splitlines() if ":CONSOLE" in line]
+    return (probe.group(1) if probe else "not loaded"), console, proc
+
+
+def test_report_html_loads_in_a_real_browser_with_its_plots(report, tmp_path):
+    """The report loads in chromium with no console message (it has no script of its own), all
+    three plots decode as pictures, and a screenshot of the page is mostly not blank; the same
+    check on a page with a broken image and a script error fails, so it can."""
+    _, out = report
+    html = (out / "report.html").read_text()
+    shot_path = tmp_path / "shot.png"
+    shown, console, proc = _browse(html, tmp_path / "report", f"--screenshot={shot_path}", "--window-size=1280,2400")
+    assert shown == "3/3" and console == [], (shown, console, proc.stderr[-2000:])
+    from PIL import Image
+
+    shot = Image.open(shot_path).convert("L")
+    dark = sum(shot.histogram()[:200]) / (shot.width * shot.height)
+    assert dark > 0.02, f"the screenshot is blank ({dark:.3%} non-white pixels)"
+    broken = html.replace("data:image/png;base64,", "data:image/png;base64,AAAA", 1)
+    broken = broken.replace("</body>", "<script>undefinedFunction()</script></body>")
+    shown, console, _ = _browse(broken, tmp_path / "broken")
+    assert shown == "2/3" and any("undefinedFunction" in line for line in console)
