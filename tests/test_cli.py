@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -100,11 +101,20 @@ def test_bad_input_is_one_clear_line(tmp_path):
     assert "dataset 'mnist' not found" in proc.stderr and "data.root=DIR" in proc.stderr
 
 
-def test_help_lists_groups(tmp_path):
-    out = fedistill("central", "--help", cwd=tmp_path).stdout
-    for group in ("dataset:", "method:", "model:", "eval:", "preset:"):
-        assert group in out
-    assert "digits" in out and "convnet" in out
+@pytest.mark.parametrize("command", ["central", "simulate"])
+def test_help_shows_the_common_overrides_first_and_they_exist(command, tmp_path):
+    """``--help`` opens with the common overrides; every option it names for a config group
+    (``group=a|b|c``) is one of that group's real options, so the list cannot go stale."""
+    out = fedistill(command, "--help", cwd=tmp_path).stdout
+    common, rest = out.split("== Configuration groups ==", 1)
+    assert out.startswith(f"fedistill {command}: ") and "== Common overrides" in common
+    groups = dict(line.split(": ", 1) for line in rest.split("== Config", 1)[0].strip().splitlines())
+    named = re.findall(r"(?<![.\w])(\w+)=((?:\w+\|)+\w+)", common)
+    assert {"dataset", "method", "tracking"} <= {g for g, _ in named}
+    for group, options in named:
+        if group in groups:
+            assert set(options.split("|")) <= set(groups[group].split(", ")), (group, options)
+    assert "dataset: cifar10, digits, fashion_mnist, mnist" in rest and "name: digits" in rest
 
 
 def test_multirun_sweep(tmp_path):
