@@ -3,7 +3,9 @@
 The HTML needs no network: its plots are inline PNG (``data:image/png;base64,...``), drawn
 with matplotlib on the Agg backend: accuracy against rounds and against cumulative uplink
 (one line per group, shaded mean ± std over seeds, the Pareto front of final accuracy
-against uplink marked) and accuracy against the epsilon spent (DP runs only).
+against uplink marked) and accuracy against the epsilon spent (DP runs only); then, per
+finished run, thumbnails of its synthetic set (``synthetic.png``) and partition
+(``partition.png``, simulate runs).
 """
 
 from __future__ import annotations
@@ -35,6 +37,7 @@ __all__ = [
     "page",
     "plots",
     "tables",
+    "thumbnails",
     "write_report",
 ]
 
@@ -56,6 +59,11 @@ _ACCURACY = attrgetter("result.accuracy")
 _RANDOM_SUBSET = attrgetter("result.random_subset")
 _BYTES_UP = attrgetter("result.bytes_up")
 _EPSILON = attrgetter("epsilon")
+#: the per-run pictures of ``report.html`` (file in the run directory, column title), scaled to this width
+THUMBNAILS = (("synthetic.png", "synthetic set"), ("partition.png", "partition"))
+THUMB_WIDTH = 240
+#: at most this many runs get thumbnails (the page stays a few MB for a large grid); the rest are counted
+MAX_THUMB_RUNS = 60
 
 
 class Table(NamedTuple):
@@ -187,6 +195,46 @@ def plots(report: Report) -> list[tuple[str, str]]:
     return [(title, line_plot(lines, title=title, **opts)) for title, lines, opts in specs if lines]
 
 
+def _thumb(path: Path) -> str | None:
+    """``path`` (a PNG) scaled down to :data:`THUMB_WIDTH` pixels wide, as base64; None if absent or unreadable."""
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(path) as img:
+            img.thumbnail((THUMB_WIDTH, THUMB_WIDTH * 4))
+            buf = io.BytesIO()
+            img.save(buf, format="PNG", optimize=True)
+    except (OSError, UnidentifiedImageError):
+        return None
+    return base64.b64encode(buf.getvalue()).decode("ascii")
+
+
+def thumbnails(report: Report) -> tuple[list[tuple[str, Any, list[str | None]]], int]:
+    """Per finished run (group order, at most :data:`MAX_THUMB_RUNS`): its group label, seed and
+    the base64 thumbnails of :data:`THUMBNAILS` (None where the run has no such picture); and
+    how many finished runs were left out."""
+    done = [(g.label, run) for g in report.groups for run in g.done]
+    rows = [(label, run.seed, [_thumb(run.path / name) for name, _ in THUMBNAILS]) for label, run in done]
+    return rows[:MAX_THUMB_RUNS], max(0, len(rows) - MAX_THUMB_RUNS)
+
+
+def _thumb_table(report: Report) -> list[str]:
+    rows, left_out = thumbnails(report)
+    if not rows:
+        return []
+    esc = html.escape
+    heads = ["group", "seed", *(title for _, title in THUMBNAILS)]
+    parts = ["<h2>Runs</h2><table><tr>" + "".join(f"<th>{h}</th>" for h in heads) + "</tr>"]
+    for label, seed, pngs in rows:
+        pairs = zip(pngs, THUMBNAILS, strict=True)
+        cells = [f"<img alt='{t}' src='data:image/png;base64,{p}'>" if p else "-" for p, (_, t) in pairs]
+        parts.append(f"<tr><td>{esc(label)}</td><td>{esc(str(seed))}</td><td>" + "</td><td>".join(cells) + "</td></tr>")
+    parts.append("</table>")
+    if left_out:
+        parts.append(f"<p>{left_out} more finished runs (thumbnails of the first {MAX_THUMB_RUNS} only)</p>")
+    return parts
+
+
 def _intro(report: Report, dirs: Sequence[str]) -> str:
     return (
         f"{len(report.runs)} runs in {len(report.groups)} groups ({len(report.incomplete)} failed or incomplete) "
@@ -234,6 +282,7 @@ def page(report: Report, tabs: Sequence[Table], images: Sequence[tuple[str, str]
         parts.append("</table>")
     for title, png in images:
         parts.append(f"<h2>{esc(title)}</h2><img alt='{esc(title)}' src='data:image/png;base64,{png}'>")
+    parts += _thumb_table(report)
     if notes := _notes(report):
         parts.append("<h2>Notes</h2><ul>" + "".join(f"<li>{esc(n)}</li>" for n in notes) + "</ul>")
     return "\n".join([*parts, "</body></html>\n"])

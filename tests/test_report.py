@@ -162,8 +162,13 @@ def test_report_groups_seeds_means_and_lists_failed_runs(runs, report):
 
     page = (out / "report.html").read_text()
     images = re.findall(r"src='data:image/png;base64,([A-Za-z0-9+/=]+)'", page)
-    assert len(images) == 3  # accuracy vs rounds, vs uplink (simulate), vs epsilon (dp_dm)
     assert all(base64.b64decode(img)[:8] == b"\x89PNG\r\n\x1a\n" for img in images)
+    plots = re.findall(r"</h2><img alt='accuracy vs ([^']+)'", page)
+    assert len(plots) == 3  # accuracy vs rounds, vs uplink (simulate), vs epsilon (dp_dm)
+    # thumbnails of the 5 finished runs: every synthetic set, the simulate run's partition
+    runs_table = page.split("<h2>Runs</h2>", 1)[1].split("</table>", 1)[0]
+    assert runs_table.count("<tr>") == 6 and runs_table.count("alt='synthetic set'") == 5
+    assert runs_table.count("alt='partition'") == 1 and len(images) == 3 + 6
     assert "http://" not in page and "https://" not in page
     assert "command=central, method.name=dp_dm" in page and "distilling" in page
 
@@ -225,7 +230,7 @@ def test_bad_input_is_one_line_and_exit_code_2(tmp_path, capsys):
 # script that records, once loaded, how many of its images decoded to real pictures.
 PROBE = """<script>window.addEventListener("load", () => {
   const imgs = [...document.images];
-  const shown = imgs.filter((i) => i.complete && i.naturalWidth >= 200 && i.naturalHeight >= 100);
+  const shown = imgs.filter((i) => i.complete && i.naturalWidth > 0 && i.naturalHeight > 0);
   document.body.setAttribute("data-probe", `${shown.length}/${imgs.length}`);
 });</script>"""
 
@@ -253,13 +258,14 @@ def _browse(html: str, tmp_path: Path, *args: str) -> tuple[str, list[str], subp
 
 def test_report_html_loads_in_a_real_browser_with_its_plots(report, tmp_path):
     """The report loads in chromium with no console message (it has no script of its own), all
-    three plots decode as pictures, and a screenshot of the page is mostly not blank; the same
+    its pictures (three plots, the runs' thumbnails) decode, and a screenshot of the page is mostly not blank; the same
     check on a page with a broken image and a script error fails, so it can."""
     _, out = report
     html = (out / "report.html").read_text()
     shot_path = tmp_path / "shot.png"
     shown, console, proc = _browse(html, tmp_path / "report", f"--screenshot={shot_path}", "--window-size=1280,2400")
-    assert shown == "3/3" and console == [], (shown, console, proc.stderr[-2000:])
+    n = html.count("<img ")
+    assert n >= 3 and shown == f"{n}/{n}" and console == [], (shown, console, proc.stderr[-2000:])
     from PIL import Image
 
     shot = Image.open(shot_path).convert("L")
@@ -268,4 +274,4 @@ def test_report_html_loads_in_a_real_browser_with_its_plots(report, tmp_path):
     broken = html.replace("data:image/png;base64,", "data:image/png;base64,AAAA", 1)
     broken = broken.replace("</body>", "<script>undefinedFunction()</script></body>")
     shown, console, _ = _browse(broken, tmp_path / "broken")
-    assert shown == "2/3" and any("undefinedFunction" in line for line in console)
+    assert shown == f"{n - 1}/{n}" and any("undefinedFunction" in line for line in console)
