@@ -41,3 +41,26 @@ def append_row(path: Path, row: str) -> None:
     print(row, flush=True)
     with open(path, "a") as f:
         f.write(row + "\n")
+
+
+def report_results(dirs: list[Path], name: str, header: str) -> Path:
+    """The ``fedistill report`` of the runs under ``dirs`` as this benchmark's results.
+
+    ``results/<name>-<date>.md`` is ``header`` then the report's tables (groups of runs that
+    differ only in the seed: mean ± std, the random-subset control beside, uplink, epsilon,
+    the Pareto front; failed or incomplete runs listed); ``.csv`` has one row per run and
+    ``.html`` the plots and thumbnails. Called after every run, so a stopped benchmark keeps
+    what it measured.
+    """
+    from fedistill.report import collect
+    from fedistill.report_render import csv_text, markdown, page, plots, tables
+
+    md = results_path(name)
+    report = collect(dirs)
+    tabs = tables(report, relative_to=dirs[0])
+    shown = [str(d) for d in dirs]
+    body = markdown(report, tabs, dirs=shown).split("\n", 1)[1]  # the benchmark's header replaces the title
+    md.write_text(header.rstrip() + "\n" + body)
+    md.with_suffix(".csv").write_text(csv_text(report))
+    md.with_suffix(".html").write_text(page(report, tabs, plots(report), dirs=shown))
+    return md
