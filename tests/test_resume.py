@@ -131,6 +131,7 @@ SIMULATE = [
     "clients=3",
     "rounds=4",
     "strategy.local_epochs=1",
+    "strategy.dp.noise_multiplier=0.5",
     "model.width=16",
     "device=cpu",
     "client.num_cpus=1",
@@ -138,8 +139,8 @@ SIMULATE = [
 
 
 def test_simulate_resumes_after_sigkill_to_the_same_model(tmp_path):
-    """A FedAvg run killed after round 2 of 4 and resumed ends with the uninterrupted run's
-    metrics and global model, bit for bit on CPU."""
+    """A DP FedAvg run (Flower's server-side Gaussian mechanism) killed after round 2 of 4 and
+    resumed ends with the uninterrupted run's metrics, epsilon and global model, bit for bit on CPU."""
     from fedistill.io import load_tensors
 
     full = tmp_path / "full"
@@ -154,9 +155,51 @@ def test_simulate_resumes_after_sigkill_to_the_same_model(tmp_path):
     sa, sb = (json.loads((d / "summary.json").read_text()) for d in (full, killed))
     assert sb["status"] == "done" and sb["accuracy_history"] == sa["accuracy_history"]
     assert sb["final_accuracy"] == sa["final_accuracy"]
+    # Flower's accountant restored, not restarted: the same releases and epsilon as without the kill
+    assert sb["privacy"] == sa["privacy"] and sb["privacy"]["releases"] == 4 and sb["privacy"]["epsilon"] > 0
     # bytes include JSON metric records whose timings differ in digits between runs: equal up to a few bytes
     assert abs(sb["bytes_up"] - sa["bytes_up"]) < 64
     a, b = load_tensors(full / "global_model.safetensors"), load_tensors(killed / "global_model.safetensors")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     events = [json.loads(line)["event"] for line in (killed / "metrics.jsonl").read_text().splitlines()]
     assert "resumed" in events
+
+
+DP_ONESHOT = [
+    "method=dp_dm",
+    "clients=3",
+    "rounds=2",
+    "ipc=1",
+    "device=cpu",
+    "model.depth=2",
+    "method.iterations=40",
+    "method.releases=10",
+    "method.epsilon=4",
+    "strategy.server.epochs=50",
+]
+
+
+def test_dp_oneshot_killed_after_round_1_resumes_with_every_clients_ledger(tmp_path):
+    """`method=dp_dm` in two rounds through Ray, SIGKILLed after round 1 and resumed in a fresh Ray
+    (fresh nodes: their own ledgers are gone): each client's epsilon still grows from round 1 to
+    round 2 (the server's checkpointed mirror of the ledgers reaches the new nodes) and ends at the
+    per-client budget, never above it; round 1's record is the killed run's."""
+    from test_simulate import _check_contract, _rounds
+
+    run = tmp_path / "dp"
+    proc = _spawn(["simulate", *DP_ONESHOT, f"hydra.run.dir={run}"], tmp_path)
+    _kill_when(proc, lambda: _checkpoint_rounds(run / "checkpoint.safetensors") >= 1)
+    before = _rounds(run)
+    assert len(before) == 1 and json.loads((run / "summary.json").read_text())["status"] == "running"
+    fedistill("simulate", f"resume={run}", cwd=tmp_path)
+    summary = _check_contract(run, synthetic=True)
+    rounds = _rounds(run)
+    assert [r["round"] for r in rounds] == [1, 2] and rounds[0] == before[0]
+    first, second = (r["epsilon"] for r in rounds)
+    assert set(first) == set(second) == {"p0", "p1", "p2"}
+    assert all(0 < first[c] < second[c] <= 4.0 * 1.01 for c in first)
+    privacy = summary["privacy"]
+    assert privacy["epsilon_max"] == pytest.approx(4.0, rel=0.02) and privacy["delta"] == 1e-5
+    assert any("class_counts" in p for p in privacy["public"])
+    events = [json.loads(line)["event"] for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert events.count("resumed") == 1

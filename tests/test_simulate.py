@@ -231,34 +231,6 @@ def test_oneshot_runs_any_engine_through_the_simulation(tmp_path, monkeypatch, m
     assert SyntheticSet.load(run / "synthetic.safetensors").metadata["method"] == method
 
 
-def test_dp_oneshot_accounts_every_client_cumulatively(tmp_path):
-    """`method=dp_dm` in two rounds: each client's epsilon grows round by round (the node keeps its
-    ledger; the server mirrors it) and ends at the per-client budget, never above it."""
-    run, _ = _simulate(
-        tmp_path,
-        "dp",
-        "method=dp_dm",
-        "clients=3",
-        "rounds=2",
-        "ipc=1",
-        "device=cpu",
-        "model.depth=2",
-        "method.iterations=40",
-        "method.releases=10",
-        "method.epsilon=4",
-        "strategy.server.epochs=50",
-    )
-    summary = _check_contract(run, synthetic=True)
-    first, second = (r["epsilon"] for r in _rounds(run))
-    assert set(first) == set(second) == {"p0", "p1", "p2"}
-    assert all(0 < first[c] < second[c] <= 4.0 * 1.01 for c in first)
-    privacy = summary["privacy"]
-    assert privacy["epsilon_max"] == pytest.approx(4.0, rel=0.02) and privacy["delta"] == 1e-5
-    assert any("class_counts" in p for p in privacy["public"])
-    meta = SyntheticSet.load(run / "synthetic.safetensors")
-    assert len(meta) > 0
-
-
 def test_backdoor_clients_are_planned_and_the_success_rate_is_reported(tmp_path):
     """40% of 5 clients plant a backdoor before distilling, against defense=screen; the summary names
     them and reports the attack success rate of the global model on triggered test images (a
