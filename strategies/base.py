@@ -26,9 +26,9 @@ from fedistill.data.base import DataBundle
 from fedistill.data.synthetic import SyntheticSet
 from fedistill.engines import resolve_device
 from fedistill.federated import ClientFailure, FederationError, GlobalModel
-from fedistill.federated.client import model_spec
+from fedistill.federated.client import FAULTS, model_spec
 from fedistill.federated.defenses import check_defense
-from fedistill.federated.node import data_spec
+from fedistill.federated.node import data_spec, partition_indices
 from fedistill.federated.server import assign_faults
 from fedistill.federated.state import get_path, pack, set_path, unpack
 from fedistill.registry import Registry
@@ -203,13 +203,24 @@ class Strategy:
     def fault_plan(self) -> dict[str, str]:
         """Injected faults per client (``faults`` config: by partition id or by fraction of clients)."""
         if self._faults is None:
-            from fedistill.federated.client import FAULTS
-
             clients = sorted(self.clients.values(), key=_client_order)
-            self._faults = assign_faults(self.cfg["faults"] or {}, clients, seed=self.seed, kinds=FAULTS.names())
+            kinds = self.fault_kinds()
+            self._faults = assign_faults(self.cfg["faults"] or {}, clients, seed=self.seed, kinds=kinds)
             for client, kind in sorted(self._faults.items(), key=lambda kv: _client_order(kv[0])):
                 self.run.log("fault_planned", client=client, kind=kind)
         return self._faults
+
+    def fault_kinds(self) -> list[str]:
+        """The injectable faults of this strategy's clients (synthetic-set faults; FedAvg: weight faults)."""
+        return FAULTS.names()
+
+    def simulated_partitions(self) -> dict[str, int] | None:
+        """Records per simulated client (``p<id>``), as the server derives the split; ``None`` on
+        devices with their own data (``node_data`` other than ``partition``)."""
+        if self.run.summary.get("node_data") != "partition":
+            return None
+        parts = partition_indices(data_spec(self.cfg, self.bundle.info.name), int(self.cfg["clients"]))
+        return {f"p{i}": len(p) for i, p in enumerate(parts)}
 
     def wait_for_nodes(self, grid: Grid) -> list[int]:
         """Block until the expected number of nodes registered (or time out with a clear error)."""
@@ -226,10 +237,14 @@ class Strategy:
         return nodes
 
     def discover(self, grid: Grid, nodes: list[int]) -> None:
-        """Ask every node for its partition id; key clients ``p{id}`` (``n{node}`` without one)."""
+        """Ask every node for its partition id; key clients ``p{id}`` (``n{node}`` without one).
+
+        Waits up to ``wait_timeout`` (the nodes' start-up, e.g. Ray actors importing torch), not
+        the round's ``round_timeout``: a short round timeout must not cost nodes their stable keys.
+        """
         msgs = [Message(task_content({}), dst_node_id=n, message_type="query.info") for n in nodes]
         self.clients = {n: f"n{n}" for n in nodes}
-        for rep in grid.send_and_receive(msgs, timeout=float(self.opts["round_timeout"])):
+        for rep in grid.send_and_receive(msgs, timeout=float(self.opts["wait_timeout"])):
             if not rep.has_error():
                 pid = int(read_metrics(rep).get("partition-id", -1))
                 if pid >= 0:

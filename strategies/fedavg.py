@@ -10,7 +10,8 @@ from flwr.serverapp import Grid
 from flwr.serverapp.exception import PrivacyBudgetExhausted
 
 from fedistill.federated import ClientFailure, FederationError, weighted_average
-from fedistill.federated.server import state_problem
+from fedistill.federated.client import WEIGHT_FAULTS
+from fedistill.federated.server import examples_problem, state_problem
 from protocol.records import read_tensors
 from strategies.base import Reply, Strategy, register_strategy
 from strategies.dp_fedavg import FlowerCentralDP
@@ -37,6 +38,7 @@ class FedAvg(Strategy):
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
+        self._held: dict[str, int] | None = None
         dp = dict(self.opts["dp"])
         self.dp: FlowerCentralDP | None = None
         if dp["noise_multiplier"]:
@@ -71,17 +73,25 @@ class FedAvg(Strategy):
         }
         return {"fit": fit}, self.global_model.state
 
+    def fault_kinds(self) -> list[str]:
+        """FedAvg clients misbehave in their weights and counts (:data:`WEIGHT_FAULTS`)."""
+        return WEIGHT_FAULTS.names()
+
     def accept(self, round_: int, replies: list[Reply]) -> tuple[list[Reply], list[ClientFailure]]:
-        """Reject replies whose weights do not match the global model's keys, shapes or finiteness."""
+        """Reject replies whose weights do not match the global model's keys, shapes or finiteness, or
+        whose ``examples`` weight is not a positive whole number or exceeds the client's simulated partition."""
         ok, bad = [], []
         ref = self.global_model.state
+        if self._held is None:  # the simulated clients' record counts: an upper bound on their weight
+            self._held = self.simulated_partitions() or {}
+        held = self._held
         for r in replies:
             try:
                 state = read_tensors(r.msg.content.array_records["model"])
             except KeyError:
                 bad.append(ClientFailure(r.node, r.client, "rejected", "reply has no 'model' ArrayRecord"))
                 continue
-            problem = state_problem(state, ref)
+            problem = state_problem(state, ref) or examples_problem(r.metrics.get("examples"), held=held.get(r.client))
             if problem:
                 bad.append(ClientFailure(r.node, r.client, "rejected", problem))
                 continue
@@ -102,7 +112,7 @@ class FedAvg(Strategy):
 
     def update(self, round_: int, accepted: list[Reply]) -> dict[str, Any]:
         """Average the accepted weights (by example count; uniformly, clipped and noised with DP)."""
-        weights = [float(r.metrics.get("examples", 1)) for r in accepted]
+        weights = [float(r.metrics["examples"]) for r in accepted]  # accept() checked every count
         aggregator = self.aggregator()
         if self.dp is None and aggregator != "mean":
             opts = {**self.opts, **self.defense_options}  # trim_beta / krum_malicious of the defense group

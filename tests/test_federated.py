@@ -324,6 +324,30 @@ def test_fault_plan_by_fraction_is_deterministic_and_disjoint():
         assign_faults({"crsh": 0.2}, clients, seed=0, kinds=kinds)
     with pytest.raises(FederationError, match=r"must lie in \[0, 1\]"):
         assign_faults({"crash": 1.5}, clients, seed=0, kinds=kinds)
+    # clients keyed by node id (no partition ids): an explicit id would silently inject nothing
+    with pytest.raises(FederationError, match="no client has partition id 3"):
+        assign_faults({"3": "nan"}, ["n17", "n42"], seed=0, kinds=kinds)
+
+
+@pytest.mark.parametrize(
+    ("examples", "held", "problem"),
+    [
+        (120, 120, ""),
+        (120, None, ""),  # a device's own data: unverifiable
+        (121, 120, "claims 121 examples, but its partition holds 120 records"),
+        (0, None, "not a positive whole number"),
+        (2.5, None, "not a positive whole number"),
+        (float("nan"), None, "not a number"),
+        (True, None, "not a number"),
+        ("120", None, "not a number"),
+        (None, None, "not a number"),
+    ],
+)
+def test_a_fedavg_count_must_be_a_whole_number_within_the_partition(examples, held, problem):
+    from fedistill.federated.server import examples_problem
+
+    got = examples_problem(examples, held=held)
+    assert (problem in got and got) if problem else got == ""
 
 
 def test_slow_fault_delays_the_client_before_any_work():

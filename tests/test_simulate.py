@@ -124,6 +124,26 @@ def test_faulty_clients_are_rejected_with_reasons_and_the_run_completes(tmp_path
     assert progress[-1]["eta_seconds"] == 0 and progress[-1]["elapsed"] > 0
 
 
+def test_fedavg_rejects_bad_weights_and_counts_and_times_out_a_silent_client(tmp_path):
+    """Through Ray: FedAvg replies with a NaN weight, a wrong shape, an extra key or a count
+    1000x the client's partition are rejected with their reasons, a client that answers after
+    `strategy.round_timeout` is a `timeout` failure, and the round completes with the rest."""
+    faults = ["+faults.0=nan", "+faults.1=shape", "+faults.2=keys", "+faults.3=examples", "+faults.4=timeout"]
+    args = ["strategy=fedavg", "clients=7", "rounds=1", "strategy.local_epochs=1", "model.width=16", "device=cpu"]
+    args += ["strategy.round_timeout=10", "strategy.min_success_fraction=0.25"]
+    run, _ = _simulate(tmp_path, "fedavg_faults", *args, *faults)
+    (rec,) = _rounds(run)
+    assert (rec["clients_succeeded"], rec["clients_failed"]) == (2, 5)
+    reasons = {f["client"]: (f["kind"], f["reason"]) for f in rec["failures"]}
+    assert reasons["p0"][0] == "rejected" and "NaN" in reasons["p0"][1]
+    assert reasons["p1"][0] == "rejected" and "has shape" in reasons["p1"][1]
+    assert reasons["p2"][0] == "rejected" and "unexpected ['backdoor.weight']" in reasons["p2"][1]
+    held = [sum(h) for h in json.loads((run / "partition.json").read_text())["histogram"]]
+    assert reasons["p3"] == ("rejected", f"claims {held[3] * 1000} examples, but its partition holds {held[3]} records")
+    assert reasons["p4"][0] == "timeout"
+    assert rec["examples"] == held[5] + held[6]  # the average weighs only the two honest clients
+
+
 def test_too_many_failures_stop_the_run_and_keep_the_last_good_round(tmp_path):
     """60% of the clients crash from round 2: the run stops with one clear line, and the
     round-1 checkpoint (what resume=RUN_DIR would continue from) is intact."""

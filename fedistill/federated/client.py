@@ -32,6 +32,7 @@ from fedistill.training import EvalRecipe, ModelSpec, test_metrics, train_model
 __all__ = [
     "ENGINE_INPUTS",
     "FAULTS",
+    "WEIGHT_FAULTS",
     "client_ledger",
     "distill_task",
     "evaluate_task",
@@ -80,6 +81,41 @@ def _labels(syn: SyntheticSet) -> SyntheticSet:
 @FAULTS.register("oversize")
 def _oversize(syn: SyntheticSet) -> SyntheticSet:
     return repeat_rows(syn, 4)
+
+
+WeightFault = Callable[[dict[str, torch.Tensor], dict[str, Any]], tuple[dict[str, torch.Tensor], dict[str, Any]]]
+WEIGHT_FAULTS: Registry[WeightFault] = Registry("weight fault")
+"""Deliberate misbehaviour of a FedAvg client's reply (weights, metrics): the server must reject
+``nan``, ``shape`` and ``keys`` and must not let ``examples`` (an inflated sample count) weigh
+the average; ``crash``, ``slow`` and ``timeout`` act before any work (``_setup``)."""
+
+
+@WEIGHT_FAULTS.register("nan")
+def _nan_weights(state: dict[str, torch.Tensor], metrics: dict[str, Any]) -> tuple[dict, dict]:
+    key = next(k for k, v in state.items() if v.is_floating_point())
+    state[key] = state[key].clone().view(-1).index_fill(0, torch.tensor([0]), float("nan")).view_as(state[key])
+    return state, metrics
+
+
+@WEIGHT_FAULTS.register("shape")
+def _shape_weights(state: dict[str, torch.Tensor], metrics: dict[str, Any]) -> tuple[dict, dict]:
+    key = next(k for k, v in state.items() if v.dim() >= 1)
+    state[key] = state[key][:-1].clone() if len(state[key]) > 1 else torch.cat([state[key], state[key]])
+    return state, metrics
+
+
+@WEIGHT_FAULTS.register("keys")
+def _extra_key(state: dict[str, torch.Tensor], metrics: dict[str, Any]) -> tuple[dict, dict]:
+    return {**state, "backdoor.weight": torch.zeros(3)}, metrics
+
+
+@WEIGHT_FAULTS.register("examples")
+def _inflated_examples(state: dict[str, torch.Tensor], metrics: dict[str, Any]) -> tuple[dict, dict]:
+    return state, {**metrics, "examples": int(metrics["examples"]) * 1000}
+
+
+for _kind in ("crash", "slow", "timeout"):  # handled in _setup, before any work
+    WEIGHT_FAULTS.register(_kind)(lambda state, metrics: (state, metrics))
 
 
 def model_spec(model: Mapping[str, Any]) -> ModelSpec:
@@ -212,12 +248,11 @@ def fit_task(
     )
     acc, loss = test_metrics(model, split, device=device)
     new = {k: v.detach().cpu() for k, v in model.state_dict().items()}
-    return new, {
-        "examples": len(split),
-        "train_accuracy": acc,
-        "train_loss": loss,
-        "seconds": time.perf_counter() - start,
-    }
+    seconds = time.perf_counter() - start
+    metrics = {"examples": len(split), "train_accuracy": acc, "train_loss": loss, "seconds": seconds}
+    if task.get("fault"):
+        new, metrics = WEIGHT_FAULTS.get(task["fault"])(new, metrics)
+    return new, metrics
 
 
 def evaluate_task(split: Split, state: dict[str, torch.Tensor], task: Mapping[str, Any]) -> dict[str, Any]:

@@ -8,6 +8,7 @@ accepts only the expected arrays and runs :meth:`SyntheticSet.validate` against 
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, replace
@@ -32,6 +33,7 @@ __all__ = [
     "assign_faults",
     "decode_synthetic",
     "encode_synthetic",
+    "examples_problem",
     "merge_sets",
     "random_baseline",
     "state_problem",
@@ -260,7 +262,8 @@ def assign_faults(
     Raises
     ------
     FederationError
-        For an unknown kind or a fraction outside [0, 1], naming the valid kinds.
+        For an unknown kind, a fraction outside [0, 1] (naming the valid kinds), or a
+        partition id no client has.
     """
     import numpy as np
 
@@ -276,6 +279,11 @@ def assign_faults(
             kind = str(value)  # Hydra parses `nan` as a float
             if kind not in kinds:
                 raise FederationError(f"faults.{key}={kind}: unknown fault; valid: {', '.join(kinds)}")
+            if f"p{key}" not in clients:
+                raise FederationError(
+                    f"faults.{key}={kind}: no client has partition id {key} (clients: {', '.join(clients[:5])}"
+                    f"{', ...' if len(clients) > 5 else ''}); give a partition id below clients=, or a fraction"
+                )
             plan[f"p{key}"] = kind
         elif key in kinds:
             frac = float(value)
@@ -298,10 +306,28 @@ def assign_faults(
 def state_problem(state: Mapping[str, torch.Tensor], ref: Mapping[str, torch.Tensor]) -> str:
     """Why a client's weights cannot be averaged with ``ref`` (keys, shapes, finiteness); ``""`` when they can."""
     if set(state) != set(ref):
-        return f"model keys differ from the global model's (missing {sorted(set(ref) - set(state))[:3]})"
+        missing, extra = sorted(set(ref) - set(state))[:3], sorted(set(state) - set(ref))[:3]
+        return f"model keys differ from the global model's (missing {missing}, unexpected {extra})"
     for k, v in ref.items():
         if state[k].shape != v.shape:
             return f"model['{k}'] has shape {tuple(state[k].shape)}, expected {tuple(v.shape)}"
         if state[k].is_floating_point() and not torch.isfinite(state[k]).all():
             return f"model['{k}'] contains NaN or infinite values"
+    return ""
+
+
+def examples_problem(examples: Any, *, held: int | None) -> str:
+    """Why a FedAvg reply's ``examples`` (its weight in the average) cannot be used; ``""`` when it can.
+
+    It must be a positive whole number and, where the server knows the client's partition
+    (simulation), at most the records that partition holds: a client claiming 1000x its data
+    would otherwise steer the weighted mean. On devices with their own data the count is
+    unverifiable; ``defense=median|trimmed_mean|krum`` weigh clients without it.
+    """
+    if isinstance(examples, bool) or not isinstance(examples, int | float) or not math.isfinite(examples):
+        return f"examples={examples!r} is not a number"
+    if examples < 1 or examples != int(examples):
+        return f"examples={examples!r} is not a positive whole number"
+    if held is not None and examples > held:
+        return f"claims {int(examples)} examples, but its partition holds {held} records"
     return ""
