@@ -195,7 +195,7 @@ def ray_head(tmp_path):
             assert time.monotonic() < deadline, "the Ray head did not come up within 120 s"
             time.sleep(0.5)
         time.sleep(3)  # the raylet registers shortly after the GCS port opens
-        yield f"127.0.0.1:{port}"
+        yield f"127.0.0.1:{port}", Path(temp)
     finally:
         with contextlib.suppress(ProcessLookupError):
             os.killpg(head.pid, signal.SIGTERM)
@@ -213,10 +213,21 @@ def _listening(port: int) -> bool:
         return s.connect_ex(("127.0.0.1", port)) == 0
 
 
+def _cluster_logs(temp: Path, pattern: str) -> list[Path]:
+    return sorted((temp / "session_latest" / "logs").glob(pattern))
+
+
 def test_fedavg_on_an_existing_ray_cluster(tmp_path, ray_head):
+    """`ray.address=` joins the running cluster: the run's driver and its ClientApp actors leave
+    their logs in that cluster's session (a run that started its own Ray would leave none)."""
+    address, temp = ray_head
+    assert not _cluster_logs(temp, "python-core-driver-*")
     run, _ = _simulate(
-        tmp_path, "fedavg", "strategy=fedavg", "rounds=8", "clients=10", "device=cpu", f"ray.address={ray_head}"
+        tmp_path, "fedavg", "strategy=fedavg", "rounds=8", "clients=10", "device=cpu", f"ray.address={address}"
     )
+    assert _cluster_logs(temp, "python-core-driver-*"), "the run's driver never connected to the cluster"
+    actors = [p for p in _cluster_logs(temp, "worker-*.out") if "ClientAppActor" in p.read_text(errors="replace")]
+    assert actors, "no ClientApp actor ran on the cluster"
     summary = _check_contract(run, synthetic=False)
     rounds = _rounds(run)
     assert summary["final_accuracy"] > 30
