@@ -1,6 +1,9 @@
-"""Property-based fuzzing of everything that parses untrusted input: client payloads,
-SyntheticSet files and privacy ledgers. Each must return a valid object or raise its own
-error type naming the problem: never another exception, never a hang (hypothesis deadline)."""
+"""Property-based fuzzing of everything that parses untrusted input: client payloads (pixel
+sets, FedGen's latent codes, FedAF's class statistics, dp_stats' noisy sums), SyntheticSet
+files and privacy ledgers. Each must return a valid object or raise its own error type
+naming the problem: never another exception, never a hang (pytest-timeout). The payload
+fuzzers draw well-formed payloads of up to twice the per-client cap often, so the cap is
+reached (and ``@example`` pins one over-cap case each)."""
 
 from __future__ import annotations
 
@@ -8,7 +11,7 @@ import json
 
 import pytest
 import torch
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 from fedistill.data import SyntheticSet, SyntheticSetError, load_dataset
@@ -45,18 +48,60 @@ def tensors(draw) -> torch.Tensor:
     return (base.nan_to_num(0, 0, 0).clamp(-3, 3) * 3).to(dtype)
 
 
+CAP = 4  # the per-client row cap the payload fuzzers decode against
+
+
+def _well_formed(arrays: dict) -> bool:
+    images, labels = arrays.get("images"), arrays.get("labels")
+    return (
+        set(arrays) == {"images", "labels"}
+        and images.dtype == torch.float32
+        and tuple(images.shape[1:]) == INFO.shape
+        and bool(torch.isfinite(images).all())
+        and labels.dtype == torch.int64
+        and tuple(labels.shape) == images.shape[:1]
+        and bool(((labels >= 0) & (labels < INFO.num_classes)).all())
+    )
+
+
+@st.composite
+def well_formed(draw) -> dict[str, torch.Tensor]:
+    """A valid pixel payload of 0..2 x CAP rows, sometimes with one value spoiled."""
+    n = draw(st.integers(0, 2 * CAP))
+    images = torch.randn(n, *INFO.shape, generator=torch.Generator().manual_seed(draw(st.integers(0, 99))))
+    labels = torch.tensor(
+        draw(st.lists(st.integers(0, INFO.num_classes - 1), min_size=n, max_size=n)), dtype=torch.int64
+    )
+    if n and draw(st.booleans()):
+        spoil = draw(st.sampled_from(["nan", "label"]))
+        if spoil == "nan":
+            images.view(-1)[0] = float("nan")
+        else:
+            labels[0] = INFO.num_classes
+    return {"images": images, "labels": labels}
+
+
 @FUZZ
 @given(
-    arrays=st.dictionaries(st.sampled_from(["images", "labels", "soft_labels", "weights"]), tensors(), max_size=4),
+    arrays=st.one_of(
+        well_formed(),
+        st.dictionaries(st.sampled_from(["images", "labels", "soft_labels", "weights"]), tensors(), max_size=4),
+    ),
     metadata=json_values,
+)
+@example(
+    arrays={"images": torch.zeros(CAP + 1, *INFO.shape), "labels": torch.zeros(CAP + 1, dtype=torch.int64)}, metadata={}
 )
 def test_payload_decoding_never_crashes(arrays, metadata):
     try:
-        syn = decode_synthetic(arrays, metadata, INFO, max_size=50)
+        syn = decode_synthetic(arrays, metadata, INFO, max_size=CAP)
     except SyntheticSetError as err:
         assert err.args and str(err)
+        rows = arrays.get("images", torch.zeros(0)).shape[:1]
+        if _well_formed(arrays) and rows[0] > CAP and isinstance(metadata, dict):
+            assert "cap" in str(err), err  # refused for its size, not by accident
         return
-    assert len(syn) <= 50 and torch.isfinite(syn.images).all() and tuple(syn.images.shape[1:]) == INFO.shape
+    assert len(syn) <= CAP and torch.isfinite(syn.images).all() and tuple(syn.images.shape[1:]) == INFO.shape
 
 
 @pytest.fixture(scope="module")
@@ -103,3 +148,95 @@ def test_malformed_privacy_ledgers_are_rejected_cleanly(state):
         assert "ledger" in str(err) or "accountant" in str(err) or "release" in str(err)
         return
     assert ledger.epsilon >= 0
+
+
+LATENT = 8
+GENERATOR = None
+
+
+def _generator():
+    global GENERATOR
+    if GENERATOR is None:
+        from fedistill.federated.generator import build_generator, new_cvae
+
+        state = new_cvae(INFO, latent_dim=LATENT, hidden=16, seed=0).state_dict()
+        GENERATOR = build_generator(INFO, state, latent_dim=LATENT, hidden=16)
+    return GENERATOR
+
+
+@st.composite
+def latent_payloads(draw) -> dict[str, torch.Tensor]:
+    """FedGen uplinks: often well-formed (0..2 x CAP codes), else arbitrary arrays under the keys."""
+    if draw(st.booleans()):
+        n = draw(st.integers(0, 2 * CAP))
+        z = torch.randn(n, LATENT, generator=torch.Generator().manual_seed(draw(st.integers(0, 99))))
+        if n and draw(st.booleans()):
+            z[0, 0] = draw(st.sampled_from(SPECIALS))
+        labels = draw(st.lists(st.integers(-1, INFO.num_classes), min_size=n, max_size=n))
+        return {"latents": z, "labels": torch.tensor(labels, dtype=torch.int64)}
+    return draw(st.dictionaries(st.sampled_from(["latents", "labels", "images"]), tensors(), max_size=3))
+
+
+@FUZZ
+@given(arrays=latent_payloads(), metadata=json_values | st.just({"generator": {"digest": "d1"}}))
+@example(
+    arrays={"latents": torch.zeros(CAP + 1, LATENT), "labels": torch.zeros(CAP + 1, dtype=torch.int64)},
+    metadata={"generator": {"digest": "d1"}},
+)
+def test_latent_payload_decoding_never_crashes(arrays, metadata):
+    from fedistill.federated.generator import decode_latent_payload
+
+    try:
+        syn = decode_latent_payload(arrays, metadata, _generator(), INFO, max_size=CAP, digest="d1")
+    except SyntheticSetError as err:
+        assert err.args and str(err)
+        z = arrays.get("latents")
+        if z is not None and z.dtype == torch.float32 and z.ndim == 2 and z.shape[1] == LATENT and len(z) > CAP:
+            assert "cap" in str(err), err
+        return
+    assert 0 < len(syn) <= CAP and torch.isfinite(syn.images).all() and metadata["generator"]["digest"] == "d1"
+
+
+@st.composite
+def stats_payloads(draw) -> dict[str, torch.Tensor]:
+    """FedAF statistics: often the right shapes with planted specials, else arbitrary arrays."""
+    k = INFO.num_classes
+    if draw(st.booleans()):
+        soft = torch.softmax(torch.randn(k, k), 1)
+        out = {"class_logits": torch.randn(k, k), "class_soft": soft, "class_counts": torch.arange(k).float()}
+        key = draw(st.sampled_from([None, *out]))
+        if key is not None:
+            out[key] = out[key].clone()
+            out[key].view(-1)[draw(st.integers(0, out[key].numel() - 1))] = draw(st.sampled_from(SPECIALS))
+        return out
+    keys = st.sampled_from(["class_logits", "class_soft", "class_counts", "extra"])
+    return draw(st.dictionaries(keys, tensors(), max_size=4))
+
+
+@FUZZ
+@given(stats=stats_payloads())
+def test_fedaf_statistics_validation_never_crashes(stats):
+    from fedistill.federated.fedaf import StatsError, validate_stats
+
+    try:
+        out = validate_stats(stats, INFO.num_classes)
+    except StatsError as err:
+        assert str(err)
+        return
+    held = out["class_counts"] > 0
+    assert all(torch.isfinite(t).all() for t in out.values()) and (out["class_counts"] >= 0).all()
+    assert torch.allclose(out["class_soft"][held].sum(1), torch.ones(int(held.sum())), atol=1e-3)
+
+
+@FUZZ
+@given(arrays=st.dictionaries(st.sampled_from(["sums", "counts"]), tensors(), max_size=2))
+@example(arrays={"sums": torch.zeros(2, 10, 5)})
+def test_release_validation_never_crashes(arrays):
+    from fedistill.federated.dp_stats import ReleaseError, validate_release
+
+    try:
+        sums = validate_release(arrays, shape=(2, 10, 5))
+    except ReleaseError as err:
+        assert str(err)
+        return
+    assert sums.dtype == torch.float64 and tuple(sums.shape) == (2, 10, 5) and torch.isfinite(sums).all()
