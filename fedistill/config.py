@@ -27,6 +27,8 @@ from typing import Any
 from fedistill.tracking import TRACKERS, missing_extra
 
 __all__ = [
+    "COMMAND_GROUPS",
+    "GROUP_RULES",
     "SCHEMAS",
     "STRATEGY_SCHEMAS",
     "CentralConfig",
@@ -37,6 +39,7 @@ __all__ = [
     "SimulateConfig",
     "StrategyConfig",
     "TrackingConfig",
+    "check_groups",
     "check_strategy",
     "compose_config",
     "config_dir",
@@ -231,6 +234,84 @@ class SimulateConfig:
     tracking: TrackingConfig
 
 
+def _fraction(allowed: str, ok: Callable[[float], bool], example: float) -> tuple[Any, dict[str, Any]]:
+    return float, _check(allowed, ok, example)
+
+
+#: Type and range of the keys of the selectable groups, checked wherever a key occurs in its
+#: group (a group's options differ in which keys they have: ``model=lenet`` has no ``depth``).
+#: The values stay stated once, in each option's YAML.
+GROUP_RULES: dict[str, dict[str, tuple[Any, dict[str, Any]]]] = {
+    "model": {
+        "width": (int, _at_least(1, 32)),
+        "depth": (int, _at_least(1, 3)),
+        "norm": (str, _choice(("instance", "batch", "none"))),
+        "pooling": (str, _choice(("avg", "max", "none"))),
+    },
+    "method": {
+        "iterations": (int, _at_least(1, 200)),
+        "lr_img": (float, _above(0, 1.0)),
+        "batch_real": (int, _at_least(1, 64)),
+        "releases": (int | None, _at_least(1, 50)),
+        "epsilon": (float | None, _above(0, 10.0)),
+        "delta": _fraction("in (0, 1)", lambda v: 0 < v < 1, 1e-5),
+        "clip": (float, _above(0, 3.0)),
+        "sigma": (float | None, _above(0, 1.0)),
+        "sample_rate": (float | None, _check("in (0, 1]", lambda v: 0 < v <= 1, 0.1)),
+    },
+    "policy": {
+        "threshold": (float, _above(0, 3.5)),
+        "min_holders": (int, _at_least(1, 3)),
+        "val_epochs": (int, _at_least(0, 0)),
+        "val_lr": (float, _above(0, 0.1)),
+        "val_margin": (float, _at_least(0, 0.02)),
+        "budget_ipc": (int | None, _at_least(1, 10)),
+    },
+    "defense": {
+        "threshold": (float, _above(0, 2.5)),
+        "min_holders": (int, _at_least(1, 3)),
+        "trim": _fraction("in [0, 0.5)", lambda v: 0 <= v < 0.5, 0.2),
+        "trim_beta": _fraction("in [0, 0.5)", lambda v: 0 <= v < 0.5, 0.2),
+        "max_ratio": _fraction("in (0, 1]", lambda v: 0 < v <= 1, 0.5),
+        "krum_malicious": (int, _at_least(0, 1)),
+        "per_class_cap": (int | None, _at_least(1, 10)),
+        "decimals": (int, _at_least(0, 3)),
+        "val_epochs": (int, _at_least(0, 0)),
+        "val_lr": (float, _above(0, 0.1)),
+        "val_margin": (float, _at_least(0, 0.02)),
+    },
+    "eval": {
+        "runs": (int, _at_least(1, 3)),
+        "epochs": (int, _at_least(1, 300)),
+        "lr": (float, _above(0, 0.01)),
+        "batch_size": (int, _at_least(1, 256)),
+        "whole_epochs": (int, _at_least(1, 300)),
+    },
+}
+#: The groups :data:`GROUP_RULES` checks in each command's config.
+COMMAND_GROUPS: dict[str, tuple[str, ...]] = {
+    "simulate": ("model", "method", "policy", "defense"),
+    "central": ("model", "method", "eval"),
+}
+
+
+def check_groups(config_name: str, cfg: Mapping[str, Any]) -> None:
+    """Check the keys of the selectable groups (:data:`GROUP_RULES`) in a composed config.
+
+    Raises
+    ------
+    ConfigError
+        One line naming the key, the value, what is allowed and an example.
+    """
+    for group in COMMAND_GROUPS.get(config_name, ()):
+        values = cfg.get(group)
+        if not isinstance(values, Mapping):
+            continue
+        for key, (hint, meta) in GROUP_RULES[group].items():
+            if key in values:
+                _check_value(f"{group}.{key}", values[key], hint, meta, config_name)
+
+
 SCHEMAS: dict[str, type] = {"simulate": SimulateConfig, "central": CentralConfig}
 """The typed schema of each command's config (commands without one are not checked)."""
 
@@ -312,6 +393,7 @@ def validate_config(config_name: str, cfg: Mapping[str, Any]) -> Any:
     if schema is None:
         return None
     typed = _build(schema, cfg, "", config_name)
+    check_groups(config_name, cfg)
     if config_name == "simulate":  # the strategy's own keys and cross-key rules
         typed = dataclasses.replace(typed, strategy=check_strategy(cfg))
     return typed

@@ -12,7 +12,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -25,22 +25,10 @@ __all__ = [
     "cache_dir",
     "cache_key",
     "cached_tensors",
-    "flatten_mapping",
     "load_tensors",
     "read_json_object",
     "read_yaml_mapping",
 ]
-
-
-def flatten_mapping(tree: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
-    """A nested mapping (a resolved config) as dotted keys; an empty group stays ``{}`` under its key."""
-    out: dict[str, Any] = {}
-    for key, value in tree.items():
-        if isinstance(value, Mapping) and value:
-            out |= flatten_mapping(value, f"{prefix}{key}.")
-        else:
-            out[f"{prefix}{key}"] = value
-    return out
 
 
 def atomic_write_text(path: str | Path, text: str) -> Path:

@@ -22,7 +22,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from fedistill.io import flatten_mapping, read_json_object, read_yaml_mapping
+from fedistill.dotted import flatten_mapping
+from fedistill.io import read_json_object, read_yaml_mapping
 from fedistill.registry import Registry
 
 __all__ = [

@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
 
-from fedistill.io import flatten_mapping
+from fedistill.dotted import flatten_mapping
 from fedistill.registry import Registry
 
 __all__ = [
