@@ -238,6 +238,14 @@ def _fraction(allowed: str, ok: Callable[[float], bool], example: float) -> tupl
     return float, _check(allowed, ok, example)
 
 
+# the screening keys policy=screen and defense=screen|robust_proto share
+_SCREENING: dict[str, tuple[Any, dict[str, Any]]] = {
+    "threshold": (float, _above(0, 3.5)),
+    "min_holders": (int, _at_least(1, 3)),
+    "val_epochs": (int, _at_least(0, 0)),
+    "val_lr": (float, _above(0, 0.1)),
+    "val_margin": (float, _at_least(0, 0.02)),
+}
 #: Type and range of the keys of the selectable groups, checked wherever a key occurs in its
 #: group (a group's options differ in which keys they have: ``model=lenet`` has no ``depth``).
 #: The values stay stated once, in each option's YAML.
@@ -259,26 +267,15 @@ GROUP_RULES: dict[str, dict[str, tuple[Any, dict[str, Any]]]] = {
         "sigma": (float | None, _above(0, 1.0)),
         "sample_rate": (float | None, _check("in (0, 1]", lambda v: 0 < v <= 1, 0.1)),
     },
-    "policy": {
-        "threshold": (float, _above(0, 3.5)),
-        "min_holders": (int, _at_least(1, 3)),
-        "val_epochs": (int, _at_least(0, 0)),
-        "val_lr": (float, _above(0, 0.1)),
-        "val_margin": (float, _at_least(0, 0.02)),
-        "budget_ipc": (int | None, _at_least(1, 10)),
-    },
+    "policy": {**_SCREENING, "budget_ipc": (int | None, _at_least(1, 10))},
     "defense": {
-        "threshold": (float, _above(0, 2.5)),
-        "min_holders": (int, _at_least(1, 3)),
+        **_SCREENING,
         "trim": _fraction("in [0, 0.5)", lambda v: 0 <= v < 0.5, 0.2),
         "trim_beta": _fraction("in [0, 0.5)", lambda v: 0 <= v < 0.5, 0.2),
         "max_ratio": _fraction("in (0, 1]", lambda v: 0 < v <= 1, 0.5),
         "krum_malicious": (int, _at_least(0, 1)),
         "per_class_cap": (int | None, _at_least(1, 10)),
         "decimals": (int, _at_least(0, 3)),
-        "val_epochs": (int, _at_least(0, 0)),
-        "val_lr": (float, _above(0, 0.1)),
-        "val_margin": (float, _at_least(0, 0.02)),
     },
     "eval": {
         "runs": (int, _at_least(1, 3)),
