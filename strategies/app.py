@@ -27,7 +27,7 @@ from fedistill.reporting import RunDir, save_partition_plot
 from strategies import dp_stats, dynafed, fedaf, fedavg, feddm, fedgen, oneshot  # noqa: F401  (registration)
 from strategies.base import STRATEGIES, data_spec
 
-__all__ = ["app", "make_server_app", "serve"]
+__all__ = ["app", "data_summary", "make_server_app", "serve"]
 
 
 def _write_partition(cfg: dict[str, Any], run: RunDir, bundle: DataBundle) -> None:
@@ -44,11 +44,33 @@ def _write_partition(cfg: dict[str, Any], run: RunDir, bundle: DataBundle) -> No
     run.update_summary(partition_sizes={"min": int(sizes.min()), "median": float(np.median(sizes))})
 
 
+def data_summary(cfg: dict[str, Any], node_data: str) -> dict[str, Any]:
+    """Where the clients' data came from, as ``summary.json`` records it.
+
+    Parameters
+    ----------
+    cfg
+        Resolved ``simulate`` config.
+    node_data
+        ``"partition"``: clients hold the config's simulated split (``partition``,
+        ``alpha``); ``"own"``: each SuperNode read its own ``data-path``, so the config's
+        partition was never used and is not recorded (``partition: {scheme: node-data}``).
+
+    Returns
+    -------
+    dict
+        The ``partition`` (and for a simulated split ``alpha``) fields of the summary.
+    """
+    if node_data == "own":
+        return {"partition": {"scheme": "node-data"}}
+    return {"alpha": cfg["alpha"], "partition": cfg["partition"]}
+
+
 def serve(grid: Grid, cfg: dict[str, Any], out_dir: str | Path, *, node_data: str = "partition") -> dict[str, Any]:
     """Run the configured strategy on ``grid``; writes the run directory; returns the summary.
 
     ``node_data="own"`` (a deployment: nodes hold their own data) skips the plot of the
-    simulated partition, which no node uses then.
+    simulated partition, which no node uses then, and records none (:func:`data_summary`).
     """
     resume = bool(cfg["resume"])
     run = RunDir(out_dir, resume=resume)
@@ -69,8 +91,7 @@ def _serve(grid: Grid, cfg: dict[str, Any], run: RunDir, node_data: str) -> dict
         policy=cfg["policy"]["name"],
         dataset=bundle.info.name,
         clients=int(cfg["clients"]),
-        alpha=cfg["alpha"],
-        partition=cfg["partition"],
+        **data_summary(cfg, node_data),
         rounds=int(cfg["rounds"]),
         ipc=int(cfg["ipc"]),
         seed=int(cfg["seed"]),

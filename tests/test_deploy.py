@@ -164,3 +164,30 @@ def test_deploy_cli(tmp_path, capsys):
     assert "3x32x32" in capsys.readouterr().err
     assert main(["deploy", "nope"]) == 2
     assert main(["deploy"]) == 0
+
+
+def test_the_docs_fashion_mnist_run_tells_the_server_where_the_dataset_is():
+    """docs/deploy.md's ``flwr run`` example: every key is a run-config key and composes to what it says."""
+    import itertools
+    import shlex
+
+    from docshell import shell_blocks
+    from flwr.common.config import parse_config_args
+
+    (script,) = shell_blocks(ROOT / "docs" / "deploy.md", "example").values()
+    argv = shlex.split(script.replace("\\\n", " ").splitlines()[0])
+    assert argv[:4] == ["flwr", "run", ".", "prod"]
+    rc = parse_config_args([a for flag, a in itertools.pairwise(argv) if flag == "--run-config"])
+    assert set(rc) <= set(_app_config()["config"])  # Flower refuses keys pyproject.toml does not list
+    cfg = compose_config("simulate", hydra_overrides(rc))
+    assert cfg["dataset"]["name"] == "fashion_mnist" and cfg["data"]["root"] == "/usr/share/datasets/fashion-mnist"
+    assert rc["run-dir"] == "/srv/fedistill/run1"
+
+
+def test_a_deployment_summary_records_the_nodes_own_data_not_the_unused_split():
+    from strategies.app import data_summary
+
+    cfg = compose_config("simulate", ["alpha=0.1"])
+    assert data_summary(cfg, "own") == {"partition": {"scheme": "node-data"}}
+    # simulated partitions (fedistill simulate, node-data="partition") keep recording the split
+    assert data_summary(cfg, "partition") == {"alpha": 0.1, "partition": {"scheme": "dirichlet", "alpha": 0.1}}

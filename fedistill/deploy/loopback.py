@@ -68,6 +68,10 @@ class Loopback:
         Start the SuperLink with ``--enable-supernode-auth`` (needs ``certs``).
     env
         Extra environment of every process (e.g. ``OMP_NUM_THREADS``).
+    port
+        The SuperLink's port (default: a free one). Give the port of a SuperLink started
+        elsewhere (e.g. by the shell of docs/deploy.md) to add SuperNodes to it and use
+        ``flwr`` on it without :meth:`start_superlink`.
     """
 
     def __init__(
@@ -77,6 +81,7 @@ class Loopback:
         certs: str | Path | None = None,
         node_auth: bool = False,
         env: Mapping[str, str] | None = None,
+        port: int | None = None,
     ) -> None:
         if node_auth and certs is None:
             raise ValueError("SuperNode authentication needs TLS: pass certs=")
@@ -84,7 +89,7 @@ class Loopback:
         self.workdir.mkdir(parents=True, exist_ok=True)
         self.certs = Path(certs) if certs is not None else None
         self.node_auth = node_auth
-        self.port = free_port()
+        self.port = port if port is not None else free_port()
         self.address = f"127.0.0.1:{self.port}"
         self.procs: list[subprocess.Popen] = []
         self._logs: list[Any] = []
@@ -155,14 +160,25 @@ class Loopback:
         *,
         key: str | Path | None = None,
         max_retries: int | None = None,
+        ca: str | Path | None = None,
+        insecure: bool = False,
     ) -> subprocess.Popen:
         """Start ``flower-supernode`` with its own runtime port and ``--node-config``.
 
         ``key`` is the node's private key (``--auth-supernode-private-key``);
         ``max_retries`` bounds reconnection attempts (a refused node then exits).
+        ``ca`` replaces the loopback's CA certificate (``--root-certificates``) and
+        ``insecure`` connects without TLS whatever the SuperLink serves: both make nodes
+        the SuperLink must refuse.
         """
         config = " ".join(f"{k}={_toml(v)}" for k, v in node_config.items())
-        cmd = ["flower-supernode", *self._tls_args(node=True), "--superlink", self.address]
+        if insecure:
+            tls = ["--insecure"]
+        elif ca is not None:
+            tls = ["--root-certificates", str(ca)]
+        else:
+            tls = self._tls_args(node=True)
+        cmd = ["flower-supernode", *tls, "--superlink", self.address]
         cmd += ["--port", str(free_port()), "--node-config", config]
         if key is not None:
             cmd += ["--auth-supernode-private-key", str(key)]
@@ -236,6 +252,11 @@ class Loopback:
     def register(self, public_key: str | Path) -> None:
         """``flwr supernode register KEY.pub`` on this SuperLink."""
         self.flwr("supernode", "register", str(public_key), CONNECTION)
+
+    def nodes(self) -> list[dict[str, Any]]:
+        """The SuperNodes the SuperLink knows (``flwr supernode list --format json``)."""
+        res = self.flwr("supernode", "list", CONNECTION, "--format", "json")
+        return list(json.loads(res.stdout[res.stdout.index("{") :])["nodes"])
 
     def submit(self, app_dir: str | Path, run_config: Mapping[str, Any]) -> int:
         """``flwr run APP_DIR CONNECTION --run-config ...``; returns the run id."""
