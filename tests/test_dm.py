@@ -94,17 +94,17 @@ def test_unknown_option_lists_valid_ones():
 
 @pytest.mark.slow
 def test_dm_beats_random_subset_at_ipc10(digits):
-    """DM at IPC 10 beats the random real subset of the same size (same evaluator, 3 evaluation seeds).
+    """DM at IPC 10 beats the random real subset of the same size (same evaluator, 2 evaluation seeds).
 
     The central digits model (two ConvNet blocks, configs/dataset_model/digits_convnet.yaml),
-    300 iterations over 20 cached releases (as `simulate` runs DM). Measured on the dev
-    machine: 97.49 vs 95.91 (a fresh release every iteration: 97.96, 9x the distillation
-    time); the asserted margin is under half.
+    300 iterations over 20 cached releases (as `simulate` runs DM), evaluated for 150 epochs.
+    Measured on the dev machine: 97.08 vs 95.68 (300 epochs x 3 runs: 97.49 vs 95.91; a fresh
+    release every iteration: 97.96, 9x the distillation time); the asserted margin is about half.
     """
     two_blocks = {"depth": 2}
     syn = build_engine("dm", iterations=300, releases=20, model_kwargs=two_blocks).distill(digits.train, 10, seed=0)
     res = evaluate_synthetic(
-        syn, digits, models=[ModelSpec("convnet", two_blocks)], recipe=EvalRecipe(epochs=300), runs=3, seed=0
+        syn, digits, models=[ModelSpec("convnet", two_blocks)], recipe=EvalRecipe(epochs=150), runs=2, seed=0
     )
     dm, rnd = res["accuracy"]["mean"], res["baselines"]["random_subset"]["mean"]
     print(f"DM {dm:.2f} vs random subset {rnd:.2f}")
