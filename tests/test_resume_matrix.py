@@ -3,7 +3,8 @@ checkpoint, ends where the uninterrupted run ends, bit for bit on CPU.
 
 The crash is an exception raised as round k + 1 starts (after round k's checkpoint is on
 disk), in process, so every strategy's restore is checked quickly; ``test_resume.py`` kills
-real processes (SIGKILL) through the real Ray simulation and the central CLI.
+real processes (SIGKILL) through the real Ray simulation and the central CLI. The last test
+does the same for every resumable engine's own distillation checkpoint (``central``).
 """
 
 from __future__ import annotations
@@ -134,3 +135,37 @@ def test_a_fresh_strategy_does_not_equal_the_resumed_one(tmp_path, grid):
     summary = other.run_rounds(grid(3), resume=True)
     assert summary["privacy"]["releases"] == 2 and full["privacy"]["releases"] == 3
     assert summary["privacy"]["epsilon"] < full["privacy"]["epsilon"]  # what a lost accountant would report
+
+
+class _Killed(RuntimeError):
+    """Raised from the progress callback: the distillation dies mid-run."""
+
+
+@pytest.mark.parametrize("method", ["dm", "fedaf", "feddm"])
+def test_every_resumable_engine_resumes_a_killed_distillation_to_the_same_set(method, tmp_path, digits):
+    """`central` for every resumable engine: a distillation that dies after its iteration-8
+    checkpoint, resumed from it, continues from iteration 9 and ends with the uninterrupted
+    run's images and labels."""
+    from fedistill.checkpoint import Checkpoint
+    from fedistill.engines import ENGINES, build_engine
+
+    assert ENGINES.get(method).resumable
+    opts = {"iterations": 16, "batch_real": 32, "model_kwargs": {"width": 16}, "log_every": 2}
+    whole = build_engine(method, **opts).distill(digits.train, 2, seed=3)
+    ckpt = Checkpoint(tmp_path / f"{method}.safetensors", key=method, every=8)
+
+    def die_after_the_checkpoint(step: int, total: int, metrics: dict) -> None:
+        if step > 10:
+            raise _Killed(step)
+
+    with pytest.raises(_Killed):
+        build_engine(method, **opts).distill(
+            digits.train, 2, seed=3, checkpoint=ckpt, progress=die_after_the_checkpoint
+        )
+    assert ckpt.load() is not None
+    steps: list[int] = []
+    resumed = build_engine(method, **opts).distill(
+        digits.train, 2, seed=3, checkpoint=ckpt, progress=lambda step, total, metrics: steps.append(step)
+    )
+    assert steps and min(steps) > 8  # continued after the checkpoint, not restarted (that would match too)
+    assert torch.equal(whole.images, resumed.images) and torch.equal(whole.labels, resumed.labels)
