@@ -262,7 +262,11 @@ class Strategy:
     def exchange(self, grid: Grid, round_: int, nodes: list[int]) -> tuple[list[Reply], list[ClientFailure], int, int]:
         """Send the round's messages, gather replies; returns replies, failures, bytes down, bytes up."""
         task, arrays = self.configure(round_)
-        return self.send(grid, round_, nodes, self.message_type, task, arrays)
+        return self.send(grid, round_, nodes, self.round_message_type(round_), task, arrays)
+
+    def round_message_type(self, round_: int) -> str:
+        """The message type of ``round_``'s tasks (:attr:`message_type`; a phased strategy overrides this)."""
+        return self.message_type
 
     def send(
         self,

@@ -58,6 +58,11 @@ class DistillStrategy(Strategy):
         return out
 
     def engine_task(self) -> dict[str, Any]:
+        """The clients' engine task: the ``method`` group as configured (FedDM and FedAF run their
+        own DM variant, :meth:`dm_engine_task`)."""
+        return self.method_task()
+
+    def method_task(self) -> dict[str, Any]:
         """Engine name and options from the ``method`` group."""
         method = dict(self.cfg["method"])
         name = method.pop("name")
@@ -75,7 +80,7 @@ class DistillStrategy(Strategy):
         ``options`` are strategy keys (``strategy.*``) that override the engine's; ``why``
         says in the error why another ``method`` cannot be used.
         """
-        task = DistillStrategy.engine_task(self)  # the method group itself, not the subclass override
+        task = self.method_task()
         if task["method"] not in ("dm", engine):
             raise UnknownNameError(
                 f"strategy={self.name} {why} and needs method=dm (got method={task['method']}); "

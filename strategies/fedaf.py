@@ -81,7 +81,8 @@ class FedAF(DistillStrategy):
         task, arrays = self.configure(round_)
         inputs = {"global_logits": self.global_stats["class_logits"]}  # type: ignore[index]
         ready = [r.node for r in ok]
-        replies, more, down2, up2 = self.send(grid, round_, ready, self.message_type, task, arrays, inputs)
+        kind = self.round_message_type(round_)
+        replies, more, down2, up2 = self.send(grid, round_, ready, kind, task, arrays, inputs)
         return replies, failures + more, down + down2, up + up2
 
     def _exchange_piggyback(
@@ -92,7 +93,8 @@ class FedAF(DistillStrategy):
         task, arrays = self.configure(round_)
         task["stats_temperature"] = float(self.opts["temperature"])
         inputs = None if self.global_stats is None else {"global_logits": self.global_stats["class_logits"]}
-        replies, failures, down, up = self.send(grid, round_, nodes, self.message_type, task, arrays, inputs)
+        kind = self.round_message_type(round_)
+        replies, failures, down, up = self.send(grid, round_, nodes, kind, task, arrays, inputs)
         return self._collect_stats(replies, failures), failures, down, up
 
     def _collect_stats(self, replies: list[Reply], failures: list[ClientFailure]) -> list[Reply]:

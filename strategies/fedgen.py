@@ -7,7 +7,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from flwr.serverapp import Grid
 
 from fedistill.engines.gen import CVAE, generator_digest, new_cvae
 from fedistill.federated import ClientFailure, FederationError, weighted_average
@@ -87,10 +86,9 @@ class FedGen(DistillStrategy):
         """Whether ``round_`` trains the generator (phase 1) rather than collecting latents."""
         return round_ <= self.gen_rounds
 
-    def exchange(self, grid: Grid, round_: int, nodes: list[int]) -> tuple[list[Reply], list[ClientFailure], int, int]:
+    def round_message_type(self, round_: int) -> str:
         """Phase 1 sends ``train.generator`` messages, phase 2 ``train.latents``."""
-        self.message_type = "train.generator" if self.generator_phase(round_) else "train.latents"
-        return super().exchange(grid, round_, nodes)
+        return "train.generator" if self.generator_phase(round_) else "train.latents"
 
     def configure(self, round_: int) -> tuple[dict[str, Any], dict[str, torch.Tensor] | None]:
         """The generator's local recipe (phase 1) or the ``gen`` engine task (phase 2), and its weights."""
