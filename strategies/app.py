@@ -19,8 +19,7 @@ from flwr.serverapp import Grid, ServerApp
 
 from fedistill.checkpoint import CheckpointError
 from fedistill.data import DataBundle, load_dataset
-from fedistill.data.partition import class_histogram
-from fedistill.federated import partition_indices
+from fedistill.federated.node import partition_histogram
 from fedistill.io import atomic_write_text
 from fedistill.privacy import privacy_line
 from fedistill.reporting import RunDir, save_partition_plot
@@ -34,8 +33,7 @@ def _write_partition(cfg: dict[str, Any], run: RunDir, bundle: DataBundle) -> No
     """Per-client class histograms of the simulated split, as data and as ``partition.png``."""
     import json
 
-    parts = partition_indices(data_spec(cfg, bundle.info.name), int(cfg["clients"]))
-    hist = class_histogram(bundle.train.labels.numpy(), parts, bundle.info.num_classes)
+    hist = partition_histogram(data_spec(cfg, bundle.info.name), int(cfg["clients"]), bundle.train)
     record = {"partition": cfg["partition"], "clients": int(cfg["clients"]), "histogram": hist.tolist()}
     atomic_write_text(run.path / "partition.json", json.dumps(record) + "\n")
     save_partition_plot(hist, run.path / "partition.png", class_names=bundle.info.class_names)

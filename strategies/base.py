@@ -11,12 +11,14 @@ round, and write ``metrics.jsonl``, plots and ``summary.json``.
 
 from __future__ import annotations
 
+import functools
 import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar
 
+import numpy as np
 import torch
 from flwr.app import Message
 from flwr.serverapp import Grid
@@ -28,7 +30,7 @@ from fedistill.engines import resolve_device
 from fedistill.federated import ClientFailure, FederationError, GlobalModel
 from fedistill.federated.client import FAULTS, model_spec
 from fedistill.federated.defenses import check_defense
-from fedistill.federated.node import data_spec, partition_indices
+from fedistill.federated.node import data_spec, partition_histogram
 from fedistill.federated.server import assign_faults
 from fedistill.federated.state import get_path, pack, set_path, unpack
 from fedistill.registry import Registry
@@ -214,13 +216,20 @@ class Strategy:
         """The injectable faults of this strategy's clients (synthetic-set faults; FedAvg: weight faults)."""
         return FAULTS.names()
 
-    def simulated_partitions(self) -> dict[str, int] | None:
-        """Records per simulated client (``p<id>``), as the server derives the split; ``None`` on
-        devices with their own data (``node_data`` other than ``partition``)."""
+    @functools.cached_property
+    def simulated_histogram(self) -> np.ndarray | None:
+        """``[clients, classes]`` records of each simulated client (``p<id>``: row ``id``), as the
+        server derives the split; ``None`` on devices with their own data (``node_data`` other
+        than ``partition``)."""
         if self.run.summary.get("node_data") != "partition":
             return None
-        parts = partition_indices(data_spec(self.cfg, self.bundle.info.name), int(self.cfg["clients"]))
-        return {f"p{i}": len(p) for i, p in enumerate(parts)}
+        spec = data_spec(self.cfg, self.bundle.info.name)
+        return partition_histogram(spec, int(self.cfg["clients"]), self.bundle.train)
+
+    def simulated_partitions(self) -> dict[str, int] | None:
+        """Records per simulated client (``p<id>``); ``None`` on devices with their own data."""
+        hist = self.simulated_histogram
+        return None if hist is None else {f"p{i}": int(n) for i, n in enumerate(hist.sum(1))}
 
     def wait_for_nodes(self, grid: Grid) -> list[int]:
         """Block until the expected number of nodes registered (or time out with a clear error)."""

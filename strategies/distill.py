@@ -9,11 +9,9 @@ from typing import Any, ClassVar
 import numpy as np
 import torch
 
-from fedistill.data.partition import class_histogram
 from fedistill.data.synthetic import SyntheticSet, SyntheticSetError
 from fedistill.federated import ClientFailure, decode_synthetic
 from fedistill.federated.defenses import apply_defense
-from fedistill.federated.node import data_spec, partition_indices
 from fedistill.federated.policies import PolicyContext, PolicyResult, apply_policy
 from fedistill.federated.server import random_baseline
 from fedistill.privacy import ClientLedgers
@@ -248,11 +246,8 @@ class DistillStrategy(Strategy):
 
     def median_records_per_class(self) -> float | None:
         """Median records per held class over the simulated clients (``None`` on devices with their own data)."""
-        if self.run.summary.get("node_data") != "partition":
-            return None
-        parts = partition_indices(data_spec(self.cfg, self.bundle.info.name), int(self.cfg["clients"]))
-        hist = class_histogram(self.bundle.train.labels.numpy(), parts, self.bundle.info.num_classes)
-        return float(np.median(hist[hist > 0]))
+        hist = self.simulated_histogram
+        return None if hist is None else float(np.median(hist[hist > 0]))
 
     def control(self) -> dict[str, Any]:
         """The random-real control (``strategy.random_baseline``), run after the main result is written."""

@@ -38,7 +38,6 @@ class FedAvg(Strategy):
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
-        self._held: dict[str, int] | None = None
         dp = dict(self.opts["dp"])
         self.dp: FlowerCentralDP | None = None
         if dp["noise_multiplier"]:
@@ -82,9 +81,7 @@ class FedAvg(Strategy):
         whose ``examples`` weight is not a positive whole number or exceeds the client's simulated partition."""
         ok, bad = [], []
         ref = self.global_model.state
-        if self._held is None:  # the simulated clients' record counts: an upper bound on their weight
-            self._held = self.simulated_partitions() or {}
-        held = self._held
+        held = self.simulated_partitions() or {}  # the simulated clients' record counts: an upper bound on their weight
         for r in replies:
             try:
                 state = read_tensors(r.msg.content.array_records["model"])

@@ -41,7 +41,7 @@ import torch
 
 from fedistill.data import dataset_info, load_dataset
 from fedistill.data.base import DatasetFormatError, DatasetInfo, Split
-from fedistill.data.partition import partition
+from fedistill.data.partition import class_histogram, partition
 from fedistill.data.readers import read_cifar_batch, read_idx
 from fedistill.io import load_tensors
 
@@ -54,6 +54,7 @@ __all__ = [
     "gpu_memory_cap",
     "node_split",
     "node_task",
+    "partition_histogram",
     "partition_indices",
     "read_node_data",
     "release_gpu_cache",
@@ -114,6 +115,11 @@ def partition_indices(data: Mapping[str, Any], num_partitions: int) -> list[np.n
         spec,
         int(data["seed"]),
     )
+
+
+def partition_histogram(data: Mapping[str, Any], num_partitions: int, train: Split) -> np.ndarray:
+    """``[partitions, classes]`` records per partition and class of :func:`partition_indices`' split of ``train``."""
+    return class_histogram(train.labels.numpy(), partition_indices(data, num_partitions), train.info.num_classes)
 
 
 def node_split(node_config: Mapping[str, Any], data: Mapping[str, Any]) -> Split:
