@@ -93,7 +93,8 @@ the average; ``crash``, ``slow`` and ``timeout`` act before any work (``_setup``
 @WEIGHT_FAULTS.register("nan")
 def _nan_weights(state: dict[str, torch.Tensor], metrics: dict[str, Any]) -> tuple[dict, dict]:
     key = next(k for k, v in state.items() if v.is_floating_point())
-    state[key] = state[key].clone().view(-1).index_fill(0, torch.tensor([0]), float("nan")).view_as(state[key])
+    state[key] = state[key].clone()
+    state[key].view(-1)[0] = float("nan")
     return state, metrics
 
 
