@@ -19,12 +19,12 @@ from flwr.serverapp import Grid, ServerApp
 
 from fedistill.checkpoint import CheckpointError
 from fedistill.data import DataBundle, load_dataset
-from fedistill.federated.node import partition_histogram
+from fedistill.federated.node import data_spec, partition_histogram
 from fedistill.io import atomic_write_text
 from fedistill.privacy import privacy_line
 from fedistill.reporting import RunDir, save_partition_plot
 from strategies import dp_stats, dynafed, fedaf, fedavg, feddm, fedgen, oneshot  # noqa: F401  (registration)
-from strategies.base import STRATEGIES, data_spec
+from strategies.base import STRATEGIES
 
 __all__ = ["app", "data_summary", "make_server_app", "serve"]
 

@@ -4,21 +4,19 @@ A strategy is a small class over :class:`Strategy`: it says what a round sends
 (:meth:`Strategy.configure`), which replies it accepts (:meth:`Strategy.accept`)
 and how it updates the global model from them (:meth:`Strategy.update`). The base
 class does the rest: wait for the nodes, learn their partition ids, sample clients
-deterministically, exchange messages, account bytes and failures, enforce
+deterministically and plan their tasks (:mod:`strategies.planning`), exchange messages, account bytes and failures, enforce
 ``min_success_fraction``, evaluate the global model on the real test set every
 round, and write ``metrics.jsonl``, plots and ``summary.json``.
 """
 
 from __future__ import annotations
 
-import functools
 import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar
 
-import numpy as np
 import torch
 from flwr.app import Message
 from flwr.serverapp import Grid
@@ -28,19 +26,17 @@ from fedistill.data.base import DataBundle
 from fedistill.data.synthetic import SyntheticSet
 from fedistill.engines import resolve_device
 from fedistill.federated import ClientFailure, FederationError, GlobalModel
-from fedistill.federated.client import FAULTS, model_spec
+from fedistill.federated.client import model_spec
 from fedistill.federated.defenses import check_defense
-from fedistill.federated.node import data_spec, partition_histogram
-from fedistill.federated.server import assign_faults
 from fedistill.federated.state import get_path, pack, set_path, unpack
 from fedistill.registry import Registry
 from fedistill.reporting import RunDir, chance_warning, progress_bars, save_accuracy_plot
-from fedistill.seeding import derive_seed, numpy_rng
 from fedistill.training import EvalRecipe
 from protocol.records import content_bytes, read_metrics, task_content, tensor_record
 from strategies.exchange import RoundWatch, push_and_pull
+from strategies.planning import ClientPlanning, client_order
 
-__all__ = ["STRATEGIES", "Reply", "Strategy", "data_spec", "register_strategy"]
+__all__ = ["STRATEGIES", "Reply", "Strategy", "register_strategy"]
 
 STRATEGIES: Registry[type[Strategy]] = Registry("strategy")
 register_strategy = STRATEGIES.register
@@ -57,7 +53,7 @@ class Reply:
     metrics: dict[str, Any] = field(default_factory=dict)
 
 
-class Strategy:
+class Strategy(ClientPlanning):
     """Base class of server strategies (see the module docstring).
 
     Parameters
@@ -148,89 +144,6 @@ class Strategy:
         )
 
     # ------------------------------------------------------------- machinery
-    def client_task(self, task: dict[str, Any], client: str, round_: int) -> dict[str, Any]:
-        """The full task for one client: the shared part plus its seed, data spec and fault."""
-        out = dict(task)
-        out["seed"] = derive_seed(self.seed, "client", client, round_)
-        out["data"] = data_spec(self.cfg, self.bundle.info.name)
-        out["model"] = dict(self.cfg["model"])
-        client_res = self.cfg["client"]
-        out["threads"] = max(1, int(client_res["num_cpus"]))
-        gpu_share = float(client_res["num_gpus"])
-        out["device"] = client_res["device"] or ("cuda" if gpu_share > 0 else "cpu")
-        if out["device"] == "cuda":
-            out["gpu_fraction"] = gpu_share  # the node caps its process's GPU memory at this share
-        attack = dict(self.cfg["attack"])
-        if client in self.attackers():
-            out["attack"] = attack
-        faults = dict(self.cfg["faults"] or {})
-        fault = self.fault_plan().get(client)
-        if fault and round_ >= int(faults.get("start_round", 1)):
-            out["fault"] = fault
-            if fault == "slow":
-                out["fault_seconds"] = float(faults.get("slow_seconds", 3.0))
-            elif fault == "timeout":  # reply only after the server stopped waiting
-                out["fault_seconds"] = float(self.opts["round_timeout"]) + 2.0
-        return out
-
-    def attackers(self) -> list[str]:
-        """The hostile clients: ``attack.fraction`` of all, chosen from the seed (``attack.kind``)."""
-        if self._attackers is None:
-            attack = dict(self.cfg["attack"])
-            self._attackers = []
-            if attack["kind"]:
-                clients = sorted(self.clients.values(), key=_client_order)
-                plan = assign_faults({"attack": attack["fraction"]}, clients, seed=self.seed, kinds=["attack"])
-                self._attackers = sorted(plan, key=_client_order)
-                self.run.log("attack_planned", kind=attack["kind"], clients=self._attackers)
-        return self._attackers
-
-    def attack_summary(self) -> dict[str, Any]:
-        """``attack`` fields of the summary: kind, hostile clients, a backdoor's success rate."""
-        attack = dict(self.cfg["attack"])
-        if not attack["kind"]:
-            return {}
-        out: dict[str, Any] = {
-            "kind": attack["kind"],
-            "fraction": attack["fraction"],
-            "clients": self.attackers(),
-            "defense": self.defense_name,
-            "accuracy": self.history[-1]["accuracy"] if self.history else None,
-        }
-        if attack["kind"] == "backdoor":
-            out["target"] = int(attack["target"])
-            out["attack_success_rate"] = round(100 * self.global_model.backdoor_success(attack), 4)
-        return {"attack": out}
-
-    def fault_plan(self) -> dict[str, str]:
-        """Injected faults per client (``faults`` config: by partition id or by fraction of clients)."""
-        if self._faults is None:
-            clients = sorted(self.clients.values(), key=_client_order)
-            kinds = self.fault_kinds()
-            self._faults = assign_faults(self.cfg["faults"] or {}, clients, seed=self.seed, kinds=kinds)
-            for client, kind in sorted(self._faults.items(), key=lambda kv: _client_order(kv[0])):
-                self.run.log("fault_planned", client=client, kind=kind)
-        return self._faults
-
-    def fault_kinds(self) -> list[str]:
-        """The injectable faults of this strategy's clients (synthetic-set faults; FedAvg: weight faults)."""
-        return FAULTS.names()
-
-    @functools.cached_property
-    def simulated_histogram(self) -> np.ndarray | None:
-        """``[clients, classes]`` records of each simulated client (``p<id>``: row ``id``), as the
-        server derives the split; ``None`` on devices with their own data (``node_data`` other
-        than ``partition``)."""
-        if self.run.summary.get("node_data") != "partition":
-            return None
-        spec = data_spec(self.cfg, self.bundle.info.name)
-        return partition_histogram(spec, int(self.cfg["clients"]), self.bundle.train)
-
-    def simulated_partitions(self) -> dict[str, int] | None:
-        """Records per simulated client (``p<id>``); ``None`` on devices with their own data."""
-        hist = self.simulated_histogram
-        return None if hist is None else {f"p{i}": int(n) for i, n in enumerate(hist.sum(1))}
-
     def wait_for_nodes(self, grid: Grid) -> list[int]:
         """Block until the expected number of nodes registered (or time out with a clear error)."""
         expected = int(self.cfg["clients"])
@@ -258,15 +171,6 @@ class Strategy:
                 pid = int(read_metrics(rep).get("partition-id", -1))
                 if pid >= 0:
                     self.clients[rep.metadata.src_node_id] = f"p{pid}"
-
-    def sample(self, round_: int) -> list[int]:
-        """This round's nodes: ``fraction`` of all, drawn from the seed stream, in client order."""
-        ordered = sorted(self.clients, key=lambda n: _client_order(self.clients[n]))
-        k = max(1, math.ceil(float(self.opts["fraction"]) * len(ordered)))
-        if k >= len(ordered):
-            return ordered
-        pick = numpy_rng(self.seed, "client-sampling", round_).choice(len(ordered), size=k, replace=False)
-        return [ordered[i] for i in sorted(pick)]
 
     def exchange(self, grid: Grid, round_: int, nodes: list[int]) -> tuple[list[Reply], list[ClientFailure], int, int]:
         """Send the round's messages, gather replies; returns replies, failures, bytes down, bytes up."""
@@ -318,7 +222,7 @@ class Strategy:
         for n in nodes:
             if n not in seen:
                 failures.append(ClientFailure(n, self.clients[n], "timeout", "no reply within round_timeout"))
-        replies.sort(key=lambda r: _client_order(r.client))
+        replies.sort(key=lambda r: client_order(r.client))
         return replies, failures, down, up
 
     # ---------------------------------------------------------- checkpoints
@@ -359,7 +263,7 @@ class Strategy:
             self.run.log("resumed", completed_rounds=done)
         nodes = self.wait_for_nodes(grid)
         self.discover(grid, nodes)
-        self.run.log("nodes", count=len(nodes), clients=sorted(self.clients.values(), key=_client_order))
+        self.run.log("nodes", count=len(nodes), clients=sorted(self.clients.values(), key=client_order))
         with progress_bars() as bars:
             self._bars = bars  # send() shows each round's replies as they arrive on a line of its own
             bar = bars.add_task(f"{self.name} rounds", total=self.rounds, info="", completed=done)
@@ -465,8 +369,3 @@ class Strategy:
 def _scalars(metrics: dict[str, Any]) -> dict[str, float]:
     """The numeric scalars of a client's metrics (drops lists and decoded payloads)."""
     return {k: v for k, v in metrics.items() if isinstance(v, int | float) and not isinstance(v, bool)}
-
-
-def _client_order(client: str) -> tuple[int, int]:
-    """Sort key: partition clients (``p3``) by id first, then nodes (``n123``) by node id."""
-    return (0 if client.startswith("p") else 1, int(client[1:]))
