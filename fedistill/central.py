@@ -14,7 +14,7 @@ import torch
 
 from fedistill.checkpoint import Checkpoint, CheckpointError, config_key, resume_config
 from fedistill.data import DataBundle, SyntheticSet, load_dataset
-from fedistill.engines import ENGINES, build_engine, resolve_device
+from fedistill.engines import ENGINES, DistillRequest, build_engine, resolve_device
 from fedistill.evaluation import EvalRecipe, ModelSpec, evaluate_synthetic
 from fedistill.privacy import privacy_line, privacy_summary
 from fedistill.reporting import RunDir, baseline_warning, chance_warning, progress_bars, results_table, save_grid
@@ -112,9 +112,7 @@ def _distill_and_evaluate(cfg: dict[str, Any], run: RunDir) -> dict[str, Any]:
     model = dict(cfg["model"])
     engine = build_engine(name, model=model.pop("name"), model_kwargs=model, **method)
     ipc, seed = int(cfg["ipc"]), int(cfg["seed"])
-    extra = {}
-    if int(cfg["checkpoint_every"] or 0) or resume:
-        extra["checkpoint"] = _checkpoint(engine, cfg, run.path)
+    ckpt = _checkpoint(engine, cfg, run.path) if int(cfg["checkpoint_every"] or 0) or resume else None
     run.update_summary(method=name, dataset=bundle.info.name, ipc=ipc, seed=seed, status="distilling")
     start = time.perf_counter()
     with progress_bars() as bars:
@@ -124,8 +122,10 @@ def _distill_and_evaluate(cfg: dict[str, Any], run: RunDir) -> dict[str, Any]:
             bars.update(task, completed=step, total=total, info=f"loss {metrics.get('loss', float('nan')):.4f}")
             run.log("distill", **{"iteration": step - 1, **metrics})  # the engine's own iteration wins
 
-        init = engine.resolve_init(cfg["init"])
-        syn = engine.distill(bundle.train, ipc, init=init, device=device, progress=on_step, seed=seed, **extra)
+        request = DistillRequest(
+            data=bundle.train, ipc=ipc, init=cfg["init"], seed=seed, device=device, progress=on_step, checkpoint=ckpt
+        )
+        syn = engine.run(request)
     distill_seconds = time.perf_counter() - start
     syn.metadata.pop("loss_history", None)
     syn.metadata.update(dataset=bundle.info.name, model=cfg["model"], distill_seconds=round(distill_seconds, 3))
@@ -181,10 +181,10 @@ def result_warnings(res: dict[str, Any], num_classes: int, method: str) -> list[
 
 def _checkpoint(engine: Any, cfg: dict[str, Any], path: Path) -> Checkpoint:
     """The distillation checkpoint of a run (keyed by everything that determines the result)."""
-    if not engine.resumable:
+    if not engine.takes("checkpoint"):
         raise CheckpointError(
             f"method={engine.name} does not checkpoint its distillation; resumable engines: "
-            f"{', '.join(n for n in ENGINES.names() if ENGINES.get(n).resumable)} (set checkpoint_every=0)"
+            f"{', '.join(n for n in ENGINES.names() if ENGINES.get(n).takes('checkpoint'))} (set checkpoint_every=0)"
         )
     skip = ("resume", "checkpoint_every", "device", "eval", "tracking")
     key = config_key({k: v for k, v in cfg.items() if k not in skip})

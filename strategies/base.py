@@ -4,9 +4,9 @@ A strategy is a small class over :class:`Strategy`: it says what a round sends
 (:meth:`Strategy.configure`), which replies it accepts (:meth:`Strategy.accept`)
 and how it updates the global model from them (:meth:`Strategy.update`). The base
 class does the rest: wait for the nodes, learn their partition ids, sample clients
-deterministically and plan their tasks (:mod:`strategies.planning`), exchange messages, account bytes and failures, enforce
-``min_success_fraction``, evaluate the global model on the real test set every
-round, and write ``metrics.jsonl``, plots and ``summary.json``.
+deterministically and plan their tasks (:mod:`strategies.planning`), exchange messages,
+account bytes and failures, enforce ``min_success_fraction``, evaluate the global model
+on the real test set every round, and write ``metrics.jsonl``, plots and ``summary.json``.
 """
 
 from __future__ import annotations

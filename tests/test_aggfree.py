@@ -67,9 +67,10 @@ def test_fedaf_engine_resamples_around_the_global_model(digits):
     net = build_model("convnet", digits.info, width=16)
     base = {k: v.clone() for k, v in net.state_dict().items()}
     engine = build_engine("fedaf", model="convnet", model_kwargs={"width": 16}, gamma=0.9, iterations=1)
-    engine._base = base
+    ctx = {"seed": 0, "generators": {}}
+    engine.setup(ctx, base_state=base)
     probe = build_model("convnet", digits.info, width=16)
-    engine.prepare_network(probe, 0, 0)
+    engine.prepare_network(probe, 0, ctx)
     key = next(k for k, v in base.items() if v.ndim > 1)
     gap = (probe.state_dict()[key] - base[key]).norm() / base[key].norm()
     assert 0 < float(gap) < 0.5  # 10% fresh weights mixed in

@@ -109,10 +109,11 @@ def test_feddm_perturbs_within_rho_around_the_base(digits):
     engine = build_engine("feddm", model="convnet", model_kwargs={"width": 16}, rho=0.5)
     net = build_model("convnet", digits.info, seed=1, width=16)
     base = {k: v.clone() for k, v in net.state_dict().items()}
-    engine._base = base
+    ctx = {"seed": 0, "generators": {}}
+    engine.setup(ctx, base_state=base)
     weights = []
     for it in (0, 1):
-        engine.prepare_network(net, it, seed=0)
+        engine.prepare_network(net, it, ctx)
         w = torch.cat([p.detach().flatten() for p in net.parameters()])
         delta = w - torch.cat([base[k].flatten() for k, _ in net.named_parameters()])
         assert 0 < float(delta.norm()) <= 0.5 + 1e-5

@@ -129,8 +129,8 @@ def test_poisson_sampler_rate(digits):
 def test_dp_engines_are_registered_and_private():
     for name in ("dp_dm", "dp_dc", "dp_dsa"):
         engine = build_engine(name)
-        assert engine.private and engine.resolve_init("auto") == "noise"
-    assert not ENGINES.get("dm").private and build_engine("dm").resolve_init("auto") == "real"
+        assert engine.takes("ledger") and engine.resolve_init("auto") == "noise"
+    assert not ENGINES.get("dm").takes("ledger") and build_engine("dm").resolve_init("auto") == "real"
     assert build_engine("dp_dsa").config.dsa and not build_engine("dp_dc").config.dsa
 
 
@@ -174,7 +174,7 @@ def test_dp_dc_release_is_the_batch_gradient_without_noise(digits):
     sub = digits.train.subset(torch.arange(60))
     classes = sub.labels.unique().tolist()
     engine = build_engine("dp_dc", **TINY, iterations=1)
-    engine._release = PrivateRelease(
+    release = PrivateRelease(
         PrivacyConfig(epsilon=None, sigma=1e-12, clip=1e6),
         ledger=None,
         releases=1,
@@ -183,7 +183,7 @@ def test_dp_dc_release_is_the_batch_gradient_without_noise(digits):
     )
     sampler = PoissonClassSampler(sub, classes, 1.0, torch.device("cpu"), torch.Generator())
     net = build_model("convnet", sub.info, seed=0, **NET)
-    targets = engine.real_targets(net, sampler, classes, dsa=None, params=None)
+    targets = engine.real_targets(net, sampler, classes, dsa=None, params=None, ctx={"release": release})
     params = [p for p in net.parameters() if p.requires_grad]
     for c, (grads, labels) in zip(classes, targets, strict=True):
         x = sub.images[sub.labels == c]
@@ -204,7 +204,7 @@ def test_dp_dc_release_does_not_depend_on_the_per_sample_chunk(digits):
     out = []
     for chunk in (1000, 3):
         engine = build_engine("dp_dc", **TINY, iterations=1, per_sample_chunk=chunk)
-        engine._release = PrivateRelease(
+        release = PrivateRelease(
             PrivacyConfig(epsilon=None, sigma=0.5, clip=0.1),
             ledger=None,
             releases=1,
@@ -212,7 +212,7 @@ def test_dp_dc_release_does_not_depend_on_the_per_sample_chunk(digits):
             generator=torch.Generator().manual_seed(1),
         )
         sampler = PoissonClassSampler(sub, classes, 0.8, torch.device("cpu"), torch.Generator().manual_seed(2))
-        out.append(engine.real_targets(net, sampler, classes, dsa=None, params=None))
+        out.append(engine.real_targets(net, sampler, classes, dsa=None, params=None, ctx={"release": release}))
     for (big, _), (small, _) in zip(*out, strict=True):
         for a, b in zip(big, small, strict=True):
             torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7)

@@ -172,8 +172,7 @@ def test_one_record_moves_the_release_by_at_most_the_clip(digits, releases, name
         if name == "dp_dm":  # the engine's own release path (its network: NET without normalisation)
             engine.release(split, classes, release_seed=0, seed=5, device=torch.device("cpu"))
         else:
-            engine._release, engine._rate = release, 1.0
-            engine.real_targets(net, sampler, classes, dsa=None, params=None)
+            engine.real_targets(net, sampler, classes, dsa=None, params=None, ctx={"release": release})
         call = releases.calls[-1]
         outs.append(call["out"].double())
         norms.append(call["rows"].flatten(1).norm(dim=1).max())

@@ -12,10 +12,10 @@ import dataclasses
 import time
 import warnings
 from abc import ABC, abstractmethod
-from collections.abc import Callable
+from collections.abc import Callable, Mapping, Sequence
 from functools import lru_cache
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
 
@@ -24,8 +24,15 @@ from fedistill.data.synthetic import SyntheticSet
 from fedistill.registry import Registry
 from fedistill.seeding import torch_generator
 
+if TYPE_CHECKING:
+    from fedistill.checkpoint import Checkpoint
+    from fedistill.privacy.accounting import PrivacyLedger
+
 __all__ = [
+    "ARRAY_INPUTS",
     "ENGINES",
+    "REQUEST_INPUTS",
+    "DistillRequest",
     "Engine",
     "NothingToDistillError",
     "Progress",
@@ -44,6 +51,61 @@ Progress = Callable[[int, int, dict[str, float]], None]
 ENGINES: Registry[type[Engine]] = Registry("method")
 register_engine = ENGINES.register
 
+#: The optional inputs of a :class:`DistillRequest`; an engine names those it reads in :attr:`Engine.accepts`.
+REQUEST_INPUTS = ("base_state", "global_logits", "experts", "generator_state", "ledger", "checkpoint")
+#: The request inputs that are one array, which a server may send in a message's ``inputs`` record.
+ARRAY_INPUTS = ("global_logits",)
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class DistillRequest:
+    """One distillation: what to condense and how, plus the optional inputs of the engines that read them.
+
+    Attributes
+    ----------
+    data
+        Real labelled images (a dataset's train split or one client's partition).
+    ipc
+        Images per class.
+    init
+        ``real``, ``noise`` or ``auto`` (the engine's :attr:`~Engine.default_init`).
+    seed
+        Drives the engine's random streams (init, network sampling, augmentation).
+    device
+        ``cpu``, ``cuda`` or ``auto``.
+    progress
+        Optional callback ``progress(step, total, metrics)``.
+    base_state
+        A network to match around (the global model a server sent: ``feddm``, ``fedaf``).
+    global_logits
+        ``[K, K]`` class-wise mean logits of the federation (``fedaf``'s SWD term).
+    experts
+        Expert trajectories (``[T, P]`` parameter vectors each) replacing the buffer (``mtt``, ``tesla``).
+    generator_state
+        A generator's state dict replacing the one trained on ``data`` (``gen``).
+    ledger
+        The data holder's cumulative privacy ledger, continued and charged (the DP engines).
+    checkpoint
+        Saves the optimisation state and resumes from it (the resumable engines).
+    """
+
+    data: Split
+    ipc: int
+    init: str = "auto"
+    seed: int = 0
+    device: str | torch.device = "cpu"
+    progress: Progress | None = None
+    base_state: Mapping[str, torch.Tensor] | None = None
+    global_logits: torch.Tensor | None = None
+    experts: Sequence[torch.Tensor] | None = None
+    generator_state: Mapping[str, torch.Tensor] | None = None
+    ledger: PrivacyLedger | None = None
+    checkpoint: Checkpoint | None = None
+
+    def inputs(self) -> dict[str, Any]:
+        """The optional inputs this request carries (those not ``None``)."""
+        return {k: getattr(self, k) for k in REQUEST_INPUTS if getattr(self, k) is not None}
+
 
 class Engine(ABC):
     """Base class of distillation engines.
@@ -56,10 +118,9 @@ class Engine(ABC):
     Config: ClassVar[type]
     #: What ``init="auto"`` means for this engine (DP engines must start from noise).
     default_init: ClassVar[str] = "real"
-    #: Differentially private: :meth:`distill` takes ``ledger=`` (a holder's cumulative budget).
-    private: ClassVar[bool] = False
-    #: :meth:`distill` takes ``checkpoint=`` (a :class:`~fedistill.checkpoint.Checkpoint`) and resumes from it.
-    resumable: ClassVar[bool] = False
+    #: The optional :class:`DistillRequest` inputs (:data:`REQUEST_INPUTS`) :meth:`distill` takes as
+    #: keywords: ``ledger`` marks a differentially private engine, ``checkpoint`` a resumable one.
+    accepts: ClassVar[frozenset[str]] = frozenset()
 
     def __init__(self, config: Any = None, **overrides: Any) -> None:
         base = config if config is not None else self.Config()
@@ -68,6 +129,37 @@ class Engine(ABC):
     def resolve_init(self, init: str) -> str:
         """``auto`` -> this engine's :attr:`default_init`; anything else as given."""
         return self.default_init if init == "auto" else init
+
+    @classmethod
+    def takes(cls, name: str) -> bool:
+        """Whether :meth:`distill` reads the request input ``name`` (e.g. ``ledger``: a DP engine)."""
+        if name not in REQUEST_INPUTS:
+            raise ValueError(f"unknown request input {name!r}; valid: {', '.join(REQUEST_INPUTS)}")
+        return name in cls.accepts
+
+    def run(self, request: DistillRequest) -> SyntheticSet:
+        """Distill as ``request`` says: the one entry point of the CLI, the clients and the server.
+
+        Raises
+        ------
+        ValueError
+            When the request carries an input this engine does not read (the message names
+            the input and the engines that read it), before any work.
+        """
+        inputs = request.inputs()
+        for name in sorted(set(inputs) - self.accepts):
+            takers = ", ".join(n for n in ENGINES.names() if ENGINES.get(n).takes(name)) or "none"
+            raise ValueError(f"method={self.name} does not take {name}; the engines that do: {takers}")
+        init = self.resolve_init(request.init)
+        return self.distill(
+            request.data,
+            request.ipc,
+            init=init,
+            device=request.device,
+            progress=request.progress,
+            seed=request.seed,
+            **inputs,
+        )
 
     @abstractmethod
     def distill(
@@ -82,20 +174,8 @@ class Engine(ABC):
     ) -> SyntheticSet:
         """Condense ``data`` into ``ipc`` synthetic images per class present in it.
 
-        Parameters
-        ----------
-        data
-            Real labelled images (a dataset's train split or one client's partition).
-        ipc
-            Images per class.
-        init
-            ``real`` (random real images of the class) or ``noise`` (standard normal).
-        device
-            ``cpu``, ``cuda`` or ``auto``.
-        progress
-            Optional callback ``progress(step, total, metrics)``.
-        seed
-            Drives the engine's random streams (init, network sampling, augmentation).
+        The parameters are the fields of a :class:`DistillRequest` (there documented); the optional
+        inputs an engine lists in :attr:`accepts` come as keywords. Callers use :meth:`run`.
         """
 
 

@@ -235,7 +235,7 @@ class DMEngine(Engine):
 
     name = "dm"
     Config = DMConfig
-    resumable = True
+    accepts = frozenset({"checkpoint"})
     #: :meth:`embedding_loss` reads the real branch only through :meth:`_embed_pair`, so
     #: ``releases`` can cache it (an engine that matches fresh real statistics sets ``False``).
     reuses_releases: ClassVar[bool] = True
@@ -281,9 +281,21 @@ class DMEngine(Engine):
         """The per-image features whose class means are matched (DM: ``net.embed``)."""
         return net.embed
 
-    def prepare_network(self, net: nn.Module, iteration: int, seed: int) -> None:
-        """Set ``net``'s weights for ``iteration`` (DM: a fresh random initialization)."""
-        reinitialize(net, derive_seed(seed, "dm-net", iteration))
+    def prepare_network(self, net: nn.Module, iteration: int, ctx: dict[str, Any]) -> None:
+        """Set ``net``'s weights for ``iteration`` (DM: a fresh random initialization from ``ctx["seed"]``)."""
+        reinitialize(net, derive_seed(ctx["seed"], "dm-net", iteration))
+
+    def setup(self, ctx: dict[str, Any], **inputs: Any) -> None:
+        """Put one distillation's own state into its ``ctx`` (the engine instance keeps none).
+
+        ``inputs`` are the request's optional inputs besides ``checkpoint`` (e.g. ``base_state``);
+        random streams a subclass draws from every iteration go into ``ctx["generators"]``, so a
+        checkpoint saves and restores them with the loop's own.
+        """
+
+    def extra_metadata(self, ctx: dict[str, Any]) -> dict[str, Any]:
+        """Fields a subclass adds to the set's ``metadata`` (its own hyperparameters)."""
+        return {}
 
     def _aug_groups(
         self, sampler: RealSampler, syn_groups: torch.Tensor, syn_pos: torch.Tensor, ipc: int
@@ -342,12 +354,14 @@ class DMEngine(Engine):
         progress: Progress | None = None,
         seed: int = 0,
         checkpoint: Checkpoint | None = None,
+        **inputs: Any,
     ) -> SyntheticSet:
         """See :meth:`Engine.distill`.
 
         ``checkpoint`` saves the optimisation state every ``checkpoint.every`` iterations
         and, when it already holds one, resumes from it: the result equals an
-        uninterrupted run's.
+        uninterrupted run's. ``inputs``: the other request inputs a subclass accepts
+        (:meth:`setup` reads them).
         """
         cfg = self.config
         dev = resolve_device(device)
@@ -384,9 +398,12 @@ class DMEngine(Engine):
             ),
             "syn_embed": self.synthetic_features(net, dev, data.info.image_size),
             "real_dtype": real_dtype or torch.float32,
+            "seed": seed,
+            "generators": {},
         }
+        self.setup(ctx, **inputs)
         steps = StepLog(cfg.iterations, every=cfg.log_every, progress=progress)
-        gens = {"real": sampler.generator, "dsa": aug_gen}
+        gens = {"real": sampler.generator, "dsa": aug_gen, **ctx["generators"]}
         start = _resume(checkpoint, syn, opt, gens, steps)
         num_releases = self._num_releases()
         if num_releases:
@@ -394,7 +411,7 @@ class DMEngine(Engine):
         for it in range(start, cfg.iterations):
             release = it % num_releases if num_releases else it
             ctx["release"] = release
-            self.prepare_network(net, release, seed)
+            self.prepare_network(net, release, ctx)
             for dst, src in pairs:
                 dst.copy_(src)
             if num_releases and release in params_cache:  # a cached release: only the synthetic branch runs
@@ -419,7 +436,7 @@ class DMEngine(Engine):
             if checkpoint is not None and checkpoint.due(it + 1):
                 _save(checkpoint, it + 1, syn, opt, gens, steps)
         meta = {"method": self.name, "ipc": ipc, "init": init, "seed": seed, "iterations": cfg.iterations}
-        meta["loss_history"] = steps.history
+        meta |= self.extra_metadata(ctx) | {"loss_history": steps.history}
         if num_releases:
             meta["releases"] = num_releases
         return SyntheticSet(syn.detach().cpu().contiguous(), labels, data.info, metadata=meta)

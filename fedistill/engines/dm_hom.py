@@ -19,9 +19,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from fedistill.data.base import Split
-from fedistill.data.synthetic import SyntheticSet
-from fedistill.engines.base import Progress, register_engine
+from fedistill.engines.base import register_engine
 from fedistill.engines.dm import DMConfig, DMEngine, real_class_means, synthetic_class_means
 from fedistill.seeding import torch_generator
 
@@ -68,21 +66,10 @@ class DMHomEngine(DMEngine):
     name = "dm_hom"
     reuses_releases = False  # fresh random Fourier features every iteration
     Config = DMHomConfig
-    resumable = False  # the random-feature stream is not checkpointed
 
-    def distill(
-        self,
-        data: Split,
-        ipc: int,
-        *,
-        init: str = "real",
-        device: str | torch.device = "cpu",
-        progress: Progress | None = None,
-        seed: int = 0,
-    ) -> SyntheticSet:
-        """See :meth:`Engine.distill`; the feature draws get their own seed stream."""
-        self._rff_gen = torch_generator(seed, "dm_hom-rff")
-        return super().distill(data, ipc, init=init, device=device, progress=progress, seed=seed)
+    def setup(self, ctx: dict[str, Any], **inputs: Any) -> None:
+        """The random Fourier features draw from their own stream (checkpointed with the loop's)."""
+        ctx["generators"]["rff"] = torch_generator(ctx["seed"], "dm_hom-rff")
 
     def embedding_loss(
         self, net: nn.Module, real: torch.Tensor, syn: torch.Tensor, ctx: dict[str, Any]
@@ -96,8 +83,8 @@ class DMHomEngine(DMEngine):
             flat = syn_emb.detach().float()
             dists = torch.pdist(flat) if len(flat) > 1 else flat.new_ones(1)
             sigma = cfg.bandwidth * float(dists.median().clamp_min(1e-6))
-        weight = (torch.randn(dim, cfg.num_features, generator=self._rff_gen) / sigma).to(syn_emb.device)
-        phase = (torch.rand(cfg.num_features, generator=self._rff_gen) * 2 * math.pi).to(syn_emb.device)
+        weight = (torch.randn(dim, cfg.num_features, generator=ctx["generators"]["rff"]) / sigma).to(syn_emb.device)
+        phase = (torch.rand(cfg.num_features, generator=ctx["generators"]["rff"]) * 2 * math.pi).to(syn_emb.device)
         embed = ctx["real_embed"]
 
         def stats(x: torch.Tensor) -> torch.Tensor:  # [embedding | its Fourier features], one real pass

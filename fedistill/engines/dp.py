@@ -34,7 +34,7 @@ from fedistill.data.base import DatasetInfo, Split
 from fedistill.data.synthetic import SyntheticSet
 from fedistill.engines.base import Progress, StepLog, init_synthetic, register_engine, resolve_device
 from fedistill.engines.dm import DMConfig, DMEngine, synthetic_class_means
-from fedistill.engines.gm import DCEngine, GMConfig, loop_schedule
+from fedistill.engines.gm import DCEngine, GMConfig
 from fedistill.models import build_model
 from fedistill.privacy import PrivacyConfig, PrivacyLedger, PrivateRelease, check_private_setup, clip_rows
 from fedistill.privacy.mechanisms import poisson_indices
@@ -138,8 +138,8 @@ class DPDMEngine(DMEngine):
     name = "dp_dm"
     Config = DPDMConfig
     default_init = "noise"
-    private = True
-    resumable = False  # releases are reserved in the ledger up front; a resumed run would spend them twice
+    # not resumable: releases are reserved in the ledger up front; a resumed run would spend them twice
+    accepts = frozenset({"ledger"})
 
     def distill(
         self,
@@ -209,7 +209,7 @@ class DPDMEngine(DMEngine):
         embed, chunk = self.features(net), cfg.real_chunk
         out = []
         for r in range(num):
-            self.prepare_network(net, r, release_seed)
+            self.prepare_network(net, r, {"seed": release_seed})
             params = _release_augmentation(dsa, len(classes), release_seed, r, data.info.image_size)
             real, groups = sampler.sample()
             with torch.no_grad():
@@ -269,7 +269,7 @@ class DPDMEngine(DMEngine):
         steps = StepLog(cfg.iterations, every=cfg.log_every, progress=progress)
         for it in range(cfg.iterations):
             r = it % len(means)
-            self.prepare_network(net, r, release_seed)
+            self.prepare_network(net, r, {"seed": release_seed})
             if r not in params_cache:
                 params_cache[r] = _release_augmentation(dsa, k, release_seed, r, info.image_size)
                 with torch.no_grad():
@@ -326,42 +326,35 @@ class DPDCEngine(DCEngine):
     name = "dp_dc"
     Config = DPGMConfig
     default_init = "noise"
-    private = True
+    accepts = frozenset({"ledger"})
 
-    def distill(
-        self,
-        data: Split,
-        ipc: int,
-        *,
-        init: str = "noise",
-        device: str | torch.device = "cpu",
-        progress: Progress | None = None,
-        seed: int = 0,
-        ledger: PrivacyLedger | None = None,
-    ) -> SyntheticSet:
-        """See :meth:`Engine.distill`; ``ledger`` continues a data holder's budget."""
+    def setup(self, ctx: dict[str, Any], data: Split, *, ledger: PrivacyLedger | None = None) -> None:
+        """Check the private setup and reserve every release in ``ledger`` (a holder's budget) before a
+        record is read: one per outer step of every iteration, Poisson-sampled at one rate."""
         cfg = self.config
-        dev = resolve_device(device)
-        _, _, classes, _ = _private_start(self.name, data, ipc, cfg, init, seed, dev)
-        outer = cfg.outer_loop or loop_schedule(ipc)[0]
-        self._rate = _sample_rate(cfg, cfg.batch_real, data, classes)
-        self._release = PrivateRelease(
+        check_private_setup(init=ctx["init"], net=ctx["net"], engine=self.name)
+        ctx["rate"] = _sample_rate(cfg, cfg.batch_real, data, ctx["classes"])
+        ctx["release"] = PrivateRelease(
             cfg,
             ledger=ledger,
-            releases=cfg.iterations * outer,
-            sample_rate=self._rate,
-            generator=torch_generator(seed, "dp-noise"),
+            releases=cfg.iterations * ctx["outer"],
+            sample_rate=ctx["rate"],
+            generator=torch_generator(ctx["seed"], "dp-noise"),
         )
-        syn = super().distill(data, ipc, init=init, device=dev, progress=progress, seed=seed)
-        syn.metadata["privacy"] = self._release.report()
-        return syn
 
-    def real_sampler(self, data: Split, classes: list[int], device: torch.device, seed: int) -> PoissonClassSampler:
+    def extra_metadata(self, ctx: dict[str, Any]) -> dict[str, Any]:
+        """The privacy report of the releases made."""
+        return {"privacy": ctx["release"].report()}
+
+    def real_sampler(
+        self, data: Split, classes: list[int], device: torch.device, ctx: dict[str, Any]
+    ) -> PoissonClassSampler:
         """Poisson samples at the release's rate."""
-        return PoissonClassSampler(data, classes, self._rate, device, torch_generator(seed, f"{self.name}-real"))
+        gen = torch_generator(ctx["seed"], f"{self.name}-real")
+        return PoissonClassSampler(data, classes, ctx["rate"], device, gen)
 
     def real_targets(
-        self, net: nn.Module, sampler: Any, classes: list[int], *, dsa: DSA | None, params: Any
+        self, net: nn.Module, sampler: Any, classes: list[int], *, dsa: DSA | None, params: Any, ctx: dict[str, Any]
     ) -> list[tuple[Any, torch.Tensor | None]]:
         """Per class, the DP-SGD estimate of the real gradient (one release for all classes)."""
         real, groups = sampler.sample()
@@ -381,8 +374,8 @@ class DPDCEngine(DCEngine):
         for i in range(0, len(real), chunk):
             g = per_sample(named, real[i : i + chunk], labels[i : i + chunk])
             flat = torch.cat([v.flatten(1) for v in g.values()], 1)
-            self._release.clipped_sums(flat, groups[i : i + chunk], len(classes), out=sums)
-        means = self._release.noised(sums) / sampler.expected
+            ctx["release"].clipped_sums(flat, groups[i : i + chunk], len(classes), out=sums)
+        means = ctx["release"].noised(sums) / sampler.expected
         shapes = [p.shape for p in named.values()]
         return [
             ([g.reshape(s) for g, s in zip(row.split([s.numel() for s in shapes]), shapes, strict=True)], None)

@@ -12,14 +12,13 @@ global model. The SWD is computed in torch so its gradient reaches the images.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import nn
 
-from fedistill.data.base import Split
-from fedistill.data.synthetic import SyntheticSet
 from fedistill.engines.base import register_engine
 from fedistill.engines.dm import DMConfig, DMEngine, synthetic_class_means
 from fedistill.models import reinitialize
@@ -93,23 +92,33 @@ class FedAFEngine(DMEngine):
 
     name = "fedaf"
     Config = FedAFConfig
+    accepts = frozenset({"checkpoint", "base_state", "global_logits"})
 
-    def __init__(self, config: Any = None, **overrides: Any) -> None:
-        super().__init__(config, **overrides)
-        self._base: dict[str, torch.Tensor] | None = None
-        self._global_logits: torch.Tensor | None = None
-        self._swd_gen: torch.Generator | None = None
+    def setup(
+        self,
+        ctx: dict[str, Any],
+        *,
+        base_state: Mapping[str, torch.Tensor] | None = None,
+        global_logits: torch.Tensor | None = None,
+    ) -> None:
+        """``base_state``: the global model (a state dict) to re-sample around (``None``: plain DM
+        networks); ``global_logits``: ``[K, K]`` class-wise mean logits ``V_c`` of the federation
+        (``None``: no SWD term)."""
+        ctx["base"] = None if base_state is None else {k: v.detach().clone() for k, v in base_state.items()}
+        ctx["global_logits"] = None if global_logits is None else global_logits.detach().float()
+        ctx["generators"]["swd"] = torch_generator(ctx["seed"], "fedaf-swd")
 
-    def prepare_network(self, net: nn.Module, iteration: int, seed: int) -> None:
+    def prepare_network(self, net: nn.Module, iteration: int, ctx: dict[str, Any]) -> None:
         """A fresh initialization, mixed with the global weights as ``gamma * w_global + (1 - gamma) * w_fresh``."""
-        reinitialize(net, derive_seed(seed, "fedaf-net", iteration))
-        if self._base is None:
+        reinitialize(net, derive_seed(ctx["seed"], "fedaf-net", iteration))
+        base = ctx["base"]
+        if base is None:
             return
         gamma = float(self.config.gamma)
         with torch.no_grad():
             for name, t in net.state_dict().items():
                 if t.is_floating_point():
-                    t.mul_(1 - gamma).add_(self._base[name].to(t.device, t.dtype), alpha=gamma)
+                    t.mul_(1 - gamma).add_(base[name].to(t.device, t.dtype), alpha=gamma)
 
     def embedding_loss(
         self, net: nn.Module, real: torch.Tensor, syn: torch.Tensor, ctx: dict[str, Any]
@@ -117,37 +126,15 @@ class FedAFEngine(DMEngine):
         """DM's class-mean embedding term plus ``lambda_loc`` x SWD(synthetic logits, global logits)."""
         real_mean, syn_emb = self._embed_pair(net, real, syn, ctx)
         loss = ((real_mean - synthetic_class_means(syn_emb, ctx)) ** 2).sum()
-        if self._global_logits is None or self.config.lambda_loc <= 0:
+        if ctx["global_logits"] is None or self.config.lambda_loc <= 0:
             return loss
         logits = net.classifier(syn_emb)
-        target = self._global_logits.to(logits.device)[ctx["classes"][ctx["syn_groups"]]]
-        swd = sliced_wasserstein(logits, target, projections=self.config.projections, generator=self._swd_gen)
+        target = ctx["global_logits"].to(logits.device)[ctx["classes"][ctx["syn_groups"]]]
+        swd = sliced_wasserstein(
+            logits, target, projections=self.config.projections, generator=ctx["generators"]["swd"]
+        )
         return loss + self.config.lambda_loc * swd
 
-    def distill(
-        self,
-        data: Split,
-        ipc: int,
-        *,
-        base_state: dict[str, torch.Tensor] | None = None,
-        global_logits: torch.Tensor | None = None,
-        **kwargs: Any,
-    ) -> SyntheticSet:
-        """See :meth:`Engine.distill`.
-
-        Parameters
-        ----------
-        base_state
-            The global model (a state dict) to re-sample around; ``None``: plain DM networks.
-        global_logits
-            ``[K, K]`` class-wise mean logits ``V_c`` of the federation; ``None``: no SWD term.
-        """
-        self._base = None if base_state is None else {k: v.detach().clone() for k, v in base_state.items()}
-        self._global_logits = None if global_logits is None else global_logits.detach().float()
-        self._swd_gen = torch_generator(int(kwargs.get("seed", 0)), "fedaf-swd")
-        try:
-            syn = super().distill(data, ipc, **kwargs)
-        finally:
-            self._base = self._global_logits = self._swd_gen = None
-        syn.metadata.update(method=self.name, gamma=self.config.gamma, lambda_loc=self.config.lambda_loc)
-        return syn
+    def extra_metadata(self, ctx: dict[str, Any]) -> dict[str, Any]:
+        """The re-sampling share and the SWD weight."""
+        return {"gamma": self.config.gamma, "lambda_loc": self.config.lambda_loc}

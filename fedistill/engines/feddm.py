@@ -10,15 +10,13 @@ one random initialization, fixed for the run.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import nn
 
-from fedistill.data.base import Split
-from fedistill.data.synthetic import SyntheticSet
 from fedistill.engines.base import register_engine
 from fedistill.engines.dm import DMConfig, DMEngine
 from fedistill.models import reinitialize
@@ -52,10 +50,7 @@ class FedDMEngine(DMEngine):
 
     name = "feddm"
     Config = FedDMConfig
-
-    def __init__(self, config: Any = None, **overrides: Any) -> None:
-        super().__init__(config, **overrides)
-        self._base: dict[str, torch.Tensor] | None = None
+    accepts = frozenset({"checkpoint", "base_state"})
 
     def features(self, net: nn.Module) -> Callable[[torch.Tensor], torch.Tensor]:
         """Embeddings concatenated with ``sqrt(logit_weight)``-scaled logits."""
@@ -67,14 +62,18 @@ class FedDMEngine(DMEngine):
 
         return both
 
-    def prepare_network(self, net: nn.Module, iteration: int, seed: int) -> None:
+    def setup(self, ctx: dict[str, Any], *, base_state: Mapping[str, torch.Tensor] | None = None) -> None:
+        """``base_state``: the network to match around (a state dict); ``None``: one random initialization."""
+        ctx["base"] = None if base_state is None else {k: v.detach().clone() for k, v in base_state.items()}
+
+    def prepare_network(self, net: nn.Module, iteration: int, ctx: dict[str, Any]) -> None:
         """Load the base weights and add a Gaussian perturbation of norm at most ``rho``."""
-        if self._base is None:
-            reinitialize(net, derive_seed(seed, "feddm-base"))
-            self._base = {k: v.detach().clone() for k, v in net.state_dict().items()}
-        net.load_state_dict(self._base)
+        if ctx["base"] is None:
+            reinitialize(net, derive_seed(ctx["seed"], "feddm-base"))
+            ctx["base"] = {k: v.detach().clone() for k, v in net.state_dict().items()}
+        net.load_state_dict(ctx["base"])
         params = list(net.parameters())
-        g = torch_generator(seed, "feddm-perturb", iteration)
+        g = torch_generator(ctx["seed"], "feddm-perturb", iteration)
         noise = [torch.randn(p.shape, generator=g).to(p.device) for p in params]
         norm = torch.sqrt(sum((n**2).sum() for n in noise))
         scale = min(1.0, self.config.rho / max(float(norm), 1e-12))
@@ -82,15 +81,6 @@ class FedDMEngine(DMEngine):
             for p, n in zip(params, noise, strict=True):
                 p.add_(n, alpha=scale)
 
-    def distill(
-        self, data: Split, ipc: int, *, base_state: dict[str, torch.Tensor] | None = None, **kwargs: Any
-    ) -> SyntheticSet:
-        """See :meth:`Engine.distill`; ``base_state`` is the network to match around (a state dict)."""
-        self._base = None if base_state is None else {k: v.detach().clone() for k, v in base_state.items()}
-        try:
-            syn = super().distill(data, ipc, **kwargs)
-        finally:
-            self._base = None
-        syn.metadata["method"] = self.name
-        syn.metadata["rho"] = self.config.rho
-        return syn
+    def extra_metadata(self, ctx: dict[str, Any]) -> dict[str, Any]:
+        """The perturbation radius."""
+        return {"rho": self.config.rho}

@@ -218,6 +218,7 @@ class GenEngine(Engine):
 
     name = "gen"
     Config = GenConfig
+    accepts = frozenset({"generator_state"})
 
     def distill(
         self,

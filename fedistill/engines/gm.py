@@ -141,12 +141,31 @@ class DCEngine(Engine):
     name = "dc"
     Config = GMConfig
 
-    def real_sampler(self, data: Split, classes: list[int], device: torch.device, seed: int) -> RealSampler:
+    def setup(self, ctx: dict[str, Any], data: Split, **inputs: Any) -> None:
+        """Put one distillation's own state into its ``ctx`` (the engine instance keeps none).
+
+        ``ctx`` holds ``seed``, ``init``, ``net``, ``classes``, ``outer``; ``inputs`` are the
+        request's optional inputs this engine accepts (e.g. ``ledger``).
+        """
+
+    def extra_metadata(self, ctx: dict[str, Any]) -> dict[str, Any]:
+        """Fields a subclass adds to the set's ``metadata``."""
+        return {}
+
+    def real_sampler(self, data: Split, classes: list[int], device: torch.device, ctx: dict[str, Any]) -> RealSampler:
         """The sampler of real batches (fixed ``batch_real`` per class)."""
-        return RealSampler(data, classes, self.config.batch_real, device, torch_generator(seed, f"{self.name}-real"))
+        gen = torch_generator(ctx["seed"], f"{self.name}-real")
+        return RealSampler(data, classes, self.config.batch_real, device, gen)
 
     def real_targets(
-        self, net: nn.Module, sampler: RealSampler, classes: list[int], *, dsa: DSA | None, params: Any
+        self,
+        net: nn.Module,
+        sampler: RealSampler,
+        classes: list[int],
+        *,
+        dsa: DSA | None,
+        params: Any,
+        ctx: dict[str, Any],
     ) -> list[tuple[Any, torch.Tensor | None]]:
         """Per class, what the synthetic gradient is matched to: ``(real batch, labels)``.
 
@@ -164,13 +183,16 @@ class DCEngine(Engine):
         data: Split,
         ipc: int,
         *,
-        init: str = "real",
+        init: str = "auto",
         device: str | torch.device = "cpu",
         progress: Progress | None = None,
         seed: int = 0,
+        **inputs: Any,
     ) -> SyntheticSet:
-        """See :meth:`Engine.distill`."""
+        """See :meth:`Engine.distill`; ``init="auto"``: the engine's :attr:`~Engine.default_init` (DP: noise);
+        ``inputs``: the request inputs a subclass accepts (:meth:`setup`)."""
         cfg = self.config
+        init = self.resolve_init(init)
         dev = resolve_device(device)
         outer, inner = loop_schedule(ipc)
         outer = cfg.outer_loop or outer
@@ -181,12 +203,14 @@ class DCEngine(Engine):
         syn = images.to(dev).requires_grad_(True)
         syn_labels = labels.to(dev)
         opt = torch.optim.SGD([syn], lr=cfg.lr_img, momentum=cfg.momentum)
-        sampler = self.real_sampler(data, classes, dev, seed)
+        net = build_model(cfg.model, data.info, seed=derive_seed(seed, f"{self.name}-net"), **cfg.model_kwargs).to(dev)
+        ctx: dict[str, Any] = {"seed": seed, "init": init, "net": net, "classes": classes, "outer": outer}
+        self.setup(ctx, data, **inputs)
+        sampler = self.real_sampler(data, classes, dev, ctx)
         syn_groups = torch.arange(k, device=dev).repeat_interleave(ipc)
         aug_gen = torch_generator(seed, f"{self.name}-dsa")
         train_gen = torch_generator(seed, f"{self.name}-train")
         dsa = DSA(DSAConfig(flip=data.info.flip)) if cfg.dsa else None
-        net = build_model(cfg.model, data.info, seed=derive_seed(seed, f"{self.name}-net"), **cfg.model_kwargs).to(dev)
         steps = StepLog(cfg.iterations, every=cfg.log_every, progress=progress)
         for it in range(cfg.iterations):
             reinitialize(net, derive_seed(seed, f"{self.name}-net", it))
@@ -194,7 +218,7 @@ class DCEngine(Engine):
             total = syn.new_zeros(())  # summed on the device, read only when logged
             for ol in range(outer):
                 params = dsa.sample(k, aug_gen, image_size=data.info.image_size, op_per_group=True) if dsa else None
-                real = self.real_targets(net, sampler, classes, dsa=dsa, params=params)
+                real = self.real_targets(net, sampler, classes, dsa=dsa, params=params, ctx=ctx)
                 syn_in = syn if dsa is None else dsa.apply(syn, params, syn_groups)
                 loss = syn.new_zeros(())
                 for c in range(k):
@@ -218,7 +242,7 @@ class DCEngine(Engine):
                 )
             steps.log(it, loss=total / (outer * k))
         meta = {"method": self.name, "ipc": ipc, "init": init, "seed": seed, "iterations": cfg.iterations}
-        meta |= {"outer_loop": outer, "inner_loop": inner, "loss_history": steps.history}
+        meta |= {"outer_loop": outer, "inner_loop": inner, "loss_history": steps.history} | self.extra_metadata(ctx)
         return SyntheticSet(syn.detach().cpu().contiguous(), labels, data.info, metadata=meta)
 
 

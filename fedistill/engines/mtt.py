@@ -229,6 +229,7 @@ class MTTEngine(Engine):
 
     name = "mtt"
     Config = MTTConfig
+    accepts = frozenset({"experts"})
 
     def distill(
         self,

@@ -20,8 +20,8 @@ import torch
 
 from fedistill.data.base import Split
 from fedistill.data.synthetic import SyntheticSet
-from fedistill.engines import ENGINES, build_engine, resolve_device
-from fedistill.engines.base import NothingToDistillError
+from fedistill.engines import ENGINES, DistillRequest, build_engine, resolve_device
+from fedistill.engines.base import ARRAY_INPUTS, NothingToDistillError
 from fedistill.federated.attacks import noise_images, poison_split, poison_stats, poison_synthetic, repeat_rows
 from fedistill.federated.fedaf import class_stats
 from fedistill.models import build_model
@@ -30,7 +30,6 @@ from fedistill.registry import Registry
 from fedistill.training import EvalRecipe, ModelSpec, test_metrics, train_model
 
 __all__ = [
-    "ENGINE_INPUTS",
     "FAULTS",
     "WEIGHT_FAULTS",
     "client_ledger",
@@ -40,6 +39,7 @@ __all__ = [
     "model_spec",
     "release_task",
     "stats_task",
+    "task_request",
 ]
 
 FAULTS: Registry[Callable[[SyntheticSet], SyntheticSet]] = Registry("fault")
@@ -146,10 +146,6 @@ def _setup(task: Mapping[str, Any]) -> torch.device:
     return resolve_device(task["device"])
 
 
-ENGINE_INPUTS = ("global_logits",)
-"""Server arrays a client passes on to its engine's ``distill`` (FedAF's global class logits)."""
-
-
 def client_ledger(
     task: Mapping[str, Any], options: Mapping[str, Any], node_state: Mapping[str, Any] | None
 ) -> PrivacyLedger:
@@ -170,6 +166,13 @@ def client_ledger(
     return ledger
 
 
+def task_request(split: Split, task: Mapping[str, Any], device: torch.device, **inputs: Any) -> DistillRequest:
+    """The engine request of a client task: its ``ipc``, ``init`` and ``seed`` on ``split``, plus ``inputs``."""
+    return DistillRequest(
+        data=split, ipc=int(task["ipc"]), init=task["init"], seed=int(task["seed"]), device=device, **inputs
+    )
+
+
 def distill_task(
     split: Split,
     task: Mapping[str, Any],
@@ -180,8 +183,9 @@ def distill_task(
 ) -> tuple[SyntheticSet | None, dict[str, Any]]:
     """Distill this client's data with the task's engine.
 
-    ``base_state`` (the global model) and ``inputs`` (arrays named in
-    :data:`ENGINE_INPUTS`) are passed to the engine when given. A differentially
+    ``base_state`` (the global model) and ``inputs`` (server arrays, the
+    :data:`~fedistill.engines.base.ARRAY_INPUTS` fields of the request) go into the
+    engine's request when given; an engine refuses an input it does not read. A differentially
     private engine continues the client's ledger (``ledger_state``, the node's own copy,
     or the server's copy in the task), plans its noise over the task's ``rounds`` and
     refuses a release over budget (:class:`~fedistill.privacy.BudgetExceededError`).
@@ -198,25 +202,24 @@ def distill_task(
     start = time.perf_counter()
     spec = model_spec(task["model"])
     options = dict(task["method_options"])
-    extra: dict[str, Any] = {"base_state": base_state} if base_state is not None else {}
-    unknown = sorted(set(inputs or {}) - set(ENGINE_INPUTS))
+    unknown = sorted(set(inputs or {}) - set(ARRAY_INPUTS))
     if unknown:
-        raise ValueError(f"unexpected engine inputs {unknown}; valid: {list(ENGINE_INPUTS)}")
-    extra |= dict(inputs or {})
-    if ENGINES.get(task["method"]).private:
+        raise ValueError(f"unexpected engine inputs {unknown}; valid: {list(ARRAY_INPUTS)}")
+    ledger = None
+    if ENGINES.get(task["method"]).takes("ledger"):
         if options.get("planned_rounds") is None:
             options["planned_rounds"] = int(task["rounds"])
-        extra["ledger"] = client_ledger(task, options, ledger_state)
+        ledger = client_ledger(task, options, ledger_state)
     engine = build_engine(task["method"], model=spec.name, model_kwargs=spec.kwargs, **options)
-    init = engine.resolve_init(task["init"])
     metrics = {"examples": len(split), "class_counts": split.class_counts().tolist()}
     split = poison_split(split, task.get("attack"), int(task["seed"]))
+    request = task_request(split, task, device, base_state=base_state, ledger=ledger, **dict(inputs or {}))
     try:
-        syn = engine.distill(split, int(task["ipc"]), init=init, device=device, seed=int(task["seed"]), **extra)
+        syn = engine.run(request)
     except NothingToDistillError:
         syn = None
-    if "ledger" in extra:
-        metrics["epsilon"] = round(extra["ledger"].epsilon, 6)
+    if ledger is not None:
+        metrics["epsilon"] = round(ledger.epsilon, 6)
     syn = poison_synthetic(syn, task.get("attack"))
     if syn is not None:
         syn.metadata.pop("loss_history", None)

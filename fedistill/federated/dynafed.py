@@ -16,7 +16,7 @@ import torch
 
 from fedistill.data.base import DatasetInfo, Split
 from fedistill.data.synthetic import SyntheticSet
-from fedistill.engines import build_engine
+from fedistill.engines import DistillRequest, build_engine
 from fedistill.engines.loops import train_epochs
 from fedistill.models import build_model
 from fedistill.seeding import torch_generator
@@ -72,7 +72,8 @@ def distill_trajectory(
     engine = build_engine("mtt", model=spec.name, model_kwargs=dict(spec.kwargs), **options)
     k = info.num_classes
     classes_only = Split(torch.zeros(k, *info.shape), torch.arange(k), info)  # the server has no data
-    syn = engine.distill(classes_only, ipc, init="noise", device=device, seed=seed, experts=[trajectory])
+    request = DistillRequest(data=classes_only, ipc=ipc, init="noise", seed=seed, device=device, experts=[trajectory])
+    syn = engine.run(request)
     syn.metadata.update(method="dynafed-mtt", trajectory_length=len(trajectory))
     syn.metadata.pop("loss_history", None)
     return syn

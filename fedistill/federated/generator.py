@@ -29,7 +29,7 @@ from fedistill.data.synthetic import SyntheticSet, SyntheticSetError
 from fedistill.engines import build_engine
 from fedistill.engines.base import NothingToDistillError
 from fedistill.engines.gen import CVAE, decode_latents, new_cvae, train_cvae
-from fedistill.federated.client import _setup, model_spec
+from fedistill.federated.client import _setup, model_spec, task_request
 from fedistill.registry import Registry
 
 __all__ = [
@@ -165,14 +165,7 @@ def latent_task(
     tensors: dict[str, torch.Tensor] | None = None
     meta: dict[str, Any] = {}
     try:
-        syn = engine.distill(
-            split,
-            int(task["ipc"]),
-            init=engine.resolve_init(task["init"]),
-            device=device,
-            seed=int(task["seed"]),
-            generator_state=state,
-        )
+        syn = engine.run(task_request(split, task, device, generator_state=state))
         tensors, meta = encode_latents(syn)
         if str(task.get("fault")) in LATENT_FAULTS:  # others (crash, slow, timeout) act in _setup
             tensors = LATENT_FAULTS.get(str(task["fault"]))(tensors, split.info.num_classes)

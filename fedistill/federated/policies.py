@@ -30,7 +30,7 @@ import torch
 
 from fedistill.data.base import Split
 from fedistill.data.synthetic import SyntheticSet
-from fedistill.engines import ENGINES, build_engine
+from fedistill.engines import ENGINES, DistillRequest, build_engine
 from fedistill.federated.screening import Parts, PolicyContext, keyword_options, screen_clients
 from fedistill.federated.server import FederationError, merge_sets
 from fedistill.registry import Registry
@@ -139,7 +139,7 @@ def redistill(
     engine = build_engine(method, model=ctx.model.name, model_kwargs=dict(ctx.model.kwargs), **opts)
     data = Split(union_set.images, union_set.hard_labels, ctx.info)
     seed = derive_seed(ctx.seed, "policy-redistill", ctx.round_)
-    syn = engine.distill(data, budget, init="real", device=ctx.device, seed=seed)
+    syn = engine.run(DistillRequest(data=data, ipc=budget, init="real", seed=seed, device=ctx.device))
     syn.metadata.pop("loss_history", None)
     present = torch.bincount(union_set.hard_labels, minlength=ctx.info.num_classes) > 0
     got = torch.bincount(syn.hard_labels, minlength=ctx.info.num_classes)
