@@ -13,10 +13,9 @@ from fedistill.engines import ENGINES, build_engine
 from fedistill.engines import experts as experts_module
 from fedistill.engines import mtt as mtt_module
 from fedistill.engines.mtt import FlatModel, expert_trajectories, plan_steps, tesla_backward, unrolled_loss
-from fedistill.evaluation import EvalRecipe, ModelSpec, evaluate_images, evaluate_synthetic
+from fedistill.evaluation import EvalRecipe, ModelSpec, evaluate_synthetic
 from fedistill.models import build_model
-from fedistill.seeding import derive_seed
-from fedistill.softlabel import relabelled_subset
+from fedistill.softlabel import resolve_teacher
 
 NET = {"width": 32, "depth": 2}
 EXPERTS = {"num_experts": 3, "expert_train_epochs": 10, "expert_batch": 32, "max_start_epoch": 4, "model_kwargs": NET}
@@ -150,18 +149,27 @@ def test_tesla_soft_labels_from_expert(digits, cache):
     syn.validate(digits.info)
 
 
-class _ExpertTeacher:
-    """The expert whose final parameters TESLA labels its images with, as a teacher of a random subset."""
-
-    def __init__(self, engine, digits) -> None:
-        cfg = engine.config
-        experts = list(expert_trajectories(digits.train, cfg, seed=0, device=torch.device("cpu")).values())
-        net = build_model(cfg.model, digits.info, seed=derive_seed(0, "mtt-student"), **cfg.model_kwargs)
-        self.model, self.params = FlatModel(net), experts[0][-1]
-
-    def soft_labels(self, images: torch.Tensor, *, temperature: float) -> torch.Tensor:
-        with torch.no_grad():
-            return torch.softmax(self.model(self.params, images) / temperature, dim=1)
+def test_tesla_records_its_expert_as_the_teacher_of_its_soft_labels(digits, cache):
+    """The set's ``teacher`` record reloads expert 0's final parameters (what labelled the images), so
+    evaluation relabels the random subset with the same expert; MTT (hard labels) records none."""
+    cpu = torch.device("cpu")
+    engine = build_engine("tesla", **FAST | {"iterations": 2, "cache_dir": cache})
+    syn = engine.distill(digits.train, 1, seed=0)
+    temperature = engine.config.label_temperature
+    assert syn.metadata["teacher"]["source"] == "expert" and syn.metadata["teacher"]["temperature"] == temperature
+    teacher = resolve_teacher(syn, digits, device=cpu)
+    assert teacher.cached  # the engine's own expert buffer, not a retrained network
+    final = expert_trajectories(digits.train, engine.config, seed=0, device=cpu)["expert_0"][-1]
+    flat = FlatModel(build_model("convnet", digits.info, **NET))
+    x = digits.test.images[:64]
+    expected = torch.softmax(flat(final, x) / temperature, dim=1)
+    torch.testing.assert_close(teacher.soft_labels(x, temperature=temperature), expected, rtol=1e-5, atol=1e-6)
+    with pytest.raises(ValueError, match="trained on other data"):
+        resolve_teacher(syn, type(digits)(digits.info, digits.test, digits.val, digits.test), device=cpu)
+    res = evaluate_synthetic(syn, digits, models=[ModelSpec("convnet", NET)], recipe=EvalRecipe(epochs=3), seed=0)
+    assert "random_subset_soft" in res["baselines"] and res["teacher"]["epochs"] == EXPERTS["expert_train_epochs"]
+    mtt = build_engine("mtt", **FAST | {"iterations": 2, "cache_dir": cache}).distill(digits.train, 1, seed=0)
+    assert "teacher" not in mtt.metadata
 
 
 @pytest.mark.slow
@@ -177,11 +185,7 @@ def test_beats_random_subset_at_ipc1(digits, cache, method):
     acc, rnd = res["accuracy"]["mean"], res["baselines"]["random_subset"]["mean"]
     print(f"{method} {acc:.2f} vs random subset {rnd:.2f}")
     assert acc > rnd + 5.0, (acc, rnd)
-    if method == "tesla":
-        teacher = _ExpertTeacher(engine, digits)
-        temperature = engine.config.label_temperature
-        relabelled = relabelled_subset(digits.train, syn.labels, teacher, temperature=temperature, seed=0)
-        cpu = torch.device("cpu")
-        soft = evaluate_images(relabelled, digits, spec=spec, recipe=recipe, runs=2, seed=0, device=cpu)["mean"]
+    if method == "tesla":  # the random subset relabelled by the expert the set records as its teacher
+        soft = res["baselines"]["random_subset_soft"]["mean"]
         print(f"tesla {acc:.2f} vs expert-relabelled random subset {soft:.2f}")
         assert acc > soft + 5.0, (acc, soft)

@@ -19,11 +19,11 @@ from torch.func import functional_call
 from fedistill.augment import DSA, DSAConfig
 from fedistill.data.base import Split
 from fedistill.engines.loops import train_epochs
-from fedistill.io import cached_tensors
+from fedistill.io import cache_dir, cache_key, cached_tensors
 from fedistill.models import build_model
 from fedistill.seeding import derive_seed, torch_generator
 
-__all__ = ["FlatModel", "data_fingerprint", "expert_trajectories"]
+__all__ = ["FlatModel", "data_fingerprint", "expert_trajectories", "experts_cached"]
 
 
 class FlatModel:
@@ -81,19 +81,26 @@ def expert_trajectories(data: Split, config: Any, *, seed: int, device: torch.de
             out[f"expert_{i}"] = torch.stack(snaps).cpu()
         return out
 
-    return cached_tensors(
-        "experts",
-        build,
-        root=cfg.cache_dir,
-        dataset=data.info.name,
-        data=data_fingerprint(data),
-        model=cfg.model,
-        model_kwargs=cfg.model_kwargs,
-        seed=seed,
-        num_experts=cfg.num_experts,
-        epochs=cfg.expert_train_epochs,
-        lr=cfg.expert_lr,
-        momentum=cfg.expert_momentum,
-        batch=cfg.expert_batch,
-        dsa=cfg.dsa,
-    )
+    return cached_tensors("experts", build, root=cfg.cache_dir, **_cache_parts(data, cfg, seed))
+
+
+def _cache_parts(data: Split, cfg: Any, seed: int) -> dict[str, Any]:
+    return {
+        "dataset": data.info.name,
+        "data": data_fingerprint(data),
+        "model": cfg.model,
+        "model_kwargs": cfg.model_kwargs,
+        "seed": seed,
+        "num_experts": cfg.num_experts,
+        "epochs": cfg.expert_train_epochs,
+        "lr": cfg.expert_lr,
+        "momentum": cfg.expert_momentum,
+        "batch": cfg.expert_batch,
+        "dsa": cfg.dsa,
+    }
+
+
+def experts_cached(data: Split, config: Any, *, seed: int) -> bool:
+    """Whether :func:`expert_trajectories` would load these experts from the disk cache."""
+    name = cache_key("experts", **_cache_parts(data, config, seed))
+    return (cache_dir(config.cache_dir) / f"{name}.safetensors").is_file()

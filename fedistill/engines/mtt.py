@@ -38,6 +38,7 @@ from fedistill.data.synthetic import SyntheticSet
 from fedistill.engines.base import Engine, Progress, StepLog, init_synthetic, register_engine, resolve_device
 from fedistill.engines.experts import FlatModel, data_fingerprint, expert_trajectories
 from fedistill.engines.loops import classification_loss
+from fedistill.engines.teacher import expert_teacher_parts
 from fedistill.models import build_model
 from fedistill.seeding import derive_seed, torch_generator
 
@@ -250,8 +251,11 @@ class MTTEngine(Engine):
         """
         cfg = self.config
         dev = resolve_device(device)
+        teacher = None  # the labeller of soft labels, recorded when the experts come from ``data``
         if experts is None:
             experts = list(expert_trajectories(data, cfg, seed=seed, device=dev).values())
+            if cfg.soft_labels:
+                teacher = expert_teacher_parts(data, cfg, seed=seed) | {"cache_dir": cfg.cache_dir}
         experts = [t.to(dev) for t in experts]
         images, labels = init_synthetic(data, ipc, init=init, seed=seed, min_class_samples=cfg.min_class_samples)
         net = build_model(cfg.model, data.info, seed=derive_seed(seed, "mtt-student"), **cfg.model_kwargs).to(dev)
@@ -286,6 +290,8 @@ class MTTEngine(Engine):
             steps.log(it, loss=loss, lr=lr.detach())
         meta = {"method": self.name, "ipc": ipc, "init": init, "seed": seed, "iterations": cfg.iterations}
         meta |= {"syn_lr": float(lr.detach()), "loss_history": steps.history}
+        if teacher is not None:  # evaluation relabels the random subset with the same expert
+            meta["teacher"] = teacher | {"temperature": cfg.label_temperature}
         soft_out = None if soft is None else soft.detach().cpu().float().contiguous()
         return SyntheticSet(syn.detach().cpu().contiguous(), labels, data.info, soft_out, metadata=meta)
 

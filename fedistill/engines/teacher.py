@@ -14,6 +14,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import time
+import types
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -24,12 +25,21 @@ import torch.nn.functional as F
 from torch import nn
 
 from fedistill.data.base import Split
+from fedistill.engines.experts import expert_trajectories, experts_cached
 from fedistill.io import cache_key, cached_tensors
 from fedistill.models import build_model
 from fedistill.seeding import derive_seed
 from fedistill.training import EvalRecipe, ModelSpec, train_model
 
-__all__ = ["Teacher", "TeacherConfig", "data_fingerprint", "get_teacher", "teacher_from_metadata"]
+__all__ = [
+    "Teacher",
+    "TeacherConfig",
+    "data_fingerprint",
+    "expert_teacher",
+    "expert_teacher_parts",
+    "get_teacher",
+    "teacher_from_metadata",
+]
 
 _RECIPE_KEYS = ("model", "epochs", "lr", "batch_size", "dsa", "cache_dir")
 
@@ -219,6 +229,8 @@ def teacher_from_metadata(
             f"teacher {meta.get('key')} was trained on other data (fingerprint {meta.get('data')} != {fp}); "
             "evaluate against the training split the set was distilled from"
         )
+    if meta.get("source") == "expert":
+        return expert_teacher(meta, data, device=device, cache_dir=cache_dir)
     cfg = TeacherConfig(
         model=meta["arch"],
         model_kwargs=dict(meta["model_kwargs"]),
@@ -229,3 +241,81 @@ def teacher_from_metadata(
         cache_dir=str(cache_dir) if cache_dir is not None else meta.get("cache_dir"),
     )
     return get_teacher(data, cfg, seed=int(meta["seed"]), device=device)
+
+
+#: The fields of a teacher record that determine an expert teacher (:func:`expert_teacher_parts`).
+EXPERT_PARTS = (
+    "source",
+    "dataset",
+    "data",
+    "arch",
+    "model_kwargs",
+    "seed",
+    "num_experts",
+    "epochs",
+    "lr",
+    "momentum",
+    "batch_size",
+    "dsa",
+)
+
+
+def expert_teacher_parts(data: Split, config: Any, *, seed: int) -> dict[str, Any]:
+    """What determines the teacher that is expert 0's final parameters (TESLA's labeller).
+
+    ``config`` is an :class:`~fedistill.engines.mtt.MTTConfig` (its ``expert_*``, ``num_experts``,
+    ``model``, ``model_kwargs`` and ``dsa`` fields); the parts name the expert buffer it comes from.
+    """
+    return {
+        "source": "expert",
+        "dataset": data.info.name,
+        "data": data_fingerprint(data),
+        "arch": config.model,
+        "model_kwargs": dict(config.model_kwargs),
+        "seed": int(seed),
+        "num_experts": int(config.num_experts),
+        "epochs": int(config.expert_train_epochs),
+        "lr": float(config.expert_lr),
+        "momentum": float(config.expert_momentum),
+        "batch_size": int(config.expert_batch),
+        "dsa": bool(config.dsa),
+    }
+
+
+def expert_teacher(
+    parts: dict[str, Any], data: Split, *, device: torch.device | str = "cpu", cache_dir: str | Path | None = None
+) -> Teacher:
+    """Expert 0's final parameters as a :class:`Teacher` (from the expert cache, retrained if it lost them).
+
+    ``parts`` as :func:`expert_teacher_parts` returns them (or the ``teacher`` record of a set).
+    """
+    start = time.perf_counter()
+    root = str(cache_dir) if cache_dir is not None else parts.get("cache_dir")
+    recipe = types.SimpleNamespace(
+        model=parts["arch"],
+        model_kwargs=dict(parts["model_kwargs"]),
+        num_experts=int(parts["num_experts"]),
+        expert_train_epochs=int(parts["epochs"]),
+        expert_lr=float(parts["lr"]),
+        expert_momentum=float(parts["momentum"]),
+        expert_batch=int(parts["batch_size"]),
+        dsa=bool(parts["dsa"]),
+        cache_dir=root,
+    )
+    seed = int(parts["seed"])
+    cached = experts_cached(data, recipe, seed=seed)
+    final = expert_trajectories(data, recipe, seed=seed, device=torch.device("cpu"))["expert_0"][-1]
+    net = build_model(recipe.model, data.info, **recipe.model_kwargs)
+    nn.utils.vector_to_parameters(final.clone(), net.parameters())
+    config = TeacherConfig(
+        model=recipe.model,
+        model_kwargs=recipe.model_kwargs,
+        epochs=recipe.expert_train_epochs,
+        lr=recipe.expert_lr,
+        batch_size=recipe.expert_batch,
+        dsa=recipe.dsa,
+        cache_dir=root,
+    )
+    own = {k: parts[k] for k in EXPERT_PARTS}
+    model = net.to(device).eval().requires_grad_(False)
+    return Teacher(model, config, own, cached=cached, seconds=round(time.perf_counter() - start, 3))
