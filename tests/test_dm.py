@@ -7,7 +7,7 @@ import torch
 
 from fedistill.data import Split
 from fedistill.engines import ENGINES, build_engine
-from fedistill.engines.dm import RealSampler, real_class_means
+from fedistill.engines.matching import RealSampler, real_class_means
 from fedistill.evaluation import EvalRecipe, ModelSpec, evaluate_synthetic
 from fedistill.models import build_model
 from fedistill.seeding import torch_generator

@@ -18,8 +18,8 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
-from fedistill.augment import DSA, DSAConfig, DSAParams
-from fedistill.checkpoint import Checkpoint, CheckpointError
+from fedistill.augment import DSA, DSAConfig
+from fedistill.checkpoint import Checkpoint
 from fedistill.data.base import Split
 from fedistill.data.synthetic import SyntheticSet
 from fedistill.engines.base import (
@@ -32,10 +32,18 @@ from fedistill.engines.base import (
     register_engine,
     resolve_device,
 )
+from fedistill.engines.matching import (
+    RealSampler,
+    real_class_means,
+    resume_state,
+    save_state,
+    synthetic_class_means,
+    tensors_of,
+)
 from fedistill.models import build_model, reinitialize
 from fedistill.seeding import derive_seed, torch_generator
 
-__all__ = ["DMConfig", "DMEngine", "RealSampler", "real_class_means", "synthetic_class_means"]
+__all__ = ["DMConfig", "DMEngine"]
 
 
 @dataclass(frozen=True)
@@ -125,108 +133,6 @@ class DMConfig:
     pad_small_classes: bool = False
     releases: int | None = None
     log_every: int = 10
-
-
-class RealSampler:
-    """Samples up to ``batch`` real images of every present class per call.
-
-    Returns the images (class-ordered) and each row's class *position* (0..K'-1).
-    """
-
-    def __init__(self, data: Split, classes: list[int], batch: int, device: torch.device, generator: torch.Generator):
-        self.images = data.images.to(device)
-        self.index = [torch.nonzero(data.labels == c).flatten() for c in classes]
-        self.batch = batch
-        self.generator = generator
-        sizes = [min(batch, len(ix)) for ix in self.index]
-        self.groups = torch.repeat_interleave(torch.arange(len(classes)), torch.tensor(sizes)).to(device)
-        #: each row's position within its class (row j of every class shares DSA params with synthetic image j)
-        self.positions = torch.cat([torch.arange(n) for n in sizes]).to(device)
-        self.counts = torch.tensor(sizes, dtype=torch.float32, device=device)
-
-    def sample(self) -> torch.Tensor:
-        """Class-ordered real images for one iteration."""
-        picks = [ix[torch.randperm(len(ix), generator=self.generator)[: self.batch]] for ix in self.index]
-        return self.images[torch.cat(picks).to(self.images.device)]
-
-
-def real_class_means(
-    embed: Callable[[torch.Tensor], torch.Tensor],
-    real: torch.Tensor,
-    groups: torch.Tensor,
-    counts: torch.Tensor,
-    *,
-    dsa: DSA | None,
-    params: DSAParams | None,
-    chunk: int,
-    dtype: torch.dtype = torch.float32,
-    aug_groups: torch.Tensor | None = None,
-) -> torch.Tensor:
-    """Per-class mean of ``embed(real)``, without autograd.
-
-    Runs in chunks of ``chunk`` images (a small working set is much faster on CPU,
-    and exact: only sums are accumulated), feeds ``dtype`` inputs, accumulates in fp32.
-    ``groups`` are the classes of the rows; ``aug_groups`` (default ``groups``) their DSA groups.
-    """
-    aug_groups = groups if aug_groups is None else aug_groups
-    sums = torch.zeros(len(counts), 1, device=real.device)
-    with torch.no_grad():
-        for i in range(0, len(real), chunk):
-            x, g = real[i : i + chunk], groups[i : i + chunk]
-            if dsa is not None:
-                x = dsa.apply(x, params, aug_groups[i : i + chunk])
-            # Standard strides: DSA ops (crop) can return permuted ones, which would
-            # make a compiled ``embed`` recompile on the next iteration.
-            emb = embed(x.to(dtype).clone(memory_format=torch.contiguous_format)).float()
-            if sums.shape[1] != emb.shape[1]:
-                sums = torch.zeros(len(counts), emb.shape[1], device=real.device)
-            sums.index_add_(0, g, emb)
-    return sums / counts.unsqueeze(1)
-
-
-def synthetic_class_means(x: torch.Tensor, ctx: dict[str, Any]) -> torch.Tensor:
-    """Per-class means of synthetic rows ``x`` (classes may have different row counts), with autograd."""
-    out = torch.zeros(ctx["num_classes"], x.shape[1], device=x.device, dtype=x.dtype)
-    return out.index_add(0, ctx["syn_groups"], x) / ctx["syn_counts"].unsqueeze(1).to(x.dtype)
-
-
-def _save(
-    ckpt: Checkpoint, done: int, syn: torch.Tensor, opt: torch.optim.Optimizer, gens: dict, steps: StepLog
-) -> None:
-    """Checkpoint after ``done`` iterations: images, momentum, generator states, loss history."""
-    tensors = {"syn": syn.detach()} | {f"gen.{k}": g.get_state() for k, g in gens.items()}
-    buf = opt.state.get(syn, {}).get("momentum_buffer")
-    if buf is not None:
-        tensors["momentum"] = buf
-    ckpt.save(tensors, {"iteration": done, "history": steps.history})
-
-
-def _resume(ckpt: Checkpoint | None, syn: torch.Tensor, opt: torch.optim.Optimizer, gens: dict, steps: StepLog) -> int:
-    """Restore a checkpoint into the loop's state; returns the first iteration to run."""
-    loaded = ckpt.load() if ckpt is not None else None
-    if loaded is None:
-        return 0
-    tensors, state = loaded
-    missing = sorted({"syn", *(f"gen.{k}" for k in gens)} - set(tensors))
-    missing += [] if "iteration" in state else ["iteration"]
-    if missing:
-        raise CheckpointError(f"{ckpt.path}: missing {missing}; the file is damaged: delete it to start over")
-    if tensors["syn"].shape != syn.shape:
-        raise CheckpointError(
-            f"{ckpt.path}: images of shape {tuple(tensors['syn'].shape)}, expected {tuple(syn.shape)}"
-        )
-    with torch.no_grad():
-        syn.copy_(tensors["syn"].to(syn.device))
-    if "momentum" in tensors:
-        opt.state[syn]["momentum_buffer"] = tensors["momentum"].to(syn.device)
-    for k, g in gens.items():
-        g.set_state(tensors[f"gen.{k}"])
-    steps.history = list(state.get("history", []))
-    return int(state["iteration"])
-
-
-def _tensors(net: nn.Module) -> list[torch.Tensor]:
-    return [*net.parameters(), *net.buffers()]
 
 
 @register_engine("dm")
@@ -344,6 +250,64 @@ class DMEngine(Engine):
             return False
         return device.type == "cpu" and self.config.iterations >= self.config.compile_min_iterations
 
+    def load_release(self, net: nn.Module, release: int, ctx: dict[str, Any]) -> torch.Tensor | None:
+        """Ready ``release``'s real side after :meth:`prepare_network`: the bf16 copy of the network,
+        the DSA parameters (``ctx["params"]``) and a real batch, or ``None`` when the release is cached
+        (only the synthetic branch runs). Each release draws from its own streams, so a resumed run
+        rebuilds it exactly."""
+        for dst, src in ctx["pairs"]:
+            dst.copy_(src)
+        cache: dict[int, Any] | None = ctx.get("params_cache")
+        if cache is not None and release in cache:
+            ctx["params"] = cache[release]
+            return None
+        if cache is not None:
+            ctx["aug_gen"] = torch_generator(ctx["seed"], "dm-dsa", release)
+            ctx["sampler"].generator = torch_generator(ctx["seed"], "dm-real", release)
+        dsa: DSA | None = ctx["dsa"]
+        ctx["params"] = (
+            dsa.sample(
+                ctx["num_aug"], ctx["aug_gen"], image_size=ctx["image_size"], op_per_group=self.config.dsa_op_per_group
+            )
+            if dsa
+            else None
+        )
+        if cache is not None:
+            cache[release] = ctx["params"]
+        return ctx["sampler"].sample()
+
+    def optimize(
+        self,
+        syn: torch.Tensor,
+        opt: torch.optim.Optimizer,
+        net: nn.Module,
+        ctx: dict[str, Any],
+        *,
+        start: int = 0,
+        steps: StepLog,
+        checkpoint: Checkpoint | None = None,
+        gens: dict[str, torch.Generator] | None = None,
+    ) -> None:
+        """The matching loop shared by the DM family and ``dp_dm``'s post-processing, from iteration ``start``.
+
+        Iteration ``i`` uses release ``i mod ctx["num_releases"]`` (``0``: a fresh one every
+        iteration): :meth:`prepare_network`, :meth:`load_release`, :meth:`embedding_loss`, one
+        optimizer step on ``syn``; a ``checkpoint`` saves ``syn``, momentum and ``gens`` when due.
+        """
+        num_releases = ctx["num_releases"]
+        for it in range(start, self.config.iterations):
+            release = it % num_releases if num_releases else it
+            ctx["release"] = release
+            self.prepare_network(net, release, ctx)
+            real = self.load_release(net, release, ctx)
+            loss = self.embedding_loss(net, real, syn, ctx)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            steps.log(it, loss=loss.detach() / ctx["num_classes"])  # read only when logged: no sync per iteration
+            if checkpoint is not None and checkpoint.due(it + 1):
+                save_state(checkpoint, it + 1, syn, opt, gens or {}, steps)
+
     def distill(
         self,
         data: Split,
@@ -379,7 +343,7 @@ class DMEngine(Engine):
         real_dtype = real_branch_dtype(dev, cfg.real_dtype)
         real_net = net if real_dtype is None else copy.deepcopy(net).to(real_dtype)
         # Refreshing the bf16 copy in place is cheaper than load_state_dict each iteration.
-        pairs = [] if real_net is net else list(zip(_tensors(real_net), _tensors(net), strict=True))
+        pairs = [] if real_net is net else list(zip(tensors_of(real_net), tensors_of(net), strict=True))
         syn_groups = torch.arange(len(classes), device=dev).repeat_interleave(syn_counts.to(dev))
         syn_pos = torch.cat([torch.arange(int(n)) for n in syn_counts]).to(dev)
         real_aug, syn_aug, num_aug = self._aug_groups(sampler, syn_groups, syn_pos, ipc)
@@ -400,43 +364,22 @@ class DMEngine(Engine):
             "real_dtype": real_dtype or torch.float32,
             "seed": seed,
             "generators": {},
+            "sampler": sampler,
+            "aug_gen": aug_gen,
+            "num_aug": num_aug,
+            "image_size": data.info.image_size,
+            "pairs": pairs,
+            "num_releases": self._num_releases(),
         }
+        if ctx["num_releases"]:
+            ctx["release_cache"], ctx["params_cache"] = {}, {}
         self.setup(ctx, **inputs)
         steps = StepLog(cfg.iterations, every=cfg.log_every, progress=progress)
         gens = {"real": sampler.generator, "dsa": aug_gen, **ctx["generators"]}
-        start = _resume(checkpoint, syn, opt, gens, steps)
-        num_releases = self._num_releases()
-        if num_releases:
-            ctx["release_cache"], params_cache = {}, {}
-        for it in range(start, cfg.iterations):
-            release = it % num_releases if num_releases else it
-            ctx["release"] = release
-            self.prepare_network(net, release, ctx)
-            for dst, src in pairs:
-                dst.copy_(src)
-            if num_releases and release in params_cache:  # a cached release: only the synthetic branch runs
-                ctx["params"], real = params_cache[release], None
-            else:
-                if num_releases:  # each release draws from its own streams, so a resumed run rebuilds it exactly
-                    aug_gen = torch_generator(seed, "dm-dsa", release)
-                    sampler.generator = torch_generator(seed, "dm-real", release)
-                ctx["params"] = (
-                    dsa.sample(num_aug, aug_gen, image_size=data.info.image_size, op_per_group=cfg.dsa_op_per_group)
-                    if dsa
-                    else None
-                )
-                real = sampler.sample()
-                if num_releases:
-                    params_cache[release] = ctx["params"]
-            loss = self.embedding_loss(net, real, syn, ctx)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            steps.log(it, loss=loss.detach() / len(classes))  # read only when logged: no sync per iteration
-            if checkpoint is not None and checkpoint.due(it + 1):
-                _save(checkpoint, it + 1, syn, opt, gens, steps)
+        start = resume_state(checkpoint, syn, opt, gens, steps)
+        self.optimize(syn, opt, net, ctx, start=start, steps=steps, checkpoint=checkpoint, gens=gens)
         meta = {"method": self.name, "ipc": ipc, "init": init, "seed": seed, "iterations": cfg.iterations}
         meta |= self.extra_metadata(ctx) | {"loss_history": steps.history}
-        if num_releases:
-            meta["releases"] = num_releases
+        if ctx["num_releases"]:
+            meta["releases"] = ctx["num_releases"]
         return SyntheticSet(syn.detach().cpu().contiguous(), labels, data.info, metadata=meta)

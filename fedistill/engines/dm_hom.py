@@ -20,7 +20,8 @@ import torch
 from torch import nn
 
 from fedistill.engines.base import register_engine
-from fedistill.engines.dm import DMConfig, DMEngine, real_class_means, synthetic_class_means
+from fedistill.engines.dm import DMConfig, DMEngine
+from fedistill.engines.matching import real_class_means, synthetic_class_means
 from fedistill.seeding import torch_generator
 
 __all__ = ["DMHomConfig", "DMHomEngine", "random_fourier_features"]

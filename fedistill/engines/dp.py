@@ -33,8 +33,9 @@ from fedistill.augment import DSA, DSAConfig
 from fedistill.data.base import DatasetInfo, Split
 from fedistill.data.synthetic import SyntheticSet
 from fedistill.engines.base import Progress, StepLog, init_synthetic, register_engine, resolve_device
-from fedistill.engines.dm import DMConfig, DMEngine, synthetic_class_means
+from fedistill.engines.dm import DMConfig, DMEngine
 from fedistill.engines.gm import DCEngine, GMConfig
+from fedistill.engines.matching import synthetic_class_means
 from fedistill.models import build_model
 from fedistill.privacy import PrivacyConfig, PrivacyLedger, PrivateRelease, check_private_setup, clip_rows
 from fedistill.privacy.mechanisms import poisson_indices
@@ -223,6 +224,27 @@ class DPDMEngine(DMEngine):
             out.append(release.sums(emb, groups, len(classes)))
         return torch.stack(out), release
 
+    def load_release(self, net: nn.Module, release: int, ctx: dict[str, Any]) -> None:
+        """Post-processing: release ``release``'s augmentation and center (cached); no real record is read."""
+        if release not in ctx["params_cache"]:
+            info = ctx["info"]
+            ctx["params_cache"][release] = _release_augmentation(
+                ctx["dsa"], ctx["num_classes"], ctx["seed"], release, info.image_size
+            )
+            with torch.no_grad():
+                ctx["centers"][release] = self.center(self.features(net), info, ctx["seed"], release, ctx["device"])
+        return None
+
+    def embedding_loss(
+        self, net: nn.Module, real: torch.Tensor | None, syn: torch.Tensor, ctx: dict[str, Any]
+    ) -> torch.Tensor:
+        """Squared distance between the released class means and the synthetic set's, each synthetic
+        embedding centered and clipped as the real ones were before release."""
+        r, dsa = ctx["release"], ctx["dsa"]
+        syn_in = syn if dsa is None else dsa.apply(syn, ctx["params_cache"][r], ctx["syn_groups"])
+        emb = clip_rows(ctx["syn_embed"](syn_in) - ctx["centers"][r], self.config.clip)
+        return ((ctx["means"][r] - synthetic_class_means(emb, ctx)) ** 2).sum()
+
     def center(
         self, embed: Any, info: DatasetInfo, release_seed: int, r: int, device: torch.device
     ) -> torch.Tensor | float:
@@ -257,30 +279,24 @@ class DPDMEngine(DMEngine):
         if means.shape[1] != k:
             raise ValueError(f"means cover {means.shape[1]} classes, the synthetic set {k}")
         net = build_model(cfg.model, info, **cfg.model_kwargs).to(device).requires_grad_(False)
-        means = means.to(device)
         syn = images.to(device).requires_grad_(True)
         opt = torch.optim.SGD([syn], lr=cfg.lr_img, momentum=cfg.momentum)
-        dsa = DSA(DSAConfig(flip=info.flip)) if cfg.dsa else None
-        ctx = {"num_classes": k, "syn_counts": syn_counts.to(device, torch.float32)}
-        ctx["syn_groups"] = torch.arange(k, device=device).repeat_interleave(syn_counts.to(device))
-        params_cache: dict[int, Any] = {}
-        centers: dict[int, torch.Tensor] = {}
-        embed = self.synthetic_features(net, device, info.image_size)
+        ctx: dict[str, Any] = {
+            "num_classes": k,
+            "syn_counts": syn_counts.to(device, torch.float32),
+            "syn_groups": torch.arange(k, device=device).repeat_interleave(syn_counts.to(device)),
+            "seed": release_seed,  # networks and augmentations of the releases (prepare_network, load_release)
+            "num_releases": len(means),
+            "means": means.to(device),
+            "dsa": DSA(DSAConfig(flip=info.flip)) if cfg.dsa else None,
+            "params_cache": {},
+            "centers": {},
+            "syn_embed": self.synthetic_features(net, device, info.image_size),
+            "info": info,
+            "device": device,
+        }
         steps = StepLog(cfg.iterations, every=cfg.log_every, progress=progress)
-        for it in range(cfg.iterations):
-            r = it % len(means)
-            self.prepare_network(net, r, {"seed": release_seed})
-            if r not in params_cache:
-                params_cache[r] = _release_augmentation(dsa, k, release_seed, r, info.image_size)
-                with torch.no_grad():
-                    centers[r] = self.center(self.features(net), info, release_seed, r, device)
-            syn_in = syn if dsa is None else dsa.apply(syn, params_cache[r], ctx["syn_groups"])
-            syn_mean = synthetic_class_means(clip_rows(embed(syn_in) - centers[r], cfg.clip), ctx)
-            loss = ((means[r] - syn_mean) ** 2).sum()
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            steps.log(it, loss=loss.detach() / k)
+        self.optimize(syn, opt, net, ctx, steps=steps)
         ipc = int(syn_counts.max())
         meta = {"method": self.name, "ipc": ipc, "iterations": cfg.iterations, "loss_history": steps.history}
         return SyntheticSet(syn.detach().cpu().contiguous(), labels, info, metadata=meta)

@@ -20,7 +20,8 @@ import torch
 from torch import nn
 
 from fedistill.engines.base import register_engine
-from fedistill.engines.dm import DMConfig, DMEngine, synthetic_class_means
+from fedistill.engines.dm import DMConfig, DMEngine
+from fedistill.engines.matching import synthetic_class_means
 from fedistill.models import reinitialize
 from fedistill.seeding import derive_seed, torch_generator
 

@@ -33,8 +33,8 @@ from fedistill.augment import DSA, DSAConfig
 from fedistill.data.base import Split
 from fedistill.data.synthetic import SyntheticSet
 from fedistill.engines.base import Engine, Progress, StepLog, init_synthetic, register_engine, resolve_device
-from fedistill.engines.dm import RealSampler
 from fedistill.engines.loops import train_epochs
+from fedistill.engines.matching import RealSampler
 from fedistill.models import build_model, reinitialize
 from fedistill.seeding import derive_seed, torch_generator
 
