@@ -175,3 +175,25 @@ def test_dp_stats_round_sends_only_noisy_sums_and_distills_one_set_on_the_server
     assert all(abs(n - 129) < 40 for n in rec["noisy_counts"].values()), rec["noisy_counts"]
     # well above chance (10%) and than the per-client noise alone would allow (see the benchmark)
     assert summary["final_accuracy"] > 40 and summary["baselines"]["random_subset"]["images"] == 100
+
+
+def test_server_distillation_keeps_the_classes_with_enough_noisy_records_and_is_seeded(digits):
+    """``distill_from_sums``: a class whose noisy count equals ``min_records`` gets images and one
+    below it none; the same seed gives the same set; the metadata says what was done."""
+    from fedistill.federated.dp_stats import distill_from_sums
+
+    r, dim = 4, release_shape(OPTIONS, MODEL, digits.info)[2] - 1
+    counts = torch.tensor([5.0, 2.0, 1.99] + [3.0] * 7)  # classes 1 and 2 straddle min_records=2
+    total = torch.randn(r, 10, dim + 1, generator=torch.Generator().manual_seed(0))
+    total[..., -1] = counts * SHARE * CLIP
+    kwargs = {"info": digits.info, "method": OPTIONS, "model": MODEL, "ipc": 2, "count_share": SHARE}
+    kwargs |= {"min_records": 2.0, "release_seed": 7, "device": CPU}
+    syn = distill_from_sums(total, seed=3, **kwargs)
+    assert sorted(set(syn.labels.tolist())) == [0, 1, *range(3, 10)] and len(syn) == 2 * 9
+    assert torch.equal(syn.images, distill_from_sums(total, seed=3, **kwargs).images)
+    assert not torch.equal(syn.images, distill_from_sums(total, seed=4, **kwargs).images)
+    meta = syn.metadata
+    assert (meta["init"], meta["seed"], meta["releases"], meta["count_share"]) == ("noise", 3, r, SHARE)
+    assert meta["noisy_counts"] == {str(c): round(float(n), 2) for c, n in enumerate(counts)}
+    total[..., -1] = 0.0
+    assert distill_from_sums(total, seed=3, **kwargs) is None

@@ -80,10 +80,15 @@ def test_malformed_payload_is_rejected_with_its_reason(digits, fault, field, mat
 def test_payload_accepts_only_known_arrays(digits):
     tensors, meta = encode_synthetic(_set(digits.info))
     assert decode_synthetic(tensors, meta, digits.info, max_size=6).images.shape[0] == 6
-    with pytest.raises(SyntheticSetError, match="unexpected arrays"):
+    with pytest.raises(SyntheticSetError, match=r"unexpected arrays \['real_images'\]") as err:
         decode_synthetic({**tensors, "real_images": tensors["images"]}, meta, digits.info, max_size=6)
-    with pytest.raises(SyntheticSetError, match="missing"):
+    assert err.value.field == "payload" and err.value.fix == "send only ['images', 'labels', 'soft_labels']"
+    with pytest.raises(SyntheticSetError, match="missing from the payload") as err:
         decode_synthetic({"labels": tensors["labels"]}, meta, digits.info, max_size=6)
+    assert err.value.field == "images"
+    with pytest.raises(SyntheticSetError, match="expected a JSON object, got list") as err:
+        decode_synthetic(tensors, [], digits.info, max_size=6)
+    assert err.value.field == "metadata"
 
 
 def test_merge_keeps_provenance(digits):
@@ -103,6 +108,10 @@ def test_weighted_average():
     avg = weighted_average([s1, s2], [3, 1])
     assert torch.allclose(avg["w"], torch.tensor([1.0, 2.0]))
     assert int(avg["n"]) == 5
+    assert torch.equal(weighted_average([s2], [2])["w"], s2["w"])  # one state: itself, whatever its weight
+    for states, weights in (([], []), ([s1, s2], [0, 0]), ([s1], [-1])):
+        with pytest.raises(FederationError, match="nothing to average"):
+            weighted_average(states, weights)
 
 
 def test_feddm_perturbs_within_rho_around_the_base(digits):

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 
@@ -79,16 +81,44 @@ def test_corrupt_and_missing_files_give_clear_errors(tmp_path):
     raw = path.read_bytes()
     (tmp_path / "trunc.safetensors").write_bytes(raw[: len(raw) // 2])
     (tmp_path / "junk.safetensors").write_bytes(b"\x00garbage" * 10)
-    for name in ("trunc.safetensors", "junk.safetensors", "missing.safetensors"):
+    fixes = {
+        "trunc.safetensors": ("not a readable safetensors file", "re-create it with SyntheticSet.save"),
+        "junk.safetensors": ("not a readable safetensors file", "re-create it with SyntheticSet.save"),
+        "missing.safetensors": ("does not exist", "pass the path of a synthetic.safetensors file"),
+    }
+    for name, (problem, fix) in fixes.items():
         with pytest.raises(SyntheticSetError) as exc:
             SyntheticSet.load(tmp_path / name)
         assert exc.value.field == "file" and name in str(exc.value)
-    # a foreign safetensors file (no fedistill header) is refused with the reason
+        assert problem in exc.value.problem and exc.value.fix == fix and str(exc.value).endswith(f"Fix: {fix}")
+    # a foreign safetensors file (no fedistill header) is refused with the reason and the fix
     from safetensors.torch import save_file
 
     save_file({"images": torch.zeros(1, 1, 8, 8)}, str(tmp_path / "foreign.safetensors"))
-    with pytest.raises(SyntheticSetError, match="no fedistill metadata"):
+    with pytest.raises(SyntheticSetError, match="no fedistill metadata") as exc:
         SyntheticSet.load(tmp_path / "foreign.safetensors")
+    assert exc.value.field == "file" and exc.value.fix == "save it with SyntheticSet.save"
+    # a fedistill header that is not what save writes, or a file without images
+    for header, field, problem in (
+        ("{not json", "metadata", "malformed header (JSONDecodeError"),
+        ('{"metadata": {}}', "metadata", "malformed header (KeyError"),
+        (json.dumps({"dataset": _set().info.to_dict(), "metadata": []}), "metadata", "must be a JSON object"),
+    ):
+        save_file(
+            {"images": torch.zeros(1, 1, 8, 8)}, str(tmp_path / "bad.safetensors"), metadata={"fedistill": header}
+        )
+        with pytest.raises(SyntheticSetError) as exc:
+            SyntheticSet.load(tmp_path / "bad.safetensors")
+        assert exc.value.field == field and problem in exc.value.problem, exc.value
+    header = json.dumps({"dataset": _set().info.to_dict()})
+    save_file(
+        {"labels": torch.zeros(1, dtype=torch.int64)},
+        str(tmp_path / "noimg.safetensors"),
+        metadata={"fedistill": header},
+    )
+    with pytest.raises(SyntheticSetError, match="has no 'images' tensor") as exc:
+        SyntheticSet.load(tmp_path / "noimg.safetensors")
+    assert exc.value.field == "images"
 
 
 def test_tampered_content_is_rejected_on_load(tmp_path):
