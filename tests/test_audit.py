@@ -32,6 +32,34 @@ def test_lira_calibrates_per_example_difficulty():
     assert scores[1] > scores[0]
     with pytest.raises(ValueError, match="at least 2 shadow"):
         lira_offline(np.zeros(2), shadows[:1])
+    # the score is the z-score against the shadows: mean per example, one global std (two shadows suffice)
+    two = np.array([[1.0, 4.0], [3.0, 0.0]])  # means (2, 2); deviations (-1, 2, 1, -2): std sqrt(2.5)
+    np.testing.assert_allclose(lira_offline(np.array([2.0, 6.0]), two), [0.0, 4 / np.sqrt(2.5)], rtol=1e-6)
+
+
+def test_roc_metrics_report_exact_rates_at_their_fpr_limits_and_a_seeded_interval():
+    """TPR at a FPR counts thresholds whose FPR equals the limit; every field is there and named;
+    the bootstrap interval is the same for the same seed."""
+    members, nonmembers = np.array([3.0, 2.0, 0.5]), np.array([1.0, 0.0, -1.0, -2.0])
+    out = roc_metrics(members, nonmembers, bootstrap=50, seed=3)
+    assert set(out) == {
+        "auc", "auc_ci95", "tpr_at_1pct_fpr", "tpr_at_1pct_fpr_ci95", "tpr_at_0.1pct_fpr", "members", "nonmembers",
+        "curve",
+    }  # fmt: skip
+    assert out["auc"] == pytest.approx(11 / 12) and (out["members"], out["nonmembers"]) == (3, 4)
+    assert out["tpr_at_1pct_fpr"] == pytest.approx(2 / 3) and out["tpr_at_0.1pct_fpr"] == pytest.approx(2 / 3)
+    assert set(out["curve"]) == {"fpr", "tpr"} and out["curve"]["tpr"][-1] == 1.0
+    lo, hi = out["auc_ci95"]
+    assert 0.5 <= lo <= out["auc"] <= hi <= 1.0
+    rng = np.random.default_rng(0)
+    m, n = rng.normal(1, 1, 60), rng.normal(0, 1, 60)
+    assert roc_metrics(m, n, bootstrap=50, seed=3)["auc_ci95"] == roc_metrics(m, n, bootstrap=50, seed=3)["auc_ci95"]
+    assert roc_metrics(m, n, bootstrap=50, seed=3)["auc_ci95"] != roc_metrics(m, n, bootstrap=50, seed=4)["auc_ci95"]
+    from fedistill.privacy.attacks import _tpr_at
+
+    fpr, tpr = np.array([0.0, 0.01, 0.5]), np.array([0.2, 0.7, 0.9])
+    assert _tpr_at(fpr, tpr, 0.01) == 0.7  # a threshold exactly at the limit counts
+    assert _tpr_at(fpr[1:], tpr[1:], 0.001) == 0.0  # no threshold within the limit: no true positive claimed
 
 
 @pytest.mark.slow
