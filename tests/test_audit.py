@@ -94,21 +94,30 @@ def test_audit_separates_seen_from_unseen_members(digits):
     assert abs(unseen["loss_attack"]["auc"] - 0.5) < 0.1 and abs(unseen["lira"]["auc"] - 0.5) < 0.1
 
 
-def test_audit_command_writes_results_and_rejects_a_bad_run_dir(digits, tmp_path):
+def test_audit_writes_results_and_a_plot_and_leaves_the_run_config(digits, tmp_path):
     run = tmp_path / "run"
     run.mkdir()
     cfg = compose_config("central", ["model.width=16", "model.depth=2"])
     (run / "config.yaml").write_text(OmegaConf.to_yaml(cfg))
     idx = torch.arange(0, len(digits.train), 50)
     SyntheticSet(digits.train.images[idx], digits.train.labels[idx], digits.info).save(run / "synthetic.safetensors")
-    fedistill("audit", str(run), "epochs=3", "shadows=2", "members=40", "device=cpu", cwd=tmp_path)
+    # in process (the command's own wiring: test_audit_command_rejects_a_bad_run_dir)
+    from fedistill.privacy.audit import run_audit
+    from fedistill.privacy.report import audit_table
+
+    overrides = [f"run_dir={run}", "epochs=3", "shadows=2", "members=40", "device=cpu"]
+    run_audit(compose_config("audit", overrides), run / "audit")
     result = json.loads((run / "audit" / "audit.json").read_text())
     assert {"synthetic", "matched_real_subset"} <= set(result)
     for key in ("loss_attack", "lira"):
         r = result["synthetic"][key]
         assert 0 <= r["auc"] <= 1 and r["members"] == r["nonmembers"] == 40
     assert (run / "audit" / "audit.png").stat().st_size > 0
+    assert audit_table(result).row_count >= 2
     assert OmegaConf.load(run / "config.yaml").model.width == 16  # the run's own config is untouched
+
+
+def test_audit_command_rejects_a_bad_run_dir(tmp_path):
     bad = fedistill("audit", str(tmp_path / "missing"), cwd=tmp_path, check=False)
     assert bad.returncode == 1 and "synthetic.safetensors not found" in bad.stderr
     assert "Traceback" not in bad.stderr

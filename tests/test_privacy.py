@@ -281,3 +281,48 @@ def test_prv_accountant_is_available_and_close_to_rdp():
     assert 0 < prv.epsilon <= rdp.epsilon * 1.05
     with pytest.raises(ValueError, match="unknown accountant"):
         PrivacyLedger(accountant="gdp-typo")
+
+
+def test_privacy_summary_and_line_say_what_was_spent_of_what_target():
+    """The summary renames the target, keeps only the accounting fields; the terminal line names the
+    epsilon actually spent for each kind of run, and 'none' where nothing was private."""
+    from fedistill.privacy import privacy_line, privacy_summary
+
+    report = {"epsilon_spent": 0.98, "delta": 1e-5, "sigma": 1.234, "sample_rate": 0.1, "releases": 20}
+    report |= {"accountant": "rdp", "clip": 1.0, "epsilon": 1.0, "public": ["counts: class sizes"], "ledger": {}}
+    summary = privacy_summary(report)
+    assert summary == {k: v for k, v in report.items() if k not in ("epsilon", "ledger")} | {"target_epsilon": 1.0}
+    assert privacy_line(summary) == (
+        "privacy: epsilon 0.980 of 1.0 (delta 1e-05, sigma 1.234, 20 releases, record-level)"
+    )
+    federated = {"epsilon_max": 2.5, "epsilon_median": 1.25, "delta": 1e-5}
+    assert privacy_line(federated) == (
+        "privacy: per-client epsilon max 2.500, median 1.250 (delta 1e-05, record-level, cumulative over rounds)"
+    )
+    assert privacy_line({"epsilon": 3.0, "delta": 1e-5, "level": "client-level"}) == (
+        "privacy: epsilon 3.000 (delta 1e-05, client-level)"
+    )
+    assert privacy_line({"public": ["counts: class sizes", "means: noisy"]}) == (
+        "privacy: no DP; released without noise: counts; means"
+    )
+    assert privacy_line(None) == privacy_line({}) == "privacy: none (no DP engine or DP strategy in this run)"
+
+
+def test_client_ledgers_round_trip_their_state_and_summarize_every_client():
+    led = PrivacyLedger(delta=1e-5)
+    led.spend(sigma=1.0, sample_rate=0.1, steps=10)
+    mirror = ClientLedgers()
+    assert mirror.summary() == {}
+    eps = mirror.record("p0", {"ledger": led.state_dict(), "public": ["counts: sizes"]})
+    led.spend(sigma=1.0, sample_rate=0.1, steps=10)
+    mirror.record("p1", {"ledger": led.state_dict()})
+    copy = ClientLedgers()
+    copy.load_state_dict(mirror.state_dict())
+    assert copy.state_dict() == mirror.state_dict() and copy.ledgers is not mirror.ledgers
+    summary = copy.summary()
+    assert summary["clients"]["p0"] == round(eps, 6) and summary["epsilon_max"] == pytest.approx(led.epsilon)
+    assert summary["epsilon_median"] == pytest.approx((eps + led.epsilon) / 2) and summary["delta"] == 1e-5
+    assert summary["public"] == ["counts: sizes"]
+    empty = ClientLedgers()
+    empty.load_state_dict({})
+    assert empty.state_dict() == {"ledgers": {}, "public": []}
