@@ -368,3 +368,37 @@ def test_slow_fault_delays_the_client_before_any_work():
     start = time.perf_counter()
     syn, metrics = distill_task(split, task)
     assert time.perf_counter() - start >= 0.5 and syn is not None and metrics["rows"] > 0
+
+
+def test_state_problem_names_what_makes_weights_unusable():
+    """FedAvg's payload check: same keys, same shapes, finite floats; integer buffers are not checked for NaN."""
+    from fedistill.federated.server import state_problem
+
+    ref = {"w": torch.zeros(2, 3), "b": torch.zeros(3), "n": torch.tensor(4)}
+    assert state_problem({k: v.clone() for k, v in ref.items()}, ref) == ""
+    assert state_problem({"w": ref["w"], "b": ref["b"]}, ref) == (
+        "model keys differ from the global model's (missing ['n'], unexpected [])"
+    )
+    extra = dict(ref, x=torch.zeros(1))
+    assert state_problem(extra, ref) == "model keys differ from the global model's (missing [], unexpected ['x'])"
+    assert state_problem(dict(ref, b=torch.zeros(4)), ref) == "model['b'] has shape (4,), expected (3,)"
+    for bad in (float("nan"), float("inf"), -float("inf")):
+        w = ref["w"].clone()
+        w[1, 2] = bad
+        assert state_problem(dict(ref, w=w), ref) == "model['w'] contains NaN or infinite values"
+
+
+def test_release_bound_covers_a_full_sample_and_six_noise_stds():
+    """dp_stats' public bound on one client's release coordinates: clip x (batch + 6 sqrt(batch) + 6 +
+    6 sigma x noise_share), sigma as configured, or calibrated over every planned release at rate 1."""
+    from fedistill.federated.dp_stats import release_bound
+    from fedistill.privacy import calibrate_noise
+
+    method = {"iterations": 8, "releases": 4, "clip": 2.0, "batch_real": 64, "sigma": 1.5, "epsilon": None}
+    assert release_bound(method, rounds=3, noise_share=0.5) == pytest.approx(2.0 * (64 + 48 + 6 + 6 * 1.5 * 0.5))
+    private = dict(method, sigma=None, epsilon=2.0, delta=1e-5, sample_rate=None)
+    sigma = calibrate_noise(epsilon=2.0, delta=1e-5, sample_rate=1.0, steps=4 * 3, accountant="rdp")
+    assert release_bound(private, rounds=3, noise_share=1.0) == pytest.approx(2.0 * (118 + 6 * sigma))
+    fresh = dict(private, releases=None, planned_rounds=2)  # every iteration releases; planned rounds win
+    sigma = calibrate_noise(epsilon=2.0, delta=1e-5, sample_rate=1.0, steps=8 * 2, accountant="rdp")
+    assert release_bound(fresh, rounds=3, noise_share=1.0) == pytest.approx(2.0 * (118 + 6 * sigma))
