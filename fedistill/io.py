@@ -24,6 +24,7 @@ __all__ = [
     "atomic_write_text",
     "cache_dir",
     "cache_key",
+    "cache_path",
     "cached_tensors",
     "load_tensors",
     "read_json_object",
@@ -113,6 +114,11 @@ def cache_key(kind: str, **parts: Any) -> str:
     return f"{kind}-{hashlib.sha256(blob.encode()).hexdigest()[:16]}"
 
 
+def cache_path(kind: str, root: str | Path | None = None, **parts: Any) -> Path:
+    """Where :func:`cached_tensors` keeps the artefact keyed by ``(kind, parts)`` under ``root``."""
+    return cache_dir(root) / f"{cache_key(kind, **parts)}.safetensors"
+
+
 def cached_tensors(
     kind: str,
     build: Callable[[], dict[str, torch.Tensor]],
@@ -134,7 +140,7 @@ def cached_tensors(
         Everything that determines the artefact (dataset, arch, seed, epochs ...),
         JSON-serialisable. Also written into the file's metadata for inspection.
     """
-    path = cache_dir(root) / f"{cache_key(kind, **parts)}.safetensors"
+    path = cache_path(kind, root, **parts)
     if path.is_file():
         try:
             return load_file(str(path))

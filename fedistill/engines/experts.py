@@ -19,7 +19,7 @@ from torch.func import functional_call
 from fedistill.augment import DSA, DSAConfig
 from fedistill.data.base import Split
 from fedistill.engines.loops import train_epochs
-from fedistill.io import cache_dir, cache_key, cached_tensors
+from fedistill.io import cache_path, cached_tensors
 from fedistill.models import build_model
 from fedistill.seeding import derive_seed, torch_generator
 
@@ -102,5 +102,4 @@ def _cache_parts(data: Split, cfg: Any, seed: int) -> dict[str, Any]:
 
 def experts_cached(data: Split, config: Any, *, seed: int) -> bool:
     """Whether :func:`expert_trajectories` would load these experts from the disk cache."""
-    name = cache_key("experts", **_cache_parts(data, config, seed))
-    return (cache_dir(config.cache_dir) / f"{name}.safetensors").is_file()
+    return cache_path("experts", config.cache_dir, **_cache_parts(data, config, seed)).is_file()
