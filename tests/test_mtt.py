@@ -159,6 +159,7 @@ def test_tesla_records_its_expert_as_the_teacher_of_its_soft_labels(digits, cach
     assert syn.metadata["teacher"]["source"] == "expert" and syn.metadata["teacher"]["temperature"] == temperature
     teacher = resolve_teacher(syn, digits, device=cpu)
     assert teacher.cached  # the engine's own expert buffer, not a retrained network
+    assert syn.metadata["teacher"]["key"] == teacher.key  # the same record Teacher.metadata writes
     final = expert_trajectories(digits.train, engine.config, seed=0, device=cpu)["expert_0"][-1]
     flat = FlatModel(build_model("convnet", digits.info, **NET))
     x = digits.test.images[:64]

@@ -39,6 +39,7 @@ from fedistill.engines.base import Engine, Progress, StepLog, init_synthetic, re
 from fedistill.engines.experts import FlatModel, data_fingerprint, expert_trajectories
 from fedistill.engines.loops import classification_loss
 from fedistill.engines.teacher import expert_teacher_parts
+from fedistill.io import cache_key
 from fedistill.models import build_model
 from fedistill.seeding import derive_seed, torch_generator
 
@@ -255,7 +256,8 @@ class MTTEngine(Engine):
         if experts is None:
             experts = list(expert_trajectories(data, cfg, seed=seed, device=dev).values())
             if cfg.soft_labels:
-                teacher = expert_teacher_parts(data, cfg, seed=seed) | {"cache_dir": cfg.cache_dir}
+                parts = expert_teacher_parts(data, cfg, seed=seed)  # the record Teacher.metadata writes
+                teacher = {"key": cache_key("teacher", **parts), **parts, "cache_dir": cfg.cache_dir}
         experts = [t.to(dev) for t in experts]
         images, labels = init_synthetic(data, ipc, init=init, seed=seed, min_class_samples=cfg.min_class_samples)
         net = build_model(cfg.model, data.info, seed=derive_seed(seed, "mtt-student"), **cfg.model_kwargs).to(dev)
