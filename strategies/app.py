@@ -13,55 +13,17 @@ import time
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 from flwr.app import Context
 from flwr.serverapp import Grid, ServerApp
 
 from fedistill.checkpoint import CheckpointError
-from fedistill.data import DataBundle, load_dataset
-from fedistill.federated.node import data_spec, partition_histogram
-from fedistill.io import atomic_write_text
 from fedistill.privacy import privacy_line
-from fedistill.reporting import RunDir, save_partition_plot
+from fedistill.reporting import RunDir
 from strategies import dp_stats, dynafed, fedaf, fedavg, feddm, fedgen, oneshot  # noqa: F401  (registration)
 from strategies.base import STRATEGIES
+from strategies.rundata import data_summary, open_run
 
 __all__ = ["app", "data_summary", "make_server_app", "serve"]
-
-
-def _write_partition(cfg: dict[str, Any], run: RunDir, bundle: DataBundle) -> None:
-    """Per-client class histograms of the simulated split, as data and as ``partition.png``."""
-    import json
-
-    hist = partition_histogram(data_spec(cfg, bundle.info.name), int(cfg["clients"]), bundle.train)
-    record = {"partition": cfg["partition"], "clients": int(cfg["clients"]), "histogram": hist.tolist()}
-    atomic_write_text(run.path / "partition.json", json.dumps(record) + "\n")
-    save_partition_plot(hist, run.path / "partition.png", class_names=bundle.info.class_names)
-    sizes = hist.sum(1)
-    run.log("partition", sizes_min=int(sizes.min()), sizes_max=int(sizes.max()), empty=int((sizes == 0).sum()))
-    run.update_summary(partition_sizes={"min": int(sizes.min()), "median": float(np.median(sizes))})
-
-
-def data_summary(cfg: dict[str, Any], node_data: str) -> dict[str, Any]:
-    """Where the clients' data came from, as ``summary.json`` records it.
-
-    Parameters
-    ----------
-    cfg
-        Resolved ``simulate`` config.
-    node_data
-        ``"partition"``: clients hold the config's simulated split (``partition``,
-        ``alpha``); ``"own"``: each SuperNode read its own ``data-path``, so the config's
-        partition was never used and is not recorded (``partition: {scheme: node-data}``).
-
-    Returns
-    -------
-    dict
-        The ``partition`` (and for a simulated split ``alpha``) fields of the summary.
-    """
-    if node_data == "own":
-        return {"partition": {"scheme": "node-data"}}
-    return {"alpha": cfg["alpha"], "partition": cfg["partition"]}
 
 
 def serve(grid: Grid, cfg: dict[str, Any], out_dir: str | Path, *, node_data: str = "partition") -> dict[str, Any]:
@@ -80,24 +42,7 @@ def serve(grid: Grid, cfg: dict[str, Any], out_dir: str | Path, *, node_data: st
 
 def _serve(grid: Grid, cfg: dict[str, Any], run: RunDir, node_data: str) -> dict[str, Any]:
     resume = bool(cfg["resume"])
-    bundle = load_dataset(
-        cfg["dataset"]["name"], root=cfg["data"]["root"], val_fraction=float(cfg["data"]["val_fraction"])
-    )
-    run.update_summary(
-        strategy=cfg["strategy"]["name"],
-        method=cfg["method"]["name"],
-        policy=cfg["policy"]["name"],
-        dataset=bundle.info.name,
-        clients=int(cfg["clients"]),
-        **data_summary(cfg, node_data),
-        rounds=int(cfg["rounds"]),
-        ipc=int(cfg["ipc"]),
-        seed=int(cfg["seed"]),
-        node_data=node_data,
-        status="running",
-    )
-    if node_data == "partition":
-        _write_partition(cfg, run, bundle)
+    bundle = open_run(cfg, run, node_data=node_data)
     strategy = STRATEGIES.get(cfg["strategy"]["name"])(cfg, run, bundle)
     summary = strategy.run_rounds(grid, resume=resume)
     summary = run.summary

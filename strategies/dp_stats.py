@@ -23,7 +23,7 @@ from fedistill.federated.dp_stats import (
 )
 from fedistill.seeding import derive_seed
 from protocol.records import read_json, read_tensors
-from strategies.base import Reply, register_strategy
+from strategies.base import Reply, RoundState, register_strategy
 from strategies.distill import DistillStrategy
 from strategies.secagg import CLIPPING_RANGE, secure_sum, survivors_needed
 
@@ -80,10 +80,12 @@ class DPStats(DistillStrategy):
         task.update(release_seed=self.release_seed, count_share=float(self.opts["count_share"]), noise_share=1.0)
         return task, None
 
-    def exchange(self, grid: Grid, round_: int, nodes: list[int]) -> tuple[list[Reply], list[ClientFailure], int, int]:
-        """One ``query.release`` per client, or (``secure_aggregation``) one SecAgg+ sum over them."""
+    def open_round(self, grid: Grid, state: RoundState) -> list[int]:
+        """Nothing before the round's ``query.release`` messages, or (``secure_aggregation``) the whole
+        round as one SecAgg+ sum over the sampled clients, after which no message is left to send."""
         if not self.opts["secure_aggregation"]:
-            return super().exchange(grid, round_, nodes)
+            return state.nodes
+        round_, nodes = state.round, state.nodes
         task, _ = self.configure(round_)
         threshold = survivors_needed(len(nodes), float(self.opts["secure_threshold"]))
         noise_share = 1 / math.sqrt(threshold)
@@ -91,17 +93,20 @@ class DPStats(DistillStrategy):
         task.update(noise_share=noise_share, secure_scale=scale, secure_range=CLIPPING_RANGE)
         tasks = {n: self.client_task(task, self.clients[n], round_) for n in nodes}
         out = secure_sum(grid, tasks, threshold=threshold, timeout=float(self.opts["round_timeout"]))
+        state.down += out.bytes_down
+        state.up += out.bytes_up
         if out.total is None:
             why = f"SecAgg+ halted: fewer than {threshold} of {len(nodes)} clients stayed (strategy.secure_threshold)"
-            return [], [ClientFailure(n, self.clients[n], "dropped", why) for n in nodes], out.bytes_down, out.bytes_up
-        failures = [
+            state.failures += [ClientFailure(n, self.clients[n], "dropped", why) for n in nodes]
+            return []
+        state.failures += [
             ClientFailure(n, self.clients[n], "dropped", "left SecAgg+ before its masked vector was summed")
             for n in out.dropped
         ]
         self.secure_total = torch.from_numpy(out.total).reshape(self.shape) * scale
-        replies = [Reply(n, self.clients[n], None, out.metrics[n]) for n in out.nodes]
+        state.replies += [Reply(n, self.clients[n], None, out.metrics[n]) for n in out.nodes]
         self.run.log("secure_aggregation", round=round_, clients=len(out.nodes), threshold=threshold, scale=scale)
-        return replies, failures, out.bytes_down, out.bytes_up
+        return []
 
     def accept(self, round_: int, replies: list[Reply]) -> tuple[list[Reply], list[ClientFailure]]:
         """Check every release (keys, shape, finite values) or the secure sum, and mirror the clients' ledgers."""

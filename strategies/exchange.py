@@ -1,4 +1,4 @@
-"""How a strategy's messages go out and come back: a windowed push/pull and a round's live progress.
+"""How a strategy's messages go out and come back: node discovery, a windowed push/pull, a round's live progress.
 
 :func:`push_and_pull` has the semantics of Flower's ``Grid.send_and_receive`` but keeps at
 most a window of messages in flight and reports every poll; :class:`RoundWatch` turns those
@@ -9,14 +9,19 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
+from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
+import torch
 from flwr.app import Message
 from flwr.serverapp import Grid
 
+from fedistill.federated import ClientFailure, FederationError
 from fedistill.reporting import RunDir
+from protocol.records import content_bytes, read_metrics, task_content, tensor_record
+from strategies.planning import client_order
 
-__all__ = ["RoundWatch", "push_and_pull"]
+__all__ = ["Reply", "RoundState", "RoundWatch", "Transport", "push_and_pull"]
 
 
 def push_and_pull(
@@ -114,3 +119,139 @@ class RoundWatch:
         if final or now - self.last >= max(2.0, self.every):
             self.last = now
             self.run.log("round_progress", **status)
+
+
+@dataclass
+class Reply:
+    """A successful reply: the node, its client key, the message (``None`` when the client's
+    payload reached the server only inside a secure sum) and its metrics."""
+
+    node: int
+    client: str
+    msg: Message | None
+    metrics: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class RoundState:
+    """One round between ``configure_train`` and ``aggregate_train``: who was sampled, who got the
+    round's messages (``targets``), and what an earlier exchange of the same round (:meth:`Strategy.open_round`)
+    already gathered: replies, failures and bytes."""
+
+    round: int
+    nodes: list[int]
+    t0: float
+    targets: list[int] = field(default_factory=list)
+    replies: list[Reply] = field(default_factory=list)
+    failures: list[ClientFailure] = field(default_factory=list)
+    down: int = 0
+    up: int = 0
+
+
+class Transport:
+    """Mixin of :class:`~strategies.base.Strategy`: finding the nodes and one exchange of messages with them.
+
+    Reads the strategy's ``cfg``, ``opts``, ``run``, ``clients`` and ``client_task``.
+    """
+
+    cfg: dict[str, Any]
+    opts: dict[str, Any]
+    run: RunDir
+    clients: dict[int, str]
+    _bars: Any
+
+    def connect(self, grid: Grid) -> None:
+        """Wait for the nodes and learn their partition ids, once per run."""
+        if self.clients:
+            return
+        nodes = self.wait_for_nodes(grid)
+        self.discover(grid, nodes)
+        self.run.log("nodes", count=len(nodes), clients=sorted(self.clients.values(), key=client_order))
+
+    def wait_for_nodes(self, grid: Grid) -> list[int]:
+        """Block until the expected number of nodes registered (or time out with a clear error)."""
+        expected = int(self.cfg["clients"])
+        timeout = float(self.opts["wait_timeout"])
+        start = time.monotonic()
+        while len(nodes := sorted(grid.get_node_ids())) < expected:
+            if time.monotonic() - start > timeout:
+                raise FederationError(
+                    f"only {len(nodes)} of {expected} nodes registered within {timeout:.0f} s; "
+                    "start more SuperNodes or lower clients="
+                )
+            time.sleep(0.5)
+        return nodes
+
+    def discover(self, grid: Grid, nodes: list[int]) -> None:
+        """Ask every node for its partition id; key clients ``p{id}`` (``n{node}`` without one).
+
+        Waits up to ``wait_timeout`` (the nodes' start-up, e.g. Ray actors importing torch), not
+        the round's ``round_timeout``: a short round timeout must not cost nodes their stable keys.
+        """
+        msgs = [Message(task_content({}), dst_node_id=n, message_type="query.info") for n in nodes]
+        self.clients = {n: f"n{n}" for n in nodes}
+        for rep in grid.send_and_receive(msgs, timeout=float(self.opts["wait_timeout"])):
+            if not rep.has_error():
+                pid = int(read_metrics(rep).get("partition-id", -1))
+                if pid >= 0:
+                    self.clients[rep.metadata.src_node_id] = f"p{pid}"
+
+    def messages(
+        self,
+        round_: int,
+        nodes: list[int],
+        message_type: str,
+        task: dict[str, Any],
+        arrays: dict[str, torch.Tensor] | None,
+        inputs: dict[str, torch.Tensor] | None = None,
+    ) -> tuple[list[Message], int]:
+        """One message of ``message_type`` per node, and the bytes they carry.
+
+        ``arrays`` go as the ``global`` record (the global weights), ``inputs`` as the
+        ``inputs`` record (engine inputs); each is serialized once for all nodes.
+        """
+        record = tensor_record(arrays) if arrays is not None else None
+        extra = tensor_record(inputs) if inputs is not None else None
+        msgs, down = [], 0
+        for n in nodes:
+            content = task_content(self.client_task(task, self.clients[n], round_), record, extra)
+            down += content_bytes(content)
+            msgs.append(Message(content, dst_node_id=n, message_type=message_type))
+        return msgs, down
+
+    def transmit(self, grid: Grid, round_: int, msgs: list[Message]) -> list[Message]:
+        """Push ``msgs`` and pull their replies, a window at a time (``max_in_flight``), with live progress.
+
+        While the replies come in, a line under the round bar (when :meth:`run_rounds` drives)
+        and ``round_progress`` events in ``metrics.jsonl`` show clients done, failures so far,
+        elapsed seconds and an ETA (see :class:`~strategies.exchange.RoundWatch`).
+        """
+        if not msgs:
+            return []
+        label = msgs[0].metadata.message_type
+        watch = RoundWatch(round_, len(msgs), run=self.run, bars=self._bars, label=label)
+        timeout = float(self.opts["round_timeout"])
+        return push_and_pull(grid, msgs, timeout=timeout, on_poll=watch, window=self.cfg["max_in_flight"])
+
+    def collect(self, nodes: list[int], replies: list[Message]) -> tuple[list[Reply], list[ClientFailure], int]:
+        """The successful replies (in client order), a failure per error reply and per silent node, the bytes up."""
+        got, failures, up, seen = [], [], 0, set()
+        for rep in replies:
+            node = rep.metadata.src_node_id
+            seen.add(node)
+            client = self.clients.get(node, f"n{node}")
+            if rep.has_error():
+                failures.append(ClientFailure(node, client, "error", str(rep.error.reason)))
+                continue
+            up += content_bytes(rep.content)
+            got.append(Reply(node, client, rep, read_metrics(rep)))
+        for n in nodes:
+            if n not in seen:
+                failures.append(ClientFailure(n, self.clients[n], "timeout", "no reply within round_timeout"))
+        got.sort(key=lambda r: client_order(r.client))
+        return got, failures, up
+
+    def exchange(self, grid: Grid, round_: int, msgs: list[Message]) -> tuple[list[Reply], list[ClientFailure], int]:
+        """A whole exchange inside a round (e.g. FedAF's statistics): replies, failures and bytes up."""
+        nodes = [m.metadata.dst_node_id for m in msgs]
+        return self.collect(nodes, self.transmit(grid, round_, msgs))

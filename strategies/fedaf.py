@@ -11,7 +11,7 @@ from fedistill.federated import ClientFailure
 from fedistill.federated.defenses import robust_stats
 from fedistill.federated.fedaf import StatsError, aggregate_stats, knowledge_matching, validate_stats
 from protocol.records import read_tensors
-from strategies.base import Reply, register_strategy
+from strategies.base import Reply, RoundState, register_strategy
 from strategies.distill import DistillStrategy
 
 __all__ = ["FedAF"]
@@ -56,46 +56,42 @@ class FedAF(DistillStrategy):
             "fedaf", ("lambda_loc", "gamma", "projections"), "condenses by distribution matching"
         )
 
-    def configure(self, round_: int) -> tuple[dict[str, Any], dict[str, torch.Tensor] | None]:
-        """The FedAF engine task and the current global weights."""
-        return self.engine_task(), self.global_model.state
+    def round_inputs(self, round_: int) -> dict[str, torch.Tensor] | None:
+        """The global class logits (this round's with ``separate``, the last round's with ``piggyback``)."""
+        return None if self.global_stats is None else {"global_logits": self.global_stats["class_logits"]}
 
-    def exchange(self, grid: Grid, round_: int, nodes: list[int]) -> tuple[list[Reply], list[ClientFailure], int, int]:
-        """Statistics and condensation, as two exchanges (``separate``) or one (``piggyback``)."""
+    def open_round(self, grid: Grid, state: RoundState) -> list[int]:
+        """``separate``: gather and aggregate class statistics first; the clients that sent valid ones condense.
+
+        ``piggyback``: nothing before; the statistics come with the sets (see :meth:`accept`).
+        """
         mode = str(self.opts["stats_exchange"])
-        if mode == "separate":
-            return self._exchange_separate(grid, round_, nodes)
         if mode == "piggyback":
-            return self._exchange_piggyback(grid, round_, nodes)
-        raise ValueError(f"unknown strategy.stats_exchange {mode!r}; valid: separate, piggyback")
-
-    def _exchange_separate(
-        self, grid: Grid, round_: int, nodes: list[int]
-    ) -> tuple[list[Reply], list[ClientFailure], int, int]:
-        """Gather and aggregate class statistics, then ask the clients that sent valid ones to condense."""
+            return state.nodes
+        if mode != "separate":
+            raise ValueError(f"unknown strategy.stats_exchange {mode!r}; valid: separate, piggyback")
         task = {"temperature": float(self.opts["temperature"])}
-        replies, failures, down, up = self.send(grid, round_, nodes, "query.stats", task, self.global_model.state)
-        ok = self._collect_stats(replies, failures)
-        if not ok:
-            return [], failures, down, up
-        task, arrays = self.configure(round_)
-        inputs = {"global_logits": self.global_stats["class_logits"]}  # type: ignore[index]
-        ready = [r.node for r in ok]
-        kind = self.round_message_type(round_)
-        replies, more, down2, up2 = self.send(grid, round_, ready, kind, task, arrays, inputs)
-        return replies, failures + more, down + down2, up + up2
+        msgs, down = self.messages(state.round, state.nodes, "query.stats", task, self.global_model.state)
+        replies, failures, up = self.exchange(grid, state.round, msgs)
+        state.down += down
+        state.up += up
+        state.failures += failures
+        return [r.node for r in self._collect_stats(replies, state.failures)]
 
-    def _exchange_piggyback(
-        self, grid: Grid, round_: int, nodes: list[int]
-    ) -> tuple[list[Reply], list[ClientFailure], int, int]:
-        """One exchange: clients condense with the previous round's global logits (none in round 1)
-        and send this round's statistics with their sets (half the downlink of ``separate``)."""
-        task, arrays = self.configure(round_)
-        task["stats_temperature"] = float(self.opts["temperature"])
-        inputs = None if self.global_stats is None else {"global_logits": self.global_stats["class_logits"]}
-        kind = self.round_message_type(round_)
-        replies, failures, down, up = self.send(grid, round_, nodes, kind, task, arrays, inputs)
-        return self._collect_stats(replies, failures), failures, down, up
+    def configure(self, round_: int) -> tuple[dict[str, Any], dict[str, torch.Tensor] | None]:
+        """The FedAF engine task and the current global weights (with ``piggyback``, the statistics' temperature)."""
+        task = self.engine_task()
+        if self.opts["stats_exchange"] == "piggyback":
+            task["stats_temperature"] = float(self.opts["temperature"])
+        return task, self.global_model.state
+
+    def accept(self, round_: int, replies: list[Reply]) -> tuple[list[Reply], list[ClientFailure]]:
+        """``piggyback``: the replies' statistics first (aggregated over the valid ones); then their sets."""
+        bad: list[ClientFailure] = []
+        if self.opts["stats_exchange"] == "piggyback":
+            replies = self._collect_stats(replies, bad)
+        ok, more = super().accept(round_, replies)
+        return ok, bad + more
 
     def _collect_stats(self, replies: list[Reply], failures: list[ClientFailure]) -> list[Reply]:
         """Validate every reply's ``stats`` record (failures appended), aggregate the valid ones; those replies."""

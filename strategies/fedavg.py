@@ -13,7 +13,7 @@ from fedistill.federated import ClientFailure, FederationError, weighted_average
 from fedistill.federated.client import WEIGHT_FAULTS
 from fedistill.federated.server import examples_problem, state_problem
 from protocol.records import read_tensors
-from strategies.base import Reply, Strategy, register_strategy
+from strategies.base import Reply, RoundState, Strategy, register_strategy
 from strategies.dp_fedavg import FlowerCentralDP
 from strategies.robust import robust_aggregate
 
@@ -50,16 +50,16 @@ class FedAvg(Strategy):
                 "strategy.dp.noise_multiplier > 0: Flower's DP wrapper averages the clipped updates itself"
             )
 
-    def exchange(self, grid: Grid, round_: int, nodes: list[int]) -> tuple[list[Reply], list[ClientFailure], int, int]:
+    def open_round(self, grid: Grid, state: RoundState) -> list[int]:
         """With DP, register the round's release with Flower's wrapper first (it refuses one over budget)."""
         if self.dp is not None:
             try:
-                self.dp.start_round(round_, self.global_model.state, nodes)
+                self.dp.start_round(state.round, self.global_model.state, state.nodes)
             except PrivacyBudgetExhausted as err:
                 raise FederationError(
-                    f"round {round_}: {err} Raise strategy.dp.max_epsilon or run fewer rounds."
+                    f"round {state.round}: {err} Raise strategy.dp.max_epsilon or run fewer rounds."
                 ) from err
-        return super().exchange(grid, round_, nodes)
+        return state.nodes
 
     def configure(self, round_: int) -> tuple[dict[str, Any], dict[str, torch.Tensor] | None]:
         """The local SGD recipe and the global weights."""

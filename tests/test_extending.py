@@ -16,7 +16,8 @@ def _python_blocks() -> list[str]:
 
 def test_the_page_builds_an_engine_and_a_strategy_that_pass_their_tests(tmp_path, grid, monkeypatch):
     blocks = _python_blocks()
-    assert len(blocks) == 4  # engine module, engine test, strategy module, strategy test
+    # engine module, engine test, a strategy in a Flower user's ServerApp, strategy module, strategy test
+    assert len(blocks) == 5
     from fedistill.engines import ENGINES
     from strategies.base import STRATEGIES
 
@@ -31,3 +32,6 @@ def test_the_page_builds_an_engine_and_a_strategy_that_pass_their_tests(tmp_path
     finally:
         del sys.modules[module.__name__]
     assert module.summary["final_accuracy"] > 10
+    from flwr.serverapp import ServerApp
+
+    assert isinstance(module.app, ServerApp)  # the page's own ServerApp (tests/test_flower_strategy.py runs one)

@@ -43,16 +43,16 @@ def test_server_learns_only_the_exact_sum_and_survives_a_dropout(tmp_path, monke
         seen["tasks"] = self.tasks
         return original_aggregate(self, rnd, results, failures)
 
-    original_exchange = dp_stats.DPStats.exchange
+    original_open = dp_stats.DPStats.open_round
 
-    def spy_exchange(self, grid, round_, nodes):
-        out = original_exchange(self, grid, round_, nodes)
+    def spy_open(self, grid, state):
+        out = original_open(self, grid, state)
         seen["clients"], seen["total"] = dict(self.clients), self.secure_total.clone()
         return out
 
     monkeypatch.setattr(secagg._CountingGrid, "send_and_receive", spy_send)
     monkeypatch.setattr(secagg._SumStrategy, "aggregate_fit", spy_aggregate)
-    monkeypatch.setattr(dp_stats.DPStats, "exchange", spy_exchange)
+    monkeypatch.setattr(dp_stats.DPStats, "open_round", spy_open)
     cfg = compose_config(
         "simulate",
         [
