@@ -42,11 +42,12 @@ from __future__ import annotations
 import json
 import time
 import traceback
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Error, Message, MetricRecord, RecordDict
 from flwr.client.mod import secaggplus_mod
 from flwr.clientapp import ClientApp
+from flwr.clientapp.typing import Mod
 
 from fedistill.data.base import Split
 from fedistill.federated import distill_task, encode_synthetic, evaluate_task, fit_task, node_split, stats_task
@@ -55,9 +56,7 @@ from fedistill.federated.generator import generator_task, latent_task
 from fedistill.federated.node import footprint, node_task, release_gpu_cache
 from protocol.records import metrics_record, read_json, read_tensors, reply, tensor_record
 
-__all__ = ["app"]
-
-app = ClientApp()
+__all__ = ["CLIENT_ERROR", "app", "client_app"]
 
 CLIENT_ERROR = 1001
 """Error code of a handler that raised (the reason carries the exception)."""
@@ -107,14 +106,12 @@ def _keep_ledger(context: Context, privacy: dict) -> None:
     context.state[LEDGER] = ConfigRecord({"json": json.dumps(privacy["ledger"])})
 
 
-@app.query("info")
 @_guard
 def info(msg: Message, context: Context) -> Message:
     """Reply with this node's partition id."""
     return reply(msg, metrics=metrics_record({"partition-id": _partition_id(context)}))
 
 
-@app.query("stats")
 @_guard
 def stats(msg: Message, context: Context) -> Message:
     """FedAF's class statistics of the global weights on the node's data."""
@@ -124,7 +121,6 @@ def stats(msg: Message, context: Context) -> Message:
     return reply(msg, stats=tensor_record(tensors), metrics=metrics_record(metrics))
 
 
-@app.query("release")
 @_guard
 def release(msg: Message, context: Context) -> Message:
     """``strategy=dp_stats``: noisy class sums for the shared releases; the node keeps its ledger."""
@@ -142,7 +138,6 @@ def release(msg: Message, context: Context) -> Message:
     )
 
 
-@app.train(mods=[secaggplus_mod])
 @_guard
 def secure_release(msg: Message, context: Context) -> Message:
     """``dp_stats`` under SecAgg+: the release, divided by the task's ``secure_scale``, goes out masked."""
@@ -165,7 +160,6 @@ def secure_release(msg: Message, context: Context) -> Message:
     return Message(content, reply_to=msg)
 
 
-@app.train("distill")
 @_guard
 def distill(msg: Message, context: Context) -> Message:
     """Distill the node's data; reply with the synthetic set (and FedAF's class statistics when asked)."""
@@ -200,7 +194,6 @@ def distill(msg: Message, context: Context) -> Message:
     )
 
 
-@app.train("fit")
 @_guard
 def fit(msg: Message, context: Context) -> Message:
     """Local SGD from the global weights; reply with the new weights."""
@@ -209,7 +202,6 @@ def fit(msg: Message, context: Context) -> Message:
     return reply(msg, model=tensor_record(state), metrics=metrics_record(_done(metrics, context)))
 
 
-@app.evaluate()
 @_guard
 def evaluate(msg: Message, context: Context) -> Message:
     """Evaluate the global weights on the node's data."""
@@ -218,7 +210,6 @@ def evaluate(msg: Message, context: Context) -> Message:
     return reply(msg, metrics=metrics_record(_done(metrics, context)))
 
 
-@app.train("generator")
 @_guard
 def generator(msg: Message, context: Context) -> Message:
     """Train the global generator locally; reply with its weights."""
@@ -227,7 +218,6 @@ def generator(msg: Message, context: Context) -> Message:
     return reply(msg, model=tensor_record(state), metrics=metrics_record(_done(metrics, context)))
 
 
-@app.train("latents")
 @_guard
 def latents(msg: Message, context: Context) -> Message:
     """Optimize latent codes through the given generator; reply with latents and labels."""
@@ -244,3 +234,33 @@ def latents(msg: Message, context: Context) -> Message:
         meta=ConfigRecord({"json": json.dumps(meta, default=str)}),
         metrics=metrics_record(metrics),
     )
+
+
+HANDLERS: tuple[tuple[str, str, Callable[[Message, Context], Message], tuple[Mod, ...]], ...] = (
+    ("query", "info", info, ()),
+    ("query", "stats", stats, ()),
+    ("query", "release", release, ()),
+    ("train", "default", secure_release, (secaggplus_mod,)),
+    ("train", "distill", distill, ()),
+    ("train", "fit", fit, ()),
+    ("evaluate", "default", evaluate, ()),
+    ("train", "generator", generator, ()),
+    ("train", "latents", latents, ()),
+)
+"""(message category, action, handler, the handler's own mods): every message type the ClientApp answers."""
+
+
+def client_app(*, mods: Sequence[Mod] = ()) -> ClientApp:
+    """A ClientApp answering :data:`HANDLERS`, with ``mods`` around every handler.
+
+    The production app (:data:`app`) has none; the simulation adds fault injection
+    (``clients.simulation:app``), so that production code never branches on a fault.
+    """
+    new = ClientApp(mods=list(mods))
+    for category, action, handler, own in HANDLERS:
+        getattr(new, category)(action, mods=list(own))(handler)
+    return new
+
+
+app = client_app()
+"""The ClientApp that SuperNodes run (``[tool.flwr.app.components] clientapp``)."""

@@ -10,7 +10,7 @@ from flwr.serverapp import Grid
 from flwr.serverapp.exception import PrivacyBudgetExhausted
 
 from fedistill.federated import ClientFailure, FederationError, weighted_average
-from fedistill.federated.client import WEIGHT_FAULTS
+from fedistill.federated.faults import WEIGHT_FAULTS
 from fedistill.federated.server import examples_problem, state_problem
 from protocol.records import read_tensors
 from strategies.base import Reply, RoundState, Strategy, register_strategy

@@ -10,6 +10,7 @@ import torch
 
 from fedistill.engines.gen import CVAE, generator_digest, new_cvae
 from fedistill.federated import ClientFailure, FederationError, weighted_average
+from fedistill.federated.faults import LATENT_FAULTS
 from fedistill.federated.generator import build_generator, decode_latent_payload, reconstruction_error
 from fedistill.federated.server import state_problem
 from fedistill.io import atomic_save_tensors, load_tensors
@@ -89,6 +90,10 @@ class FedGen(DistillStrategy):
     def round_message_type(self, round_: int) -> str:
         """Phase 1 sends ``train.generator`` messages, phase 2 ``train.latents``."""
         return "train.generator" if self.generator_phase(round_) else "train.latents"
+
+    def fault_kinds(self) -> list[str]:
+        """FedGen clients misbehave in their latent codes (:data:`LATENT_FAULTS`)."""
+        return LATENT_FAULTS.names()
 
     def configure(self, round_: int) -> tuple[dict[str, Any], dict[str, torch.Tensor] | None]:
         """The generator's local recipe (phase 1) or the ``gen`` engine task (phase 2), and its weights."""

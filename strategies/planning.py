@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from fedistill.federated.client import FAULTS
+from fedistill.federated.faults import FAULTS
 from fedistill.federated.node import data_spec, partition_histogram
 from fedistill.federated.server import assign_faults
 from fedistill.seeding import derive_seed, numpy_rng

@@ -18,8 +18,9 @@ from typing import Any
 
 __all__ = ["CLIENT_APP", "backend_config", "load_component", "run_simulate", "with_window"]
 
-CLIENT_APP = "clients.app:app"
-"""The ClientApp by its component string, as ``[tool.flwr.app.components]`` names it: the server
+CLIENT_APP = "clients.simulation:app"
+"""The simulation's ClientApp by its component string: the production handlers of
+``[tool.flwr.app.components] clientapp`` plus fault injection (``clients/simulation.py``). The server
 side loads it by name and never imports the ``clients`` package."""
 
 

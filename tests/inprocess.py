@@ -13,7 +13,7 @@ class InProcessGrid:
     """
 
     def __init__(self, num: int) -> None:
-        from clients.app import app
+        from clients.simulation import app
 
         self.app, self.num = app, num
         self.sent: list[tuple[int, str, set[str]]] = []

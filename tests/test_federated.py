@@ -19,7 +19,7 @@ from fedistill.federated import (
     node_split,
     weighted_average,
 )
-from fedistill.federated.client import FAULTS
+from fedistill.federated.faults import FAULTS
 from fedistill.models import build_model
 
 DATA = {  # a task's data spec, as data_spec builds it
@@ -70,8 +70,8 @@ def test_node_data_path_npz(digits, tmp_path):
     ],
 )
 def test_malformed_payload_is_rejected_with_its_reason(digits, fault, field, match):
-    syn = FAULTS.get(fault)(_set(digits.info))
-    tensors, meta = encode_synthetic(syn)
+    tensors, meta = encode_synthetic(_set(digits.info))
+    tensors, _ = FAULTS.get(fault)(tensors, {}, digits.info.num_classes)
     with pytest.raises(SyntheticSetError, match=match) as err:
         decode_synthetic(tensors, meta, digits.info, max_size=6)
     assert err.value.field == field
@@ -221,11 +221,36 @@ def test_client_errors_become_error_replies_with_reasons():
 
     reply = app(_message(task_content(TASK), "train.distill"), _context({}))
     assert reply.has_error() and "NodeDataError" in reply.error.reason and "data-path" in reply.error.reason
-    crash = app(
-        _message(task_content({**TASK, "fault": "crash"}), "train.distill"),
-        _context({"partition-id": 0, "num-partitions": 4}),
-    )
+
+
+def test_faults_act_only_in_the_simulation_app_around_unchanged_handlers():
+    """The deployed ClientApp ignores a planned fault; the simulation's mod crashes, delays or corrupts."""
+    from clients.app import app
+    from clients.simulation import app as sim_app
+    from protocol.records import read_metrics, read_tensors, task_content
+
+    node = _context({"partition-id": 0, "num-partitions": 4})
+    fast = {**TASK, "method_options": {**TASK["method_options"], "iterations": 1, "compile": False}}
+    clean = app(_message(task_content({**fast, "fault": "crash"}), "train.distill"), node)
+    assert not clean.has_error()
+    crash = sim_app(_message(task_content({**fast, "fault": "crash"}), "train.distill"), node)
     assert crash.has_error() and "injected crash" in crash.error.reason
+    start = time.perf_counter()
+    slow = sim_app(_message(task_content({**fast, "fault": "slow", "fault_seconds": 0.5}), "train.distill"), node)
+    assert time.perf_counter() - start >= 0.5 and not slow.has_error()
+    assert torch.equal(read_tensors(slow.content.array_records["synthetic"])["images"], _images(clean))
+    bad = sim_app(_message(task_content({**fast, "fault": "nan"}), "train.distill"), node)
+    images = _images(bad)
+    assert images.isnan().sum() == 1 and torch.equal(images.nan_to_num(0.0)[1:], _images(clean)[1:])
+    big = sim_app(_message(task_content({**fast, "fault": "oversize"}), "train.distill"), node)
+    assert len(_images(big)) == 4 * len(_images(clean))
+    assert read_metrics(big)["bytes"] > 3 * read_metrics(clean)["bytes"]  # the count follows the payload
+
+
+def _images(reply) -> torch.Tensor:
+    from protocol.records import read_tensors
+
+    return read_tensors(reply.content.array_records["synthetic"])["images"]
 
 
 def test_fit_and_evaluate_handlers_round_trip_weights():
@@ -321,7 +346,7 @@ def test_client_sampling_is_deterministic_per_round(tmp_path):
 
 def test_fault_plan_by_fraction_is_deterministic_and_disjoint():
     from fedistill.federated import FederationError
-    from fedistill.federated.client import FAULTS
+    from fedistill.federated.faults import FAULTS
     from fedistill.federated.server import assign_faults
 
     clients = [f"p{i}" for i in range(10)]
@@ -358,16 +383,6 @@ def test_a_fedavg_count_must_be_a_whole_number_within_the_partition(examples, he
 
     got = examples_problem(examples, held=held)
     assert (problem in got and got) if problem else got == ""
-
-
-def test_slow_fault_delays_the_client_before_any_work():
-    from fedistill.federated import distill_task
-
-    split = node_split({"partition-id": 0, "num-partitions": 4}, DATA)
-    task = {**TASK, "method_options": {"iterations": 1, "compile": False}, "fault": "slow", "fault_seconds": 0.5}
-    start = time.perf_counter()
-    syn, metrics = distill_task(split, task)
-    assert time.perf_counter() - start >= 0.5 and syn is not None and metrics["rows"] > 0
 
 
 def test_state_problem_names_what_makes_weights_unusable():

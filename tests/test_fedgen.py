@@ -10,7 +10,8 @@ from fedistill.data.synthetic import SyntheticSetError
 from fedistill.engines import build_engine
 from fedistill.engines.gen import generator_digest
 from fedistill.federated import FederationError, node_split
-from fedistill.federated.generator import LATENT_FAULTS, build_generator, decode_latent_payload
+from fedistill.federated.faults import LATENT_FAULTS
+from fedistill.federated.generator import build_generator, decode_latent_payload
 from fedistill.registry import UnknownNameError
 
 GEN = ["method.iterations=3", "method.batch_real=32", "model.width=16", "strategy.local_epochs=1"]
@@ -36,8 +37,8 @@ def _node(pid: int) -> dict:
 
 
 def _ask(strategy, round_: int, pid: int, **extra):
-    """What the strategy sends client ``p{pid}`` in ``round_``, answered by the ClientApp directly."""
-    from clients.app import app
+    """What the strategy sends client ``p{pid}`` in ``round_``, answered by the simulation's ClientApp directly."""
+    from clients.simulation import app
     from protocol.records import read_metrics, task_content
     from strategies.base import Reply
 
@@ -125,7 +126,7 @@ GOOD = {"latents": torch.randn(6, 16), "labels": torch.tensor([0, 0, 1, 1, 2, 2]
 def test_malformed_latent_payload_is_rejected_with_its_reason(digits, fault, field, match):
     gen = _generator(digits.info)
     assert len(decode_latent_payload(GOOD, {}, gen, digits.info, max_size=6)) == 6
-    bad = LATENT_FAULTS.get(fault)({k: v.clone() for k, v in GOOD.items()}, digits.info.num_classes)
+    bad, _ = LATENT_FAULTS.get(fault)({k: v.clone() for k, v in GOOD.items()}, {}, digits.info.num_classes)
     with pytest.raises(SyntheticSetError, match=match) as err:
         decode_latent_payload(bad, {}, gen, digits.info, max_size=6)
     assert err.value.field == field

@@ -33,10 +33,12 @@ __all__ = [
     "add_trigger",
     "attack_success_rate",
     "noise_images",
+    "noise_like",
     "poison_split",
     "poison_stats",
     "poison_synthetic",
     "repeat_rows",
+    "repeat_tensors",
 ]
 
 
@@ -88,11 +90,16 @@ def _syn_label_flip(syn: SyntheticSet, options: Mapping[str, Any]) -> SyntheticS
     return syn
 
 
+def repeat_tensors(tensors: Mapping[str, torch.Tensor], copies: int) -> dict[str, torch.Tensor]:
+    """Every named tensor's rows ``copies`` times (the ``oversize`` fault of any payload)."""
+    return {k: v.repeat(copies, *[1] * (v.dim() - 1)) for k, v in tensors.items()}
+
+
 def repeat_rows(syn: SyntheticSet, copies: int) -> SyntheticSet:
-    """The set's rows ``copies`` times (a volume attack, and the ``oversize`` fault)."""
-    syn.images = syn.images.repeat(copies, 1, 1, 1)
-    syn.labels = None if syn.labels is None else syn.labels.repeat(copies)
-    syn.soft_labels = None if syn.soft_labels is None else syn.soft_labels.repeat(copies, 1)
+    """The set's rows ``copies`` times (a volume attack)."""
+    fields = {"images": syn.images, "labels": syn.labels, "soft_labels": syn.soft_labels}
+    repeated = repeat_tensors({k: v for k, v in fields.items() if v is not None}, copies)
+    syn.images, syn.labels, syn.soft_labels = (repeated.get(k) for k in fields)
     return syn
 
 
@@ -101,10 +108,14 @@ def _duplicate(syn: SyntheticSet, options: Mapping[str, Any]) -> SyntheticSet:
     return repeat_rows(syn, int(options["copies"]))
 
 
+def noise_like(images: torch.Tensor, *, seed: int = 0) -> torch.Tensor:
+    """Gaussian noise of ``images``' shape and overall std: well-formed but useless (the ``noise`` fault)."""
+    return torch.randn(images.shape, generator=torch.Generator().manual_seed(seed)) * images.std()
+
+
 def noise_images(syn: SyntheticSet, *, seed: int = 0) -> SyntheticSet:
-    """A well-formed but useless set: Gaussian noise images with the set's overall std."""
-    g = torch.Generator().manual_seed(seed)
-    syn.images = torch.randn(syn.images.shape, generator=g) * syn.images.std()
+    """A well-formed but useless set: :func:`noise_like` images."""
+    syn.images = noise_like(syn.images, seed=seed)
     return syn
 
 

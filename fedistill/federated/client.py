@@ -4,16 +4,16 @@ A *task* is the JSON-able dict the server sends: ``method`` and ``method_options
 (the engine and its config: the whole ``method`` group), ``ipc``, ``init``, ``rounds``,
 ``seed`` (this client's, derived by the server), ``device``, ``threads``, ``model``
 (``{"name", ...options}``), ``fit`` (the local SGD recipe of FedAvg), ``temperature``
-(FedAF's class statistics) and optionally ``attack`` and ``fault`` (with ``fault_seconds``
-for ``slow``/``timeout``; fault injection for tests and robustness studies, see
-:data:`FAULTS`). The server always sends the keys a handler reads, so no default is
+(FedAF's class statistics) and optionally ``attack``. A ``fault`` in the task is not read
+here: the simulation's ClientApp acts it out around these functions
+(:mod:`fedistill.federated.faults`). The server always sends the keys a handler reads, so no default is
 restated here: the single source is the config (``configs/``) the server composes.
 """
 
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from typing import Any
 
 import torch
@@ -22,16 +22,13 @@ from fedistill.data.base import Split
 from fedistill.data.synthetic import SyntheticSet
 from fedistill.engines import ENGINES, DistillRequest, build_engine, resolve_device
 from fedistill.engines.base import ARRAY_INPUTS, NothingToDistillError
-from fedistill.federated.attacks import noise_images, poison_split, poison_stats, poison_synthetic, repeat_rows
+from fedistill.federated.attacks import poison_split, poison_stats, poison_synthetic
 from fedistill.federated.fedaf import class_stats
 from fedistill.models import build_model
 from fedistill.privacy import PrivacyLedger
-from fedistill.registry import Registry
 from fedistill.training import EvalRecipe, ModelSpec, test_metrics, train_model
 
 __all__ = [
-    "FAULTS",
-    "WEIGHT_FAULTS",
     "client_ledger",
     "distill_task",
     "evaluate_task",
@@ -42,82 +39,6 @@ __all__ = [
     "task_request",
 ]
 
-FAULTS: Registry[Callable[[SyntheticSet], SyntheticSet]] = Registry("fault")
-"""Deliberate client misbehaviour: ``crash`` raises; the others corrupt the reply (``noise``
-passes validation: only a screening server policy can catch it)."""
-
-
-class InjectedFault(RuntimeError):
-    """Raised by the ``crash`` fault."""
-
-
-@FAULTS.register("crash")
-def _crash(syn: SyntheticSet) -> SyntheticSet:
-    raise InjectedFault("injected crash (fault=crash)")
-
-
-@FAULTS.register("nan")
-def _nan(syn: SyntheticSet) -> SyntheticSet:
-    syn.images[0, 0, 0, 0] = float("nan")
-    return syn
-
-
-FAULTS.register("noise")(noise_images)  # well-formed but useless: only a screening server catches it
-
-
-@FAULTS.register("shape")
-def _shape(syn: SyntheticSet) -> SyntheticSet:
-    syn.images = syn.images[:, :, :-1, :].contiguous()
-    return syn
-
-
-@FAULTS.register("labels")
-def _labels(syn: SyntheticSet) -> SyntheticSet:
-    if syn.labels is not None:
-        syn.labels = syn.labels + syn.info.num_classes
-    return syn
-
-
-@FAULTS.register("oversize")
-def _oversize(syn: SyntheticSet) -> SyntheticSet:
-    return repeat_rows(syn, 4)
-
-
-WeightFault = Callable[[dict[str, torch.Tensor], dict[str, Any]], tuple[dict[str, torch.Tensor], dict[str, Any]]]
-WEIGHT_FAULTS: Registry[WeightFault] = Registry("weight fault")
-"""Deliberate misbehaviour of a FedAvg client's reply (weights, metrics): the server must reject
-``nan``, ``shape`` and ``keys`` and must not let ``examples`` (an inflated sample count) weigh
-the average; ``crash``, ``slow`` and ``timeout`` act before any work (``_setup``)."""
-
-
-@WEIGHT_FAULTS.register("nan")
-def _nan_weights(state: dict[str, torch.Tensor], metrics: dict[str, Any]) -> tuple[dict, dict]:
-    key = next(k for k, v in state.items() if v.is_floating_point())
-    state[key] = state[key].clone()
-    state[key].view(-1)[0] = float("nan")
-    return state, metrics
-
-
-@WEIGHT_FAULTS.register("shape")
-def _shape_weights(state: dict[str, torch.Tensor], metrics: dict[str, Any]) -> tuple[dict, dict]:
-    key = next(k for k, v in state.items() if v.dim() >= 1)
-    state[key] = state[key][:-1].clone() if len(state[key]) > 1 else torch.cat([state[key], state[key]])
-    return state, metrics
-
-
-@WEIGHT_FAULTS.register("keys")
-def _extra_key(state: dict[str, torch.Tensor], metrics: dict[str, Any]) -> tuple[dict, dict]:
-    return {**state, "backdoor.weight": torch.zeros(3)}, metrics
-
-
-@WEIGHT_FAULTS.register("examples")
-def _inflated_examples(state: dict[str, torch.Tensor], metrics: dict[str, Any]) -> tuple[dict, dict]:
-    return state, {**metrics, "examples": int(metrics["examples"]) * 1000}
-
-
-for _kind in ("crash", "slow", "timeout"):  # handled in _setup, before any work
-    WEIGHT_FAULTS.register(_kind)(lambda state, metrics: (state, metrics))
-
 
 def model_spec(model: Mapping[str, Any]) -> ModelSpec:
     """``{"name": "convnet", "width": 32}`` -> :class:`ModelSpec`."""
@@ -125,23 +46,8 @@ def model_spec(model: Mapping[str, Any]) -> ModelSpec:
     return ModelSpec(opts.pop("name"), opts)
 
 
-@FAULTS.register("slow")
-def _slow(syn: SyntheticSet) -> SyntheticSet:
-    return syn  # the delay happens before any work (``_setup``)
-
-
-@FAULTS.register("timeout")
-def _timeout(syn: SyntheticSet) -> SyntheticSet:
-    return syn  # the client sleeps past the server's round timeout (``_setup``)
-
-
 def _setup(task: Mapping[str, Any]) -> torch.device:
-    """Threads and device for a task; ``crash`` raises and ``slow``/``timeout`` sleep here, before any work."""
-    fault = task.get("fault")
-    if fault == "crash":
-        FAULTS.get("crash")(None)  # type: ignore[arg-type]
-    if fault in ("slow", "timeout"):
-        time.sleep(float(task["fault_seconds"]))  # the server sets it with these faults
+    """Threads and device for a task."""
     torch.set_num_threads(max(1, int(task["threads"])))
     return resolve_device(task["device"])
 
@@ -223,8 +129,6 @@ def distill_task(
     syn = poison_synthetic(syn, task.get("attack"))
     if syn is not None:
         syn.metadata.pop("loss_history", None)
-        if task.get("fault"):
-            syn = FAULTS.get(task["fault"])(syn)
     metrics.update(seconds=round(time.perf_counter() - start, 3), rows=0 if syn is None else len(syn))
     return syn, metrics
 
@@ -254,8 +158,6 @@ def fit_task(
     new = {k: v.detach().cpu() for k, v in model.state_dict().items()}
     seconds = time.perf_counter() - start
     metrics = {"examples": len(split), "train_accuracy": acc, "train_loss": loss, "seconds": seconds}
-    if task.get("fault"):
-        new, metrics = WEIGHT_FAULTS.get(task["fault"])(new, metrics)
     return new, metrics
 
 

@@ -18,7 +18,7 @@ images (float32 latents against float32 pixels; int64 labels in both).
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from typing import Any
 
 import torch
@@ -30,10 +30,8 @@ from fedistill.engines import build_engine
 from fedistill.engines.base import NothingToDistillError
 from fedistill.engines.gen import CVAE, decode_latents, new_cvae, train_cvae
 from fedistill.federated.client import _setup, model_spec, task_request
-from fedistill.registry import Registry
 
 __all__ = [
-    "LATENT_FAULTS",
     "LATENT_KEYS",
     "build_generator",
     "decode_latent_payload",
@@ -45,32 +43,6 @@ __all__ = [
 
 LATENT_KEYS = ("latents", "labels")
 """The only arrays a latent-code reply may carry (never pixels)."""
-
-LATENT_FAULTS: Registry[Callable[[dict[str, torch.Tensor], int], dict[str, torch.Tensor]]] = Registry("latent fault")
-"""Fault injection on a latent payload (``fault`` of the task; ``crash`` raises before any work)."""
-
-
-@LATENT_FAULTS.register("nan")
-def _nan(t: dict[str, torch.Tensor], num_classes: int) -> dict[str, torch.Tensor]:
-    t["latents"][0, 0] = float("nan")
-    return t
-
-
-@LATENT_FAULTS.register("shape")
-def _shape(t: dict[str, torch.Tensor], num_classes: int) -> dict[str, torch.Tensor]:
-    t["latents"] = t["latents"][:, :-1].contiguous()
-    return t
-
-
-@LATENT_FAULTS.register("labels")
-def _labels(t: dict[str, torch.Tensor], num_classes: int) -> dict[str, torch.Tensor]:
-    t["labels"] = t["labels"] + num_classes
-    return t
-
-
-@LATENT_FAULTS.register("oversize")
-def _oversize(t: dict[str, torch.Tensor], num_classes: int) -> dict[str, torch.Tensor]:
-    return {k: v.repeat(4, *([1] * (v.ndim - 1))) for k, v in t.items()}
 
 
 def build_generator(info: DatasetInfo, state: Mapping[str, torch.Tensor], *, latent_dim: int, hidden: int) -> CVAE:
@@ -167,8 +139,6 @@ def latent_task(
     try:
         syn = engine.run(task_request(split, task, device, generator_state=state))
         tensors, meta = encode_latents(syn)
-        if str(task.get("fault")) in LATENT_FAULTS:  # others (crash, slow, timeout) act in _setup
-            tensors = LATENT_FAULTS.get(str(task["fault"]))(tensors, split.info.num_classes)
     except NothingToDistillError:
         pass
     rows = 0 if tensors is None else len(tensors["labels"])
