@@ -12,35 +12,31 @@ The production handlers (``clients/app.py``) know nothing of faults. :func:`faul
 
 from __future__ import annotations
 
-import json
 import time
+from collections.abc import Mapping
 from typing import Any
 
-from flwr.app import Context, Error, Message
+import torch
+from flwr.app import Context, Message
 from flwr.clientapp.typing import ClientAppCallable
 
-from clients.app import CLIENT_ERROR
-from fedistill.federated import node_split
+from clients.app import error_reply, node_data, planned_task
 from fedistill.federated.faults import BEFORE_WORK, PAYLOAD_FAULTS, InjectedFault
 from protocol.records import metrics_record, read_metrics, read_tensors, tensor_record
 
-__all__ = ["fault_mod", "planned_task"]
-
-TASK_RECORDS = ("config", "fitins.config")
-"""Config records that may carry the task: a plain fedistill message, or SecAgg+'s stage with the fit instructions."""
+__all__ = ["fault_mod", "replace_payload"]
 
 
-def planned_task(msg: Message) -> dict[str, Any] | None:
-    """The task a message carries (``None`` for messages without one, e.g. SecAgg+'s key exchange)."""
-    records = msg.content.config_records
-    for name in TASK_RECORDS:
-        if name in records and "task" in records[name]:
-            return json.loads(str(records[name]["task"]))
-    return None
-
-
-def _error(msg: Message, err: Exception) -> Message:
-    return Message(Error(code=CLIENT_ERROR, reason=f"{type(err).__name__}: {err}"), reply_to=msg)
+def replace_payload(reply: Message, record: str, tensors: Mapping[str, torch.Tensor], metrics: dict[str, Any]) -> None:
+    """Put ``tensors`` in the reply's ``record`` and ``metrics`` in its ``metrics``, recounting
+    ``bytes`` and ``rows`` as the handler counts them."""
+    arrays = tensor_record(tensors)
+    if "bytes" in metrics:
+        metrics["bytes"] = arrays.count_bytes()
+    if "rows" in metrics:
+        metrics["rows"] = len(next(iter(tensors.values())))
+    reply.content[record] = arrays
+    reply.content["metrics"] = metrics_record(metrics)
 
 
 def _corrupt(reply: Message, msg_type: str, kind: str, task: dict[str, Any], context: Context) -> None:
@@ -49,14 +45,9 @@ def _corrupt(reply: Message, msg_type: str, kind: str, task: dict[str, Any], con
     arrays = reply.content.array_records.get(record)
     if arrays is None:  # nothing to contribute: nothing to corrupt
         return
-    num_classes = node_split(context.node_config, task["data"]).info.num_classes
-    metrics = read_metrics(reply)
-    tensors, metrics = registry.get(kind)(read_tensors(arrays), metrics, num_classes)
-    arrays = tensor_record(tensors)
-    if "bytes" in metrics:
-        metrics["bytes"] = arrays.count_bytes()
-    reply.content[record] = arrays
-    reply.content["metrics"] = metrics_record(metrics)
+    num_classes = node_data(context.node_config, task).info.num_classes
+    tensors, metrics = registry.get(kind)(read_tensors(arrays), read_metrics(reply), num_classes)
+    replace_payload(reply, record, tensors, metrics)
 
 
 def fault_mod(msg: Message, context: Context, call_next: ClientAppCallable) -> Message:
@@ -66,7 +57,8 @@ def fault_mod(msg: Message, context: Context, call_next: ClientAppCallable) -> M
     if kind is None:
         return call_next(msg, context)
     if kind == "crash":
-        return _error(msg, InjectedFault("injected crash (fault=crash)"))
+        err = InjectedFault("injected crash (fault=crash)")
+        return error_reply(msg, f"{type(err).__name__}: {err}")
     if kind in BEFORE_WORK:
         time.sleep(float(task["fault_seconds"]))  # the server sets it with slow and timeout
     reply = call_next(msg, context)
@@ -75,5 +67,5 @@ def fault_mod(msg: Message, context: Context, call_next: ClientAppCallable) -> M
     try:
         _corrupt(reply, msg.metadata.message_type, kind, task, context)
     except Exception as err:  # a fault that cannot apply is the client's error, never the run's
-        return _error(msg, err)
+        return error_reply(msg, f"{type(err).__name__}: {err}")
     return reply

@@ -32,14 +32,56 @@ def test_label_flip_and_backdoor_poison_the_real_data(digits):
     assert poison_split(split, None, seed=0) is split
 
 
-def test_poisoned_uploads_flip_labels_or_trip_the_size_cap(digits):
-    task = {**TASK, "method_options": {"iterations": 2, "compile": False}, "attack": {"kind": "syn_label_flip"}}
-    clean, _ = distill_task(node_split(NODE, DATA), {**TASK, "method_options": task["method_options"]})
-    bad, _ = distill_task(node_split(NODE, DATA), task)
-    assert torch.equal(bad.labels, 9 - clean.labels)
+def test_a_duplicated_upload_trips_the_size_cap(digits):
+    clean, _ = distill_task(node_split(NODE, DATA), {**TASK, "method_options": {"iterations": 2, "compile": False}})
     dup = poison_synthetic(clean, {"kind": "duplicate", "copies": 4})
     with pytest.raises(SyntheticSetError, match="exceed the cap"):
         decode_synthetic({"images": dup.images, "labels": dup.labels}, {}, digits.info, max_size=len(dup) // 2)
+
+
+def _reply(app, task, msg_type, arrays=None):
+    from test_federated import _context, _message
+
+    from protocol.records import task_content
+
+    reply = app(_message(task_content(task, arrays), msg_type), _context(NODE))
+    assert not reply.has_error(), reply.error.reason if reply.has_error() else ""
+    return reply
+
+
+def test_attacks_act_only_in_the_simulation_app_on_data_uploads_and_statistics(digits):
+    """The deployed ClientApp ignores a planned attack; the simulation's app poisons the node's data
+    (``before``), its synthetic upload (``after``, recounting rows and bytes) and its statistics."""
+    from clients.app import app
+    from clients.simulation import app as sim_app
+    from fedistill.models import build_model
+    from protocol.records import read_metrics, read_tensors
+
+    fast = {**TASK, "method_options": {"iterations": 2, "compile": False}}
+    labels = {}
+    for name, which, attack in (
+        ("clean", app, {"kind": "syn_label_flip"}),
+        ("flipped", sim_app, {"kind": "syn_label_flip"}),
+    ):
+        rep = _reply(which, {**fast, "attack": attack}, "train.distill")
+        labels[name] = read_tensors(rep.content.array_records["synthetic"])["labels"]
+    assert torch.equal(labels["flipped"], 9 - labels["clean"])
+    dup = _reply(sim_app, {**fast, "attack": {"kind": "duplicate", "copies": 3}}, "train.distill")
+    assert read_metrics(dup)["rows"] == 3 * len(labels["clean"])
+    assert len(read_tensors(dup.content.array_records["synthetic"])["labels"]) == 3 * len(labels["clean"])
+
+    state = build_model("convnet", digits.info, seed=0, width=16).state_dict()
+    task = {**fast, "temperature": 1.0}
+    counts = {}
+    for name, which, attack in (
+        ("deployed", app, {"kind": "label_flip"}),
+        ("flipped", sim_app, {"kind": "label_flip"}),
+        ("poisoned", sim_app, {"kind": "stats_poison", "scale": 5}),
+    ):
+        rep = _reply(which, {**task, "attack": attack}, "query.stats", state)
+        counts[name] = read_tensors(rep.content.array_records["stats"])["class_counts"]
+    assert torch.equal(counts["flipped"], counts["deployed"].flip(0))  # label c became 9 - c before the handler
+    assert torch.equal(counts["poisoned"], 5 * counts["deployed"])
 
 
 def test_attack_success_rate(digits):

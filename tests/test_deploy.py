@@ -125,16 +125,17 @@ def test_run_config_keys_are_hydra_overrides_of_the_simulate_config():
     )
 
 
-def test_the_simulation_loads_the_deployed_handlers_plus_fault_injection_by_component_string():
+def test_the_simulation_loads_the_deployed_handlers_plus_fault_and_attack_mods_by_component_string():
     from flwr.clientapp import ClientApp
 
+    from clients.attacks import attack_mod
     from clients.faults import fault_mod
     from strategies.simulation import CLIENT_APP, load_component
 
     deployed, simulated = load_component(_app_config()["components"]["clientapp"]), load_component(CLIENT_APP)
     assert isinstance(deployed, ClientApp) and isinstance(simulated, ClientApp)
     assert set(simulated._registered_funcs) == set(deployed._registered_funcs)  # the same message types
-    assert deployed._mods == [] and simulated._mods == [fault_mod]  # faults never reach a device
+    assert deployed._mods == [] and simulated._mods == [fault_mod, attack_mod]  # never on a device
 
 
 def test_fab_carries_the_packages_and_configs_only():

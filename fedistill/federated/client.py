@@ -4,9 +4,10 @@ A *task* is the JSON-able dict the server sends: ``method`` and ``method_options
 (the engine and its config: the whole ``method`` group), ``ipc``, ``init``, ``rounds``,
 ``seed`` (this client's, derived by the server), ``device``, ``threads``, ``model``
 (``{"name", ...options}``), ``fit`` (the local SGD recipe of FedAvg), ``temperature``
-(FedAF's class statistics) and optionally ``attack``. A ``fault`` in the task is not read
-here: the simulation's ClientApp acts it out around these functions
-(:mod:`fedistill.federated.faults`). The server always sends the keys a handler reads, so no default is
+(FedAF's class statistics). A planned ``fault`` or ``attack`` in the task is not read here:
+the simulation's ClientApp acts them out around these functions (``clients/faults.py`` with
+:mod:`fedistill.federated.faults`, ``clients/attacks.py`` with
+:mod:`fedistill.federated.attacks`). The server always sends the keys a handler reads, so no default is
 restated here: the single source is the config (``configs/``) the server composes.
 """
 
@@ -22,7 +23,6 @@ from fedistill.data.base import Split
 from fedistill.data.synthetic import SyntheticSet
 from fedistill.engines import ENGINES, DistillRequest, build_engine, resolve_device
 from fedistill.engines.base import ARRAY_INPUTS, NothingToDistillError
-from fedistill.federated.attacks import poison_split, poison_stats, poison_synthetic
 from fedistill.federated.fedaf import class_stats
 from fedistill.models import build_model
 from fedistill.privacy import PrivacyLedger
@@ -118,7 +118,6 @@ def distill_task(
         ledger = client_ledger(task, options, ledger_state)
     engine = build_engine(task["method"], model=spec.name, model_kwargs=spec.kwargs, **options)
     metrics = {"examples": len(split), "class_counts": split.class_counts().tolist()}
-    split = poison_split(split, task.get("attack"), int(task["seed"]))
     request = task_request(split, task, device, base_state=base_state, ledger=ledger, **dict(inputs or {}))
     try:
         syn = engine.run(request)
@@ -126,7 +125,6 @@ def distill_task(
         syn = None
     if ledger is not None:
         metrics["epsilon"] = round(ledger.epsilon, 6)
-    syn = poison_synthetic(syn, task.get("attack"))
     if syn is not None:
         syn.metadata.pop("loss_history", None)
     metrics.update(seconds=round(time.perf_counter() - start, 3), rows=0 if syn is None else len(syn))
@@ -143,7 +141,6 @@ def fit_task(
     """Local SGD from the global ``state`` on this client's data (the FedAvg baseline)."""
     device = _setup(task)
     start = time.perf_counter()
-    split = poison_split(split, task.get("attack"), int(task["seed"]))
     model = train_model(
         model_spec(task["model"]),
         split.info,
@@ -187,9 +184,7 @@ def stats_task(
     spec = model_spec(task["model"])
     model = build_model(spec.name, split.info, **spec.kwargs)
     model.load_state_dict(state)
-    split = poison_split(split, task.get("attack"), int(task["seed"]))
     stats = class_stats(model, split, temperature=float(task["temperature"]), device=device)
-    stats = poison_stats(stats, task.get("attack"))
     return stats, {"examples": len(split), "seconds": round(time.perf_counter() - start, 3)}
 
 
