@@ -181,3 +181,88 @@ def test_fault_fractions_round_up_stay_disjoint_and_respect_explicit_clients():
         len(assign_faults({"crash": 0.0}, CLIENTS, seed=0, kinds=KINDS)) == 0
     )
     assert len(assign_faults({"crash": 0.3}, CLIENTS, seed=0, kinds=KINDS)) == 3  # exact products do not round up
+
+
+def _attack(auc: float) -> dict:
+    return {"auc": auc, "tpr_at_1pct_fpr": auc / 10, "tpr_at_0.1pct_fpr": auc / 100}
+
+
+AUDIT = {
+    "method": "dm",
+    "privacy": {"epsilon_max": 3.25, "epsilon_median": 2.0, "delta": 1e-5},
+    "synthetic": {"train_images": 20, "test_accuracy": 4.5, "loss_attack": _attack(0.44), "lira": _attack(0.61)},
+    "matched_real_subset": {
+        "train_images": 860,
+        "test_accuracy": 99.16,
+        "matched": False,
+        "loss_attack": _attack(0.5),
+        "lira": _attack(0.7),
+    },
+}
+
+
+def test_audit_table_shows_every_model_and_attack_with_the_budget_in_its_title():
+    from fedistill.privacy.report import audit_table
+
+    table = audit_table(AUDIT)
+    assert table.title == "membership audit: dm (epsilon 3.25, delta 1e-05)"
+    headers = ["trained on", "images", "test acc %", "attack", "AUC", "TPR@1%FPR", "TPR@0.1%FPR"]
+    assert [c.header for c in table.columns] == headers
+    rows = list(zip(*(c._cells for c in table.columns), strict=True))
+    assert rows == [
+        ("synthetic set", "20", "4.50", "loss", "0.440", "0.044", "0.004"),
+        ("synthetic set", "20", "4.50", "lira", "0.610", "0.061", "0.006"),
+        ("real subset (matched acc)", "860", "99.16", "loss", "0.500", "0.050", "0.005"),
+        ("real subset (matched acc)", "860", "99.16", "lira", "0.700", "0.070", "0.007"),
+    ]
+    spent = {**AUDIT, "privacy": {"epsilon_spent": 1.5, "epsilon_max": 9.0, "delta": 1e-6}}
+    assert audit_table(spent).title == "membership audit: dm (epsilon 1.50, delta 1e-06)"
+    alone = {k: v for k, v in AUDIT.items() if k not in ("privacy", "matched_real_subset")}
+    assert audit_table(alone).title == "membership audit: dm" and audit_table(alone).row_count == 2
+
+
+def test_audit_notes_are_the_exact_sentences_a_reader_sees():
+    from fedistill.privacy.audit import audit_notes
+
+    assert audit_notes(AUDIT, tolerance=5.0, num_classes=10) == [
+        "no real subset with the set's label proportions matches its 4.50% within 5 points (closest: 99.16% with "
+        "860 images): the two audits compare models of different accuracy",
+        "synthetic loss_attack: AUC 0.44 < 0.5 on a model at 4.50% test accuracy (near chance level): the attack "
+        "does worse than guessing; read it as no measurable membership signal, not as negative leakage",
+    ]
+    strong = {**AUDIT, "synthetic": {**AUDIT["synthetic"], "test_accuracy": 15.0}}
+    assert audit_notes(strong, tolerance=5.0, num_classes=10)[1].startswith(
+        "synthetic loss_attack: AUC 0.44 < 0.5 on a model at 15.00% test accuracy: the attack"
+    )  # 15% is not within 5 points of chance (10%)
+    edge = {**AUDIT, "synthetic": {**AUDIT["synthetic"], "test_accuracy": 14.99}}
+    assert "(near chance level)" in audit_notes(edge, tolerance=5.0, num_classes=10)[1]
+    matched = {**AUDIT, "matched_real_subset": {**AUDIT["matched_real_subset"], "matched": True}}
+    assert len(audit_notes(matched, tolerance=5.0, num_classes=10)) == 1  # AUC 0.5 exactly is not below half
+
+
+@pytest.mark.parametrize(
+    ("privacy", "line"),
+    [
+        (None, "privacy: none (no DP engine or DP strategy in this run)"),
+        (
+            {"epsilon_max": 3.25, "epsilon_median": 2.0, "delta": 1e-5},
+            "privacy: per-client epsilon max 3.250, median 2.000 (delta 1e-05, record-level, cumulative over rounds)",
+        ),
+        (
+            {"epsilon_spent": 1.5, "target_epsilon": 2.0, "delta": 1e-5, "sigma": 1.25, "releases": 7},
+            "privacy: epsilon 1.500 of 2.0 (delta 1e-05, sigma 1.250, 7 releases, record-level)",
+        ),
+        (
+            {"epsilon": 0.75, "delta": 1e-6, "level": "client-level"},
+            "privacy: epsilon 0.750 (delta 1e-06, client-level)",
+        ),
+        (
+            {"public": ["class counts: exact per client", "soft labels: teacher"]},
+            "privacy: no DP; released without noise: class counts; soft labels",
+        ),
+    ],
+)
+def test_the_privacy_line_says_what_was_spent(privacy, line):
+    from fedistill.privacy.report import privacy_line
+
+    assert privacy_line(privacy) == line
