@@ -8,6 +8,13 @@ survivor with its diff (``mutmut show``). Survivor reasons are written by hand u
     mutmut run --max-children 2
     python benchmarks/mutation_report.py
 
+A follow-up run may re-check only an earlier report's survivors (the code under mutation unchanged):
+
+    mutmut run --max-children 2 $(names of the survivors in benchmarks/results/mutation-<date>.md)
+    python benchmarks/mutation_report.py --rerun-of benchmarks/results/mutation-<date>.md
+
+The table then counts the re-checked mutants only, and one line adds the earlier report's totals.
+
 A mutant counts as killed when a selected test fails (or times out) with it in place; "no tests"
 means no selected test calls the mutated function, so it counts as not killed.
 """
@@ -39,12 +46,41 @@ def load(mutants: Path) -> dict[str, dict[str, str]]:
     return out
 
 
+def previous_totals(report: Path) -> dict[str, int]:
+    """The ``**all**`` row of an earlier report: mutants, killed, timeout, survived, no tests."""
+    for line in report.read_text().splitlines():
+        if line.startswith("| **all** |"):
+            cells = [c.strip() for c in line.strip("|").split("|")]
+            keys = ["mutants", "killed", "timeout", "survived", "no tests"]
+            return {k: int(v) for k, v in zip(keys, cells[1:6], strict=True)}
+    raise SystemExit(f"{report}: no '| **all** |' row; pass the report of a full run")
+
+
+def rerun_summary(report: Path, rechecked: int, dead: int) -> list[str]:
+    """Lines that fold a re-run of ``report``'s survivors into its totals."""
+    prev = previous_totals(report)
+    total_dead = prev["killed"] + prev["timeout"] + dead
+    reached = prev["mutants"] - prev["no tests"]
+    return [
+        f"Re-run of the {rechecked} survivors of `{report.name}` ({prev['survived']} listed there); the modules "
+        f"under mutation are unchanged since, so its other mutants keep their status there: "
+        f"{prev['killed'] + prev['timeout']} killed or timed out, {prev['no tests']} reached by no selected test.",
+        "",
+        f"**Combined: {total_dead} of {prev['mutants']} mutants killed ({100 * total_dead / prev['mutants']:.1f}%); "
+        f"of the {reached} that a selected test reaches, {100 * total_dead / reached:.1f}%.**",
+    ]
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--mutants", default=str(ROOT / "mutants"))
     ap.add_argument("--out", default="mutation")
+    ap.add_argument("--rerun-of", help="an earlier report whose survivors this run re-checked")
     args = ap.parse_args()
     results = load(Path(args.mutants))
+    if args.rerun_of:  # only the re-checked mutants count here; the rest keep the earlier report's status
+        results = {m: {n: st for n, st in by.items() if st != "not checked"} for m, by in results.items()}
+        results = {m: by for m, by in results.items() if by}
     if not results:
         sys.exit(f"no mutmut results under {args.mutants}: run `mutmut run` first")
     cols = ["killed", "timeout", "survived", "no tests", "not checked", "suspicious"]
@@ -79,9 +115,10 @@ def main() -> None:
         f"Killed (or timed out) {dead} of {n} mutants ({100 * dead / max(1, n):.1f}%); "
         f"of the {reached} that a selected test reaches, {100 * dead / max(1, reached):.1f}%.",
         "",
-        "## Survivors",
-        "",
     ]
+    if args.rerun_of:
+        lines += [*rerun_summary(Path(args.rerun_of), n, dead), ""]
+    lines += ["## Survivors", ""]
     for name in survivors:
         diff = subprocess.run(
             [sys.executable, "-m", "mutmut", "show", name], cwd=ROOT, capture_output=True, text=True, check=False

@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from fedistill.federated.faults import FAULTS
+from fedistill.federated.faults import FAULTS, FaultOptions
 from fedistill.federated.node import data_spec, partition_histogram
 from fedistill.federated.server import assign_faults
 from fedistill.seeding import derive_seed, numpy_rng
@@ -67,12 +67,12 @@ class ClientPlanning:
         attack = dict(self.cfg["attack"])
         if client in self.attackers():
             out["attack"] = attack
-        faults = dict(self.cfg["faults"] or {})
+        options = FaultOptions.of(self.cfg["faults"] or {})
         fault = self.fault_plan().get(client)
-        if fault and round_ >= int(faults.get("start_round", 1)):
+        if fault and round_ >= options.start_round:
             out["fault"] = fault
             if fault == "slow":
-                out["fault_seconds"] = float(faults.get("slow_seconds", 3.0))
+                out["fault_seconds"] = options.slow_seconds
             elif fault == "timeout":  # reply only after the server stopped waiting
                 out["fault_seconds"] = float(self.opts["round_timeout"]) + 2.0
         return out

@@ -417,3 +417,28 @@ def test_release_bound_covers_a_full_sample_and_six_noise_stds():
     fresh = dict(private, releases=None, planned_rounds=2)  # every iteration releases; planned rounds win
     sigma = calibrate_noise(epsilon=2.0, delta=1e-5, sample_rate=1.0, steps=8 * 2, accountant="rdp")
     assert release_bound(fresh, rounds=3, noise_share=1.0) == pytest.approx(2.0 * (118 + 6 * sigma))
+
+
+def test_fault_options_are_typed_once_and_act_from_their_start_round(tmp_path):
+    """``faults.start_round`` spares the rounds before it and ``faults.slow_seconds`` is what a slow client sleeps."""
+    from dataclasses import fields
+
+    from fedistill.config import compose_config
+    from fedistill.data import load_dataset
+    from fedistill.federated.faults import FaultOptions
+    from fedistill.federated.server import FAULT_OPTIONS
+    from fedistill.reporting import RunDir
+    from strategies.app import STRATEGIES
+
+    assert tuple(f.name for f in fields(FaultOptions)) == FAULT_OPTIONS  # assign_faults skips exactly these
+    assert FaultOptions.of({"3": "nan"}) == FaultOptions(start_round=1, slow_seconds=3.0)
+    assert FaultOptions.of({"start_round": "2", "slow_seconds": 1}) == FaultOptions(start_round=2, slow_seconds=1.0)
+    faults = ["+faults.1=slow", "+faults.2=crash", "+faults.slow_seconds=0.25", "+faults.start_round=2"]
+    cfg = compose_config("simulate", ["clients=3", "device=cpu", *faults])
+    s = STRATEGIES.get("oneshot")(cfg, RunDir(tmp_path), load_dataset("digits"))
+    s.clients = {1: "p0", 2: "p1", 3: "p2"}
+    task = s.engine_task()
+    assert all("fault" not in s.client_task(task, c, 1) for c in ("p0", "p1", "p2"))
+    late = {c: s.client_task(task, c, 2) for c in ("p0", "p1", "p2")}
+    assert "fault" not in late["p0"] and late["p2"]["fault"] == "crash" and "fault_seconds" not in late["p2"]
+    assert (late["p1"]["fault"], late["p1"]["fault_seconds"]) == ("slow", 0.25)

@@ -1,6 +1,6 @@
 """Distillation engines: registry and implementations."""
 
-from fedistill.engines import dm, dm_hom, dp, fedaf, feddm, gen, gm, mtt, rded, sre2l  # noqa: F401  (registration)
+from fedistill.engines import dm, dm_hom, dp, dp_gm, fedaf, feddm, gen, gm, mtt, rded, sre2l  # noqa: F401  (registration)
 from fedistill.engines.base import (
     ENGINES,
     DistillRequest,

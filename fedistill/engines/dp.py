@@ -1,4 +1,4 @@
-"""Differentially private distillation engines: DP distribution and gradient matching.
+"""Differentially private distillation engines: DP distribution matching, and the DP configs.
 
 ``dp_dm`` (NDPDC / Dosser style): every release Poisson-samples the real records of
 each class, embeds them with the iteration's random network, clips every embedding to
@@ -9,7 +9,7 @@ statistic. ``releases`` below ``iterations`` precomputes that many releases (net
 augmentation, noisy means) and cycles through them: reuse is post-processing, so the
 budget depends on the releases, not on the optimisation steps.
 
-``dp_dc`` / ``dp_dsa`` (PSG style): the real gradient of every class is a DP-SGD
+``dp_dc`` / ``dp_dsa`` (PSG style, :mod:`fedistill.engines.dp_gm`): the real gradient of every class is a DP-SGD
 release (per-sample gradients by ``torch.func``, clipped, summed, noised); matching it
 and training the network on the synthetic set between steps are post-processing.
 
@@ -25,16 +25,14 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import nn
-from torch.func import functional_call, grad, vmap
 
 from fedistill.augment import DSA, DSAConfig
 from fedistill.data.base import DatasetInfo, Split
 from fedistill.data.synthetic import SyntheticSet
 from fedistill.engines.base import Progress, StepLog, init_synthetic, register_engine, resolve_device
 from fedistill.engines.dm import DMConfig, DMEngine
-from fedistill.engines.gm import DCEngine, GMConfig
+from fedistill.engines.gm import GMConfig
 from fedistill.engines.matching import synthetic_class_means
 from fedistill.models import build_model
 from fedistill.privacy import PrivacyConfig, PrivacyLedger, PrivateRelease, check_private_setup, clip_rows
@@ -42,13 +40,12 @@ from fedistill.privacy.mechanisms import poisson_indices
 from fedistill.seeding import torch_generator
 
 __all__ = [
-    "DPDCEngine",
     "DPDMConfig",
     "DPDMEngine",
-    "DPDSAEngine",
     "DPDSAGMConfig",
     "DPGMConfig",
     "PoissonClassSampler",
+    "class_sample_rate",
     "release_means",
 ]
 
@@ -107,7 +104,7 @@ class PoissonClassSampler:
         return self.images[torch.cat(picks).to(self.images.device)], groups.to(self.images.device)
 
 
-def _sample_rate(config: PrivacyConfig, batch_real: int, data: Split, classes: list[int]) -> float:
+def class_sample_rate(config: PrivacyConfig, batch_real: int, data: Split, classes: list[int]) -> float:
     if config.sample_rate is not None:
         return float(config.sample_rate)
     largest = max(1, *(int(data.class_counts()[c]) for c in classes))
@@ -195,7 +192,7 @@ class DPDMEngine(DMEngine):
             raise ValueError(f"count_share={count_share}: must be in [0, 1)")
         net = build_model(cfg.model, data.info, **cfg.model_kwargs).to(device).requires_grad_(False)
         check_private_setup(init="noise", net=net, engine=self.name)
-        rate = _sample_rate(cfg, cfg.batch_real, data, classes)
+        rate = class_sample_rate(cfg, cfg.batch_real, data, classes)
         num = self.num_releases()
         release = PrivateRelease(
             cfg,
@@ -333,75 +330,3 @@ def release_means(
     counts = (sums[..., -1] / (count_share * clip)).mean(0).clamp(min=min_count)
     means = sums[..., :-1] / math.sqrt(1 - count_share**2) / counts[None, :, None]
     return means, counts
-
-
-@register_engine("dp_dc")
-class DPDCEngine(DCEngine):
-    """Gradient matching against DP-SGD real gradients (``method=dp_dc``)."""
-
-    name = "dp_dc"
-    Config = DPGMConfig
-    default_init = "noise"
-    accepts = frozenset({"ledger"})
-
-    def setup(self, ctx: dict[str, Any], data: Split, *, ledger: PrivacyLedger | None = None) -> None:
-        """Check the private setup and reserve every release in ``ledger`` (a holder's budget) before a
-        record is read: one per outer step of every iteration, Poisson-sampled at one rate."""
-        cfg = self.config
-        check_private_setup(init=ctx["init"], net=ctx["net"], engine=self.name)
-        ctx["rate"] = _sample_rate(cfg, cfg.batch_real, data, ctx["classes"])
-        ctx["release"] = PrivateRelease(
-            cfg,
-            ledger=ledger,
-            releases=cfg.iterations * ctx["outer"],
-            sample_rate=ctx["rate"],
-            generator=torch_generator(ctx["seed"], "dp-noise"),
-        )
-
-    def extra_metadata(self, ctx: dict[str, Any]) -> dict[str, Any]:
-        """The privacy report of the releases made."""
-        return {"privacy": ctx["release"].report()}
-
-    def real_sampler(
-        self, data: Split, classes: list[int], device: torch.device, ctx: dict[str, Any]
-    ) -> PoissonClassSampler:
-        """Poisson samples at the release's rate."""
-        gen = torch_generator(ctx["seed"], f"{self.name}-real")
-        return PoissonClassSampler(data, classes, ctx["rate"], device, gen)
-
-    def real_targets(
-        self, net: nn.Module, sampler: Any, classes: list[int], *, dsa: DSA | None, params: Any, ctx: dict[str, Any]
-    ) -> list[tuple[Any, torch.Tensor | None]]:
-        """Per class, the DP-SGD estimate of the real gradient (one release for all classes)."""
-        real, groups = sampler.sample()
-        if dsa is not None and len(real):
-            real = dsa.apply(real, params, groups)
-        labels = torch.tensor(classes, device=real.device)[groups]
-        named = {n: p.detach() for n, p in net.named_parameters() if p.requires_grad}
-
-        def loss_fn(p: dict[str, torch.Tensor], x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-            return F.cross_entropy(functional_call(net, p, (x.unsqueeze(0),)), y.unsqueeze(0))
-
-        per_sample = vmap(grad(loss_fn), in_dims=(None, 0, 0))
-        chunk = self.config.per_sample_chunk
-        size = sum(p.numel() for p in named.values())
-        # per-sample gradients of one chunk at a time, clipped into the [K, P] class sums
-        sums = torch.zeros(len(classes), size, dtype=torch.float32, device=real.device)
-        for i in range(0, len(real), chunk):
-            g = per_sample(named, real[i : i + chunk], labels[i : i + chunk])
-            flat = torch.cat([v.flatten(1) for v in g.values()], 1)
-            ctx["release"].clipped_sums(flat, groups[i : i + chunk], len(classes), out=sums)
-        means = ctx["release"].noised(sums) / sampler.expected
-        shapes = [p.shape for p in named.values()]
-        return [
-            ([g.reshape(s) for g, s in zip(row.split([s.numel() for s in shapes]), shapes, strict=True)], None)
-            for row in means
-        ]
-
-
-@register_engine("dp_dsa")
-class DPDSAEngine(DPDCEngine):
-    """DP gradient matching with siamese augmentation (``method=dp_dsa``)."""
-
-    name = "dp_dsa"
-    Config = DPDSAGMConfig
