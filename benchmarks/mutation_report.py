@@ -89,8 +89,13 @@ def main() -> None:
         "",
         f"Machine: {machine_info()}",
         "",
-        "Command: `mutmut run --max-children 2`, then `python benchmarks/mutation_report.py` "
-        "(mutated modules and selected tests: `[tool.mutmut]` in pyproject.toml; fast tests only, `-m 'not slow'`).",
+        (
+            f"Command: `mutmut run --max-children 2 NAMES` (NAMES: survivors listed in `{Path(args.rerun_of).name}`), "
+            f"then `python benchmarks/mutation_report.py --rerun-of {args.rerun_of}`"
+            if args.rerun_of
+            else "Command: `mutmut run --max-children 2`, then `python benchmarks/mutation_report.py`"
+        )
+        + " (mutated modules and selected tests: `[tool.mutmut]` in pyproject.toml; fast tests only, `-m 'not slow'`).",
         "",
         "| module | mutants | " + " | ".join(cols) + " | killed % |",
         "|---|---" + "|---" * len(cols) + "|---|",

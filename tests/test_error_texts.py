@@ -104,7 +104,11 @@ def test_validate_boundaries_accept_what_is_valid():
 
 def test_decode_names_the_payload_problem_exactly():
     good = {"images": torch.zeros(2, *INFO.shape), "labels": torch.tensor([0, 1])}
-    assert len(decode_synthetic(good, {"method": "dm"}, INFO, max_size=2)) == 2
+    soft = {**good, "soft_labels": torch.eye(10)[:2]}
+    decoded = decode_synthetic(soft, {"method": "dm"}, INFO, max_size=2)
+    assert decoded.info == INFO and decoded.metadata == {"method": "dm"}
+    assert torch.equal(decoded.labels, soft["labels"]) and torch.equal(decoded.soft_labels, soft["soft_labels"])
+    assert decode_synthetic(good, {}, INFO, max_size=2).soft_labels is None
     with pytest.raises(SyntheticSetError) as err:
         decode_synthetic({**good, "pixels": torch.zeros(1)}, {}, INFO, max_size=2)
     assert str(err.value) == (
