@@ -175,3 +175,87 @@ def test_audit_notes_explain_unmatched_subsets_and_aucs_below_half():
     result["matched_real_subset"]["matched"] = True
     result["synthetic"]["loss_attack"] = {"auc": 0.6}
     assert audit_notes(result, tolerance=5.0, num_classes=10) == []
+
+
+def _federated_run(tmp_path, digits, *, val_fraction: float):
+    """A finished `simulate` run directory: its config has `strategy.server` (no `eval`), a `data`
+    block and a summary with the privacy report; the set carries soft labels."""
+    run = tmp_path / "fed"
+    run.mkdir(parents=True)
+    cfg = compose_config("simulate", ["model.width=16", "model.depth=2", f"data.val_fraction={val_fraction}"])
+    (run / "config.yaml").write_text(OmegaConf.to_yaml(cfg))
+    privacy = {"epsilon_max": 4.0, "epsilon_median": 3.0, "delta": 1e-5, "public": ["class counts: exact"]}
+    (run / "summary.json").write_text(json.dumps({"privacy": privacy}))
+    idx = torch.arange(0, len(digits.train), 40)
+    soft = torch.nn.functional.one_hot(digits.train.labels[idx], 10).float()
+    meta = {"method": "dm"}
+    SyntheticSet(digits.train.images[idx], digits.train.labels[idx], digits.info, soft, meta).save(
+        run / "synthetic.safetensors"
+    )
+    return run
+
+
+def test_audit_of_a_federated_run_reports_its_run_method_privacy_and_notes_reproducibly(digits, tmp_path):
+    """Through `run_audit` in process: the result names the run and its method, carries the run's
+    privacy report without the public-release list, its notes are `audit_notes` of its numbers, the
+    candidates and shadows follow the seed (two audits write the same file) and the server's recipe
+    comes from `strategy.server` when the run has no `eval` block."""
+    from fedistill.privacy.audit import audit_notes, run_audit
+
+    run = _federated_run(tmp_path, digits, val_fraction=0.2)
+    overrides = [f"run_dir={run}", "epochs=2", "shadows=2", "members=30", "device=cpu", "match_tolerance=3"]
+    first = run_audit(compose_config("audit", overrides), tmp_path / "a1")
+    run_audit(compose_config("audit", overrides), tmp_path / "a2")
+    text = (tmp_path / "a1" / "audit.json").read_text()
+    assert text == (tmp_path / "a2" / "audit.json").read_text() and text.startswith('{\n  "run_dir": ')
+    result = json.loads(text)
+    assert result["run_dir"] == str(run.resolve()) and result["method"] == "dm"
+    assert result["privacy"] == {"epsilon_max": 4.0, "epsilon_median": 3.0, "delta": 1e-5}
+    assert result["notes"] == audit_notes(result, tolerance=3.0, num_classes=10) and result == json.loads(
+        json.dumps(first)
+    )
+    syn, real = result["synthetic"], result["matched_real_subset"]
+    assert syn["train_images"] == len(range(0, len(digits.train), 40))
+    for r in (syn, real):
+        assert r["loss_attack"]["members"] == r["loss_attack"]["nonmembers"] == r["lira"]["members"]
+    assert syn["loss_attack"]["members"] == 30
+    assert real["matched"] == (abs(real["test_accuracy"] - syn["test_accuracy"]) <= 3.0)
+
+
+def test_audit_reads_the_runs_data_split_and_refuses_a_broken_run_dir_with_its_fix(digits, tmp_path):
+    """The run's own `data.val_fraction` shapes the shadow population; a run dir without a model, or
+    with a damaged summary or config, fails before any training with the file, the problem and the fix."""
+    from fedistill.privacy.audit import RunDirError, run_audit
+
+    fix = "audit the directory of a finished run, with the files that run wrote"
+    opts = ["epochs=2", "shadows=2", "members=30", "device=cpu", "matched=false"]
+    scores = []
+    for frac in (0.1, 0.3):
+        run = _federated_run(tmp_path / str(frac), digits, val_fraction=frac)
+        result = run_audit(compose_config("audit", [f"run_dir={run}", *opts]), tmp_path / f"out{frac}")
+        scores.append(result["synthetic"]["lira"]["auc"])
+    assert scores[0] != scores[1]  # a different population: different shadows
+    (run / "summary.json").write_text("[1, 2]")
+    with pytest.raises(RunDirError) as err:
+        run_audit(compose_config("audit", [f"run_dir={run}", *opts]), tmp_path / "x")
+    assert str(err.value) == f"{run / 'summary.json'}: not a JSON object (it holds a list); {fix}"
+    (run / "summary.json").unlink()
+    (run / "config.yaml").write_text("eval: {epochs: 3}\n")
+    with pytest.raises(RunDirError) as err:
+        run_audit(compose_config("audit", [f"run_dir={run}", *opts]), tmp_path / "x")
+    assert str(err.value) == f"{run / 'config.yaml'}: has no 'model' and 'eval'/'strategy' settings; {fix}"
+    (run / "config.yaml").write_text("model: {name: convnet}\n")
+    with pytest.raises(RunDirError, match="has no 'model' and 'eval'/'strategy'"):
+        run_audit(compose_config("audit", [f"run_dir={run}", *opts]), tmp_path / "x")
+    (run / "config.yaml").write_text("model: [unclosed\n")
+    with pytest.raises(RunDirError) as err:
+        run_audit(compose_config("audit", [f"run_dir={run}", *opts]), tmp_path / "x")
+    assert str(err.value).startswith(f"{run / 'config.yaml'}: not a readable config (") and str(err.value).endswith(fix)
+    (run / "config.yaml").unlink()
+    with pytest.raises(RunDirError) as err:
+        run_audit(compose_config("audit", [f"run_dir={run}", *opts]), tmp_path / "x")
+    assert str(err.value) == (
+        f"{run / 'config.yaml'} not found: fedistill audit needs a finished `fedistill central` or "
+        "`fedistill simulate` run directory (with synthetic.safetensors and config.yaml)"
+    )
+    assert not (tmp_path / "x").exists()  # nothing written before the checks pass
