@@ -42,11 +42,14 @@ def task_content(
     task: Mapping[str, Any],
     arrays: Mapping[str, torch.Tensor] | ArrayRecord | None = None,
     inputs: Mapping[str, torch.Tensor] | ArrayRecord | None = None,
+    *,
+    config: Mapping[str, Any] | None = None,
 ) -> RecordDict:
     """A message body: the task as JSON and, optionally, the global weights (``global``) and
     other server arrays for the client's engine (``inputs``, e.g. FedAF's global logits),
-    each given as tensors or a built record."""
-    content = RecordDict({"config": ConfigRecord({"task": json.dumps(task)})})
+    each given as tensors or a built record. ``config`` entries (a Flower user's
+    ``train_config``) ride beside the task in the ``config`` record; the handlers read only ``task``."""
+    content = RecordDict({"config": ConfigRecord({**dict(config or {}), "task": json.dumps(task)})})
     for name, value in (("global", arrays), ("inputs", inputs)):
         if value is not None:
             content[name] = value if isinstance(value, ArrayRecord) else tensor_record(value)

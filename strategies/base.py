@@ -179,8 +179,16 @@ class Strategy(Lifecycle, Transport, ClientPlanning, FlowerStrategy):
 
         ``arrays``, when not empty, replace the global model's weights first (Flower passes
         the last aggregate; fedistill's own loop passes an empty record). The tasks come from
-        the strategy's config; ``config`` is not sent.
+        the strategy's config; ``config`` (Flower's ``train_config``) rides beside each task in
+        the message's ``config`` record, as Flower's own strategies send it, for a user's mods.
+
+        Raises
+        ------
+        ValueError
+            When ``config`` has a ``task`` key (the record's key for fedistill's task).
         """
+        if "task" in config:
+            raise ValueError("train_config key 'task' is reserved for fedistill's client task; rename that key")
         self.connect(grid)
         if len(arrays):
             self.load_arrays(arrays)
@@ -197,6 +205,7 @@ class Strategy(Lifecycle, Transport, ClientPlanning, FlowerStrategy):
             task,
             weights,
             self.round_inputs(server_round),
+            config=dict(config),
         )
         state.down += down
         return msgs

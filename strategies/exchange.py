@@ -204,17 +204,20 @@ class Transport:
         task: dict[str, Any],
         arrays: dict[str, torch.Tensor] | None,
         inputs: dict[str, torch.Tensor] | None = None,
+        *,
+        config: dict[str, Any] | None = None,
     ) -> tuple[list[Message], int]:
         """One message of ``message_type`` per node, and the bytes they carry.
 
         ``arrays`` go as the ``global`` record (the global weights), ``inputs`` as the
-        ``inputs`` record (engine inputs); each is serialized once for all nodes.
+        ``inputs`` record (engine inputs); each is serialized once for all nodes. ``config``
+        entries go beside the task in the ``config`` record.
         """
         record = tensor_record(arrays) if arrays is not None else None
         extra = tensor_record(inputs) if inputs is not None else None
         msgs, down = [], 0
         for n in nodes:
-            content = task_content(self.client_task(task, self.clients[n], round_), record, extra)
+            content = task_content(self.client_task(task, self.clients[n], round_), record, extra, config=config)
             down += content_bytes(content)
             msgs.append(Message(content, dst_node_id=n, message_type=message_type))
         return msgs, down

@@ -35,6 +35,23 @@ def test_every_strategy_is_a_flower_strategy():
         assert not getattr(cls, "__abstractmethods__", None), f"{name}: {cls.__abstractmethods__}"
 
 
+def test_flowers_train_config_rides_beside_the_task_and_cannot_replace_it(tmp_path, grid):
+    """As Flower's own strategies do, ``train_config`` reaches every client in the ``config`` record."""
+    from flwr.app import ArrayRecord, ConfigRecord
+
+    from protocol.records import read_json
+    from strategies.oneshot import OneShot
+
+    strategy = OneShot.create(["device=cpu", "clients=3"], run_dir=tmp_path / "run")
+    msgs = list(strategy.configure_train(1, ArrayRecord(), ConfigRecord({"lr": 0.5, "tag": "a"}), grid(3)))
+    assert len(msgs) == 3
+    for msg in msgs:
+        record = msg.content.config_records["config"]
+        assert record["lr"] == 0.5 and record["tag"] == "a" and read_json(msg)["method"] == "dm"
+    with pytest.raises(ValueError, match="train_config key 'task' is reserved"):
+        strategy.configure_train(2, ArrayRecord(), ConfigRecord({"task": "x"}), grid(3))
+
+
 def test_feddm_under_flowers_start_in_a_users_server_app_matches_fedistills_loop(tmp_path):
     from flwr.app import Context
     from flwr.serverapp import Grid, ServerApp
