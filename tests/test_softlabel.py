@@ -66,6 +66,10 @@ def test_teacher_from_metadata_reloads_and_checks_data(digits):
     assert again.cached and again.key == t.key
     with pytest.raises(ValueError, match="other data"):
         teacher_from_metadata(t.metadata(), digits.train.subset(torch.arange(100)))
+    old = {**t.metadata(), "data": t.metadata()["data"][:16]}  # sets saved before one fingerprint served all
+    assert teacher_from_metadata(old, digits.train).key == t.key
+    with pytest.raises(ValueError, match="other data"):
+        teacher_from_metadata({**old, "data": "0" * 16}, digits.train)
 
 
 def test_relabelled_subset_uses_the_hard_baselines_images(digits):

@@ -33,8 +33,8 @@ from fedistill.augment import DSA, DSAConfig
 from fedistill.data.base import DatasetInfo, Split
 from fedistill.data.synthetic import SyntheticSet
 from fedistill.engines.base import Engine, Progress, init_synthetic, register_engine, resolve_device
+from fedistill.engines.experts import data_fingerprint
 from fedistill.engines.matching import RealSampler, real_class_means
-from fedistill.engines.teacher import data_fingerprint
 from fedistill.io import cache_key, cached_tensors
 from fedistill.models import build_model, reinitialize
 from fedistill.seeding import derive_seed, torch_generator
