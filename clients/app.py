@@ -211,9 +211,7 @@ class Handlers:
         base = read_tensors(records["global"]) if "global" in records else None
         inputs = read_tensors(records["inputs"]) if "inputs" in records else None
         syn, metrics = distill_task(split, task, base_state=base, inputs=inputs, ledger_state=_ledger(context))
-        metrics["data_seconds"] = round(
-            data_seconds, 4
-        )  # loading the node's data (cached per Ray actor after the first)
+        metrics["data_seconds"] = round(data_seconds, 4)  # cached per Ray actor after the first
         _done(metrics, context)
         if syn is not None and "privacy" in syn.metadata:  # the node keeps its own cumulative ledger
             _keep_ledger(context, syn.metadata["privacy"])

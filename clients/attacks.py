@@ -21,10 +21,11 @@ from flwr.clientapp.typing import ClientAppCallable
 
 from clients.app import error_reply, node_data, planned_task
 from clients.faults import replace_payload
+from fedistill.data import dataset_info
 from fedistill.data.base import Split
 from fedistill.data.synthetic import SyntheticSet
 from fedistill.federated import encode_synthetic
-from fedistill.federated.attacks import poison_split, poison_stats, poison_synthetic
+from fedistill.federated.attacks import ATTACKS, Attack, poison_split
 from protocol.records import read_json, read_metrics, read_tensors, tensor_record
 
 __all__ = ["attack_mod", "attacked_data"]
@@ -35,12 +36,13 @@ def attacked_data(node_config: Mapping[str, Any], task: Mapping[str, Any]) -> Sp
     return poison_split(node_data(node_config, task), task.get("attack"), int(task["seed"]))
 
 
-def _poison_set(reply: Message, attack: Mapping[str, Any], task: Mapping[str, Any], context: Context) -> None:
+def _poison_set(reply: Message, attack: Mapping[str, Any], steps: Attack, task: Mapping[str, Any]) -> None:
+    """Rewrite the reply's synthetic set with the attack's ``after`` step, recounting rows and bytes."""
     tensors = read_tensors(reply.content.array_records["synthetic"])
-    info = node_data(context.node_config, task).info
+    info = dataset_info(task["data"]["dataset"])  # the run's dataset: no data to load
     meta = read_json(reply, "meta", "json")
     syn = SyntheticSet(tensors["images"], tensors.get("labels"), info, tensors.get("soft_labels"), metadata=meta)
-    poisoned, _ = encode_synthetic(poison_synthetic(syn, attack))
+    poisoned, _ = encode_synthetic(steps.after(syn, attack))
     replace_payload(reply, "synthetic", poisoned, read_metrics(reply))
 
 
@@ -53,10 +55,11 @@ def attack_mod(msg: Message, context: Context, call_next: ClientAppCallable) -> 
         return reply
     arrays = reply.content.array_records
     try:
-        if "synthetic" in arrays:
-            _poison_set(reply, attack, task, context)
-        if "stats" in arrays:
-            reply.content["stats"] = tensor_record(poison_stats(read_tensors(arrays["stats"]), attack))
+        steps = ATTACKS.get(str(attack["kind"]))  # only the steps this attack has touch the reply
+        if steps.after is not None and "synthetic" in arrays:
+            _poison_set(reply, attack, steps, task)
+        if steps.stats is not None and "stats" in arrays:
+            reply.content["stats"] = tensor_record(steps.stats(read_tensors(arrays["stats"]), attack))
     except Exception as err:  # an attack that cannot apply is the client's error, never the run's
         return error_reply(msg, f"{type(err).__name__}: {err}")
     return reply

@@ -20,7 +20,8 @@ import torch
 from flwr.app import Context, Message
 from flwr.clientapp.typing import ClientAppCallable
 
-from clients.app import error_reply, node_data, planned_task
+from clients.app import error_reply, planned_task
+from fedistill.data import dataset_info
 from fedistill.federated.faults import BEFORE_WORK, PAYLOAD_FAULTS, InjectedFault
 from protocol.records import metrics_record, read_metrics, read_tensors, tensor_record
 
@@ -39,13 +40,13 @@ def replace_payload(reply: Message, record: str, tensors: Mapping[str, torch.Ten
     reply.content["metrics"] = metrics_record(metrics)
 
 
-def _corrupt(reply: Message, msg_type: str, kind: str, task: dict[str, Any], context: Context) -> None:
+def _corrupt(reply: Message, msg_type: str, kind: str, task: dict[str, Any]) -> None:
     """Apply fault ``kind`` to the reply's payload record, in place (nothing when it has none)."""
     record, registry = PAYLOAD_FAULTS[msg_type]
     arrays = reply.content.array_records.get(record)
     if arrays is None:  # nothing to contribute: nothing to corrupt
         return
-    num_classes = node_data(context.node_config, task).info.num_classes
+    num_classes = dataset_info(task["data"]["dataset"]).num_classes  # the run's dataset: no data to load
     tensors, metrics = registry.get(kind)(read_tensors(arrays), read_metrics(reply), num_classes)
     replace_payload(reply, record, tensors, metrics)
 
@@ -65,7 +66,7 @@ def fault_mod(msg: Message, context: Context, call_next: ClientAppCallable) -> M
     if kind in BEFORE_WORK or reply.has_error() or msg.metadata.message_type not in PAYLOAD_FAULTS:
         return reply
     try:
-        _corrupt(reply, msg.metadata.message_type, kind, task, context)
+        _corrupt(reply, msg.metadata.message_type, kind, task)
     except Exception as err:  # a fault that cannot apply is the client's error, never the run's
         return error_reply(msg, f"{type(err).__name__}: {err}")
     return reply
