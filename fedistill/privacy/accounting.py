@@ -16,9 +16,6 @@ import warnings
 from collections.abc import Mapping
 from typing import Any
 
-from opacus.accountants import create_accountant
-from opacus.accountants.utils import get_noise_multiplier
-
 __all__ = ["ACCOUNTANTS", "BudgetExceededError", "PrivacyLedger", "calibrate_noise"]
 
 #: Opacus accountants fedistill supports (``privacy.accountant``).
@@ -76,6 +73,8 @@ def calibrate_noise(*, epsilon: float, delta: float, sample_rate: float, steps: 
 # clients with equal partition sizes share them. Both are pure functions of their arguments.
 @functools.lru_cache(maxsize=1024)
 def _calibrated(epsilon: float, delta: float, sample_rate: float, steps: int, accountant: str) -> float:
+    from opacus.accountants.utils import get_noise_multiplier  # lazy: importing Opacus costs ~2 s per process
+
     return float(
         _quiet(
             get_noise_multiplier,
@@ -90,6 +89,8 @@ def _calibrated(epsilon: float, delta: float, sample_rate: float, steps: int, ac
 
 @functools.lru_cache(maxsize=4096)
 def _composed_epsilon(accountant: str, delta: float, history: tuple[tuple[float, float, int], ...]) -> float:
+    from opacus.accountants import create_accountant  # lazy: importing Opacus costs ~2 s per process
+
     acc = create_accountant(mechanism=accountant)
     acc.history = list(history)
     return float(_quiet(acc.get_epsilon, delta=delta))
