@@ -36,9 +36,11 @@ __all__ = [
     "ConfigError",
     "DPStatsConfig",
     "DataConfig",
+    "FaultOptions",
     "SimulateConfig",
     "StrategyConfig",
     "TrackingConfig",
+    "check_faults",
     "check_groups",
     "check_strategy",
     "compose_config",
@@ -234,6 +236,91 @@ class SimulateConfig:
     tracking: TrackingConfig
 
 
+@dataclass(frozen=True)
+class FaultOptions:
+    """The options of the ``faults`` group; its other keys plan the faults themselves
+    (:func:`fedistill.federated.server.assign_faults` skips these fields).
+
+    Attributes
+    ----------
+    start_round
+        The first round in which planned faults act (earlier rounds run clean).
+    slow_seconds
+        How long a ``slow`` client sleeps before it works.
+    """
+
+    start_round: int = field(default=1, metadata=_at_least(1, 2))
+    slow_seconds: float = field(default=3.0, metadata=_above(0, 3.0))
+
+    @classmethod
+    def of(cls, faults: Mapping[str, Any]) -> FaultOptions:
+        """The options given in a ``faults`` group (a Flower run config's strings cast to the field's
+        type), checked; defaults for the rest.
+
+        Raises
+        ------
+        ConfigError
+            One line naming the option, its value, the allowed range and an example.
+        """
+        values: dict[str, Any] = {}
+        for f in fields(cls):
+            if f.name in faults:
+                tp, raw = type(f.default), faults[f.name]
+                try:
+                    value = tp(raw) if isinstance(raw, str) else raw
+                except ValueError:
+                    value = raw
+                values[f.name] = _check_value(f"faults.{f.name}", value, tp, f.metadata, "simulate")
+        return cls(**values)
+
+
+def check_faults(cfg: Mapping[str, Any]) -> FaultOptions:
+    """The ``faults`` group of a ``simulate`` config, checked before anything starts; its options.
+
+    Besides the options (:class:`FaultOptions`), a key is a partition id below ``clients``
+    (``+faults.3=crash``) or a fault kind whose value is the fraction of clients that get it,
+    in [0, 1] (``+faults.crash=0.2``); the fractions sum to at most 1, since a client gets at
+    most one fault. Which kinds the strategy's clients can act out is checked when the server
+    plans them (:func:`fedistill.federated.server.assign_faults`).
+
+    Raises
+    ------
+    ConfigError
+        One line naming the key, the value, the problem and the fix.
+    """
+    faults = cfg["faults"] or {}
+    if not isinstance(faults, Mapping):
+        raise ConfigError(
+            f"faults={_shown(faults)}: faults must be a group of keys; e.g. +faults.crash=0.2 or +faults.3=crash"
+        )
+    options = FaultOptions.of(faults)
+    names = {f.name for f in fields(FaultOptions)}
+    clients, total = int(cfg["clients"]), 0.0
+    for key, value in faults.items():
+        key = str(key)
+        if key in names:
+            continue
+        if key.isdigit():
+            if int(key) >= clients:
+                raise ConfigError(
+                    f"faults.{key}={_shown(value)}: no client has partition id {key} with clients={clients}; "
+                    f"give an id in [0, {clients}) or a fraction of clients, e.g. +faults.{_shown(value)}=0.2"
+                )
+        elif _type_ok(value, float) and 0 <= value <= 1:
+            total += float(value)
+        else:
+            raise ConfigError(
+                f"faults.{key}={_shown(value)}: faults.{key} is the fraction of clients with fault {key} "
+                f"and must be a number in [0, 1] (or a partition id as the key); e.g. +faults.{key}=0.2"
+            )
+    if total > 1 + 1e-9:
+        raise ConfigError(
+            f"faults: the fractions of clients sum to {total:g}, but a client gets at most one fault; "
+            "lower them to a sum of at most 1"
+        )
+    return options
+
+
 def _fraction(allowed: str, ok: Callable[[float], bool], example: float) -> tuple[Any, dict[str, Any]]:
     return float, _check(allowed, ok, example)
 
@@ -393,4 +480,5 @@ def validate_config(config_name: str, cfg: Mapping[str, Any]) -> Any:
     check_groups(config_name, cfg)
     if config_name == "simulate":  # the strategy's own keys and cross-key rules
         typed = dataclasses.replace(typed, strategy=check_strategy(cfg))
+        check_faults(cfg)
     return typed

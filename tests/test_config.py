@@ -23,6 +23,7 @@ BAD = [
     ("simulate", "no_such_key=1", "no_such_key"),
     ("simulate", "clients=abc", "clients"),
     ("central", "method.iterations=0", "method.iterations"),
+    ("simulate", "+faults.12=crash", "faults.12"),
 ]
 
 
@@ -168,3 +169,46 @@ def test_client_device_cuda_needs_a_gpu_share():
         validate_config("simulate", compose_config("simulate", ["client.device=tpu"]))
     typed = validate_config("simulate", compose_config("simulate", ["client.device=cuda", "client.num_gpus=0.1"]))
     assert typed.client.device == "cuda"
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        (
+            ["+faults.12=crash"],
+            "faults.12=crash: no client has partition id 12 with clients=10; "
+            "give an id in [0, 10) or a fraction of clients, e.g. +faults.crash=0.2",
+        ),
+        (
+            ["+faults.crash=1.5"],
+            "faults.crash=1.5: faults.crash is the fraction of clients with fault crash and must be a number "
+            "in [0, 1] (or a partition id as the key); e.g. +faults.crash=0.2",
+        ),
+        (["+faults.slow=-0.1"], "faults.slow=-0.1: faults.slow is the fraction of clients with fault slow"),
+        (["+faults.crash=nan"], "faults.crash=nan: faults.crash is the fraction"),
+        (
+            ["+faults.crash=0.6", "+faults.nan=0.5"],
+            "faults: the fractions of clients sum to 1.1, but a client gets at most one fault; "
+            "lower them to a sum of at most 1",
+        ),
+        (["+faults.start_round=0"], "faults.start_round=0: faults.start_round must be an integer >= 1"),
+        (["+faults.slow_seconds=0"], "faults.slow_seconds=0: faults.slow_seconds must be a number > 0"),
+        (["faults=3"], "faults=3: faults must be a group of keys"),
+    ],
+)
+def test_faults_are_checked_before_the_run_starts(overrides, message):
+    """Partition ids below ``clients``, fractions in [0, 1] summing to at most 1, options in range."""
+    cfg = compose_config("simulate", overrides)
+    with pytest.raises(ConfigError) as err:
+        validate_config("simulate", cfg)
+    assert str(err.value).startswith(message), str(err.value)
+
+
+def test_faults_that_fit_the_federation_pass_with_their_options():
+    from fedistill.config import check_faults
+
+    ok = ["clients=4", "+faults.3=nan", "+faults.crash=0.5", "+faults.slow=0.5", "+faults.start_round=2"]
+    cfg = compose_config("simulate", ok)
+    validate_config("simulate", cfg)
+    assert check_faults(cfg).start_round == 2 and check_faults(cfg).slow_seconds == 3.0
+    assert check_faults(compose_config("simulate", ["+faults.slow_seconds=0.5"])).slow_seconds == 0.5

@@ -19,12 +19,12 @@ policy can catch it).
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
-from dataclasses import dataclass, fields
+from collections.abc import Callable
 from typing import Any
 
 import torch
 
+from fedistill.config import FaultOptions
 from fedistill.federated.attacks import noise_like, repeat_tensors
 from fedistill.registry import Registry
 
@@ -35,28 +35,6 @@ Fault = Callable[[Payload, dict[str, Any], int], tuple[Payload, dict[str, Any]]]
 
 BEFORE_WORK = ("crash", "slow", "timeout")
 """Kinds that act before any work, whatever the message."""
-
-
-@dataclass(frozen=True)
-class FaultOptions:
-    """The options of the ``faults`` config group; its other keys plan the faults themselves
-    (:func:`fedistill.federated.server.assign_faults`, whose ``FAULT_OPTIONS`` are these fields).
-
-    Attributes
-    ----------
-    start_round
-        The first round in which planned faults act (earlier rounds run clean).
-    slow_seconds
-        How long a ``slow`` client sleeps before it works.
-    """
-
-    start_round: int = 1
-    slow_seconds: float = 3.0
-
-    @classmethod
-    def of(cls, faults: Mapping[str, Any]) -> FaultOptions:
-        """The options given in a ``faults`` group (each cast to its field's type), defaults for the rest."""
-        return cls(**{f.name: type(f.default)(faults[f.name]) for f in fields(cls) if f.name in faults})
 
 
 class InjectedFault(RuntimeError):

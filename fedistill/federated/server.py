@@ -11,12 +11,13 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from fedistill.config import FaultOptions
 from fedistill.data.base import DataBundle, DatasetInfo
 from fedistill.data.synthetic import SyntheticSet, SyntheticSetError
 from fedistill.io import atomic_save_tensors
@@ -246,7 +247,7 @@ def random_baseline(model: GlobalModel, labels: torch.Tensor, *, rounds: int = 1
 
 
 #: Reserved keys of the ``faults`` config (not fault kinds).
-FAULT_OPTIONS = ("start_round", "slow_seconds")
+FAULT_OPTIONS = tuple(f.name for f in fields(FaultOptions))
 
 
 def assign_faults(
