@@ -12,6 +12,7 @@ Every test also has pytest-timeout's per-test limit (``[tool.pytest.ini_options]
 from __future__ import annotations
 
 import os
+import sys
 
 import pytest
 from ci_guard import ci_enabled, pytest_configure, pytest_runtest_makereport, pytest_terminal_summary
@@ -26,6 +27,13 @@ settings.register_profile(
     "ci", derandomize=True, database=None, deadline=None, print_blob=True, suppress_health_check=[HealthCheck.too_slow]
 )
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE") or ("ci" if ci_enabled() else "default"))
+
+if "mutmut" in sys.modules:  # under `mutmut run`, which forks this process for every mutant
+    import torch
+
+    # a child forked after torch's intra-op thread pool ran deadlocks in its first parallel op
+    # (the in-process audit's training hung at 0% CPU until each mutant's timeout)
+    torch.set_num_threads(1)
 
 
 @pytest.fixture(scope="session")

@@ -259,3 +259,103 @@ def test_audit_reads_the_runs_data_split_and_refuses_a_broken_run_dir_with_its_f
         "`fedistill simulate` run directory (with synthetic.safetensors and config.yaml)"
     )
     assert not (tmp_path / "x").exists()  # nothing written before the checks pass
+
+
+def test_roc_plot_draws_each_attack_on_each_set_with_its_auc_on_log_axes(tmp_path, monkeypatch):
+    """audit.png: one curve per (set, attack) labelled with its AUC, the chance diagonal, log-log
+    axes from FPR 1e-3; a set the audit did not score is left out."""
+    from fedistill.privacy.audit import _roc_plot
+    from fedistill.reporting import pyplot
+
+    plt = pyplot()
+    closed, close = [], plt.close
+    monkeypatch.setattr(plt, "close", closed.append)
+
+    def attack(auc: float, tpr: list[float]) -> dict:
+        return {"auc": auc, "curve": {"fpr": [1e-3, 0.1, 1.0], "tpr": tpr}}
+
+    result = {
+        "synthetic": {"loss_attack": attack(0.514, [0.002, 0.2, 1.0]), "lira": attack(0.6, [0.01, 0.3, 1.0])},
+        "matched_real_subset": {"loss_attack": attack(0.7, [0.05, 0.5, 1.0]), "lira": attack(0.826, [0.1, 0.6, 1.0])},
+    }
+    _roc_plot(result, tmp_path / "roc.png")
+    (fig,) = closed
+    try:
+        (ax,) = fig.axes
+        curves = [(line.get_label(), list(line.get_ydata())) for line in ax.get_lines()]
+        assert curves[:4] == [
+            ("synthetic set, loss_attack (AUC 0.51)", [0.002, 0.2, 1.0]),
+            ("synthetic set, lira (AUC 0.60)", [0.01, 0.3, 1.0]),
+            ("real subset, loss_attack (AUC 0.70)", [0.05, 0.5, 1.0]),
+            ("real subset, lira (AUC 0.83)", [0.1, 0.6, 1.0]),
+        ]
+        diagonal = ax.get_lines()[4]
+        assert list(diagonal.get_xdata()) == list(diagonal.get_ydata()) == [1e-3, 1]
+        assert diagonal.get_linestyle() == ":" and diagonal.get_linewidth() == 0.8
+        assert (ax.get_xscale(), ax.get_yscale()) == ("log", "log")
+        assert ax.get_xlim() == pytest.approx((1e-3, 1))
+        assert (ax.get_xlabel(), ax.get_ylabel()) == ("false positive rate", "true positive rate")
+        legend = [t.get_text() for t in ax.get_legend().get_texts()]
+        assert legend == [c[0] for c in curves[:4]] and ax.get_legend().get_texts()[0].get_fontsize() == 7
+        assert tuple(fig.get_size_inches()) == (4.5, 4.5)
+        png = (tmp_path / "roc.png").read_bytes()
+        assert png[:8] == b"\x89PNG\r\n\x1a\n"
+        assert (int.from_bytes(png[16:20], "big"), int.from_bytes(png[20:24], "big")) == (540, 540)  # 4.5 in at 120 dpi
+    finally:
+        close(fig)
+    del result["matched_real_subset"]
+    _roc_plot(result, tmp_path / "syn.png")
+    try:
+        labels = [line.get_label() for line in closed[1].axes[0].get_lines()]
+        assert labels[:2] == ["synthetic set, loss_attack (AUC 0.51)", "synthetic set, lira (AUC 0.60)"]
+        assert len(labels) == 3  # and the diagonal
+    finally:
+        close(closed[1])
+
+
+class _RecordingAudit(_SizeAudit):
+    """A :class:`_SizeAudit` that records every training call of the search."""
+
+    def __init__(self, digits):
+        super().__init__(digits)
+        self.calls: list[tuple[int, str, int, torch.Tensor]] = []
+
+    def train(self, images, targets, tag, k=0):
+        self.calls.append((len(images), tag, k, targets.clone()))
+        return len(images)
+
+
+def test_matched_subset_tries_doubling_and_halving_sizes_and_keeps_the_closest(digits, monkeypatch):
+    """The search's exact path: x1, then x1/2, x1/4, ... down to one image per class (or x2, x4, ... up
+    to the training set), stopping once it crosses the target; the closest accuracy wins, its pick
+    drawn from the audit's own seed stream with the set's label proportions."""
+    import fedistill.privacy.audit as audit_module
+    from fedistill.seeding import derive_seed
+    from fedistill.training import random_subset_indices
+
+    monkeypatch.setattr(audit_module, "accuracy", lambda n, test, device: min(0.99, n / 200))
+    labels = torch.arange(10).repeat_interleave(20)
+    audit = _RecordingAudit(digits)
+    pick, acc = audit_module._matched_subset(audit, labels, 12.0)
+    assert [c[0] for c in audit.calls] == [200, 100, 50, 20]  # 99, 50, 25, 10%: crossed below 12
+    assert all(c[1] == "matched-search" and c[2] == c[0] for c in audit.calls)
+    assert acc == 10.0 and len(pick) == 20  # |10 - 12| < |25 - 12|
+    expected = random_subset_indices(
+        digits.train, audit_module.scaled_labels(labels, 0.125), seed=derive_seed(0, "audit-matched")
+    )
+    assert torch.equal(pick, expected)
+    assert torch.equal(audit.calls[-1][3], digits.train.labels[expected])
+
+    audit = _RecordingAudit(digits)  # never reaches the target going down: stops at one image per class
+    pick, acc = audit_module._matched_subset(audit, labels, 1.0)
+    assert [c[0] for c in audit.calls] == [200, 100, 50, 20, 10] and len(pick) == 10 and acc == 5.0
+
+    audit = _RecordingAudit(digits)  # going up: x2, x4 until at or past the target
+    pick, acc = audit_module._matched_subset(audit, torch.arange(10).repeat_interleave(2), 35.0)
+    assert [c[0] for c in audit.calls] == [20, 40, 80] and acc == 40.0 and len(pick) == 80
+
+    audit = _RecordingAudit(digits)  # never reaches it going up: stops at the whole training set
+    monkeypatch.setattr(audit_module, "accuracy", lambda n, test, device: 0.05)
+    pick, acc = audit_module._matched_subset(audit, torch.arange(10).repeat_interleave(100), 50.0)
+    sizes = [c[0] for c in audit.calls]
+    assert sizes[0] == 1000 and sizes[-1] == len(digits.train) and len(sizes) == 2 and len(pick) == 1000
