@@ -359,3 +359,111 @@ def test_matched_subset_tries_doubling_and_halving_sizes_and_keeps_the_closest(d
     pick, acc = audit_module._matched_subset(audit, torch.arange(10).repeat_interleave(100), 50.0)
     sizes = [c[0] for c in audit.calls]
     assert sizes[0] == 1000 and sizes[-1] == len(digits.train) and len(sizes) == 2 and len(pick) == 1000
+
+
+class _ScoredModel:
+    """A stand-in 'model' of the audit's wiring test: what it was trained on, and its per-example scores."""
+
+    def __init__(self, tag: str, k: int, n: int, loss: np.ndarray, phi: np.ndarray) -> None:
+        self.tag, self.k, self.n, self.loss, self.phi = tag, k, n, loss, phi
+
+
+def test_audit_training_set_wires_the_target_its_shadows_and_both_attacks(digits, monkeypatch):
+    """``audit_training_set``: the target trains on the set under its tag; each shadow k on its own
+    draw of the population (the audit's ``audit-shadow`` stream for that tag and k) with the set's
+    hard labels' counts; the loss attack scores low loss as member; LiRA uses every shadow; accuracy
+    is reported in percent to 4 decimals; scores are taken on the audit's device."""
+    import fedistill.privacy.audit as audit_module
+    from fedistill.seeding import derive_seed
+    from fedistill.training import random_subset_indices
+
+    n = 6
+    members, nonmembers = digits.train.subset(torch.arange(n)), digits.test.subset(torch.arange(n))
+    member_loss = np.linspace(0.1, 0.5, n)
+    trained, scored = [], []
+
+    class Audit(_SizeAudit):
+        settings = AuditSettings(shadows=3)
+
+        def train(self, images, targets, tag, k=0):
+            trained.append((tag, k, images.clone(), targets.clone()))
+            loss = np.r_[member_loss, member_loss + 1.0] if tag == "syn" else np.ones(2 * n)
+            phi = np.r_[np.full(n, 3.0), np.zeros(n)] if tag == "syn" else np.linspace(0, 1, 2 * n) * (k + 1)
+            return _ScoredModel(tag, k, len(images), loss, phi)
+
+    def scores(model, images, labels, *, device):
+        scored.append((model.tag, model.k, device, torch.equal(labels[:n], members.labels)))
+        return model.loss, model.phi
+
+    monkeypatch.setattr(audit_module, "example_scores", scores)
+    monkeypatch.setattr(audit_module, "accuracy", lambda model, test, device: 0.123456789 if model.tag == "syn" else 0)
+    audit = Audit(digits)
+    audit.device = torch.device("meta")  # only ever passed through
+    soft = torch.nn.functional.one_hot(torch.arange(10).repeat(2), 10).float()
+    images = digits.train.images[:20]
+    out = audit_module.audit_training_set(audit, images, soft, members, nonmembers, digits.val, "syn")
+
+    assert [(t, k) for t, k, _, _ in trained] == [("syn", 0), ("syn-shadow", 0), ("syn-shadow", 1), ("syn-shadow", 2)]
+    assert torch.equal(trained[0][2], images) and torch.equal(trained[0][3], soft)
+    for k, (_, _, shadow_images, shadow_labels) in enumerate(trained[1:]):
+        pick = random_subset_indices(digits.val, soft.argmax(1), seed=derive_seed(0, "audit-shadow", "syn", k))
+        assert torch.equal(shadow_images, digits.val.images[pick]) and torch.equal(
+            shadow_labels, digits.val.labels[pick]
+        )
+    assert not torch.equal(trained[1][2], trained[2][2])  # each shadow its own draw
+    assert scored == [("syn", 0, torch.device("meta"), True)] + [
+        ("syn-shadow", k, torch.device("meta"), True) for k in range(3)
+    ]
+    assert out["train_images"] == 20 and out["test_accuracy"] == 12.3457
+    assert out["loss_attack"]["auc"] == 1.0  # every member's loss is below every non-member's
+    assert out["lira"]["auc"] == 1.0
+
+
+def test_run_audit_builds_the_audit_from_the_run_and_draws_members_from_its_seed(digits, tmp_path, monkeypatch):
+    """``run_audit``'s wiring, without training: the run's model, server recipe (the audit's ``epochs``
+    on top), data root and split, the audit's device; at most half the test split as members and as
+    many non-members, drawn from the ``audit-candidates`` stream; the set's soft labels as targets;
+    an older run's config without a ``data`` block gets the 0.1 validation split it was made with."""
+    import fedistill.privacy.audit as audit_module
+    from fedistill.data import load_dataset
+    from fedistill.seeding import torch_generator
+
+    run = _federated_run(tmp_path / "run", digits, val_fraction=0.2)
+    cfg = OmegaConf.load(run / "config.yaml")
+    cfg.strategy.server.lr, cfg.data.root = 0.037, str(tmp_path / "data-root")
+    (run / "config.yaml").write_text(OmegaConf.to_yaml(cfg))
+    loads, calls = [], []
+
+    def load(name, *, root, val_fraction):
+        loads.append((name, root, val_fraction))
+        return load_dataset(name, root=root, val_fraction=val_fraction)
+
+    def audit_set(audit, images, targets, members, nonmembers, population, tag):
+        calls.append((audit, images, targets, members, nonmembers, population, tag))
+        return {"train_images": len(images), "test_accuracy": 50.0, "loss_attack": {"auc": 0.5}, "lira": {"auc": 0.5}}
+
+    monkeypatch.setattr(audit_module, "load_dataset", load)
+    monkeypatch.setattr(audit_module, "audit_training_set", audit_set)
+    monkeypatch.setattr(audit_module, "_roc_plot", lambda result, path: None)
+    opts = ["epochs=7", "shadows=2", "members=100000", "device=cpu", "matched=false", "seed=3"]
+    audit_module.run_audit(compose_config("audit", [f"run_dir={run}", *opts]), tmp_path / "out")
+
+    assert loads == [("digits", str(tmp_path / "data-root"), 0.2)]
+    ((audit, images, targets, members, nonmembers, population, tag),) = calls
+    bundle = load_dataset("digits", val_fraction=0.2)
+    syn = SyntheticSet.load(run / "synthetic.safetensors")
+    assert tag == "synthetic" and torch.equal(images, syn.images) and torch.equal(targets, syn.soft_labels)
+    assert audit.spec.name == "convnet" and audit.spec.kwargs["width"] == 16 and audit.spec.kwargs["depth"] == 2
+    assert (audit.recipe.lr, audit.recipe.epochs) == (0.037, 7) and audit.device == torch.device("cpu")
+    assert audit.seed == 3 and audit.settings.shadows == 2
+    n = len(bundle.test) // 2
+    g = torch_generator(3, "audit-candidates")
+    test_perm = torch.randperm(len(bundle.test), generator=g)
+    assert torch.equal(nonmembers.images, bundle.test.images[test_perm[:n]])
+    assert torch.equal(members.images, bundle.train.images[torch.randperm(len(bundle.train), generator=g)[:n]])
+    assert len(population) == len(bundle.val) + len(bundle.test) - n
+
+    del cfg["data"]  # a run written before the config had a data block
+    (run / "config.yaml").write_text(OmegaConf.to_yaml(cfg))
+    audit_module.run_audit(compose_config("audit", [f"run_dir={run}", *opts]), tmp_path / "out2")
+    assert loads[-1] == ("digits", None, 0.1)
