@@ -56,15 +56,23 @@ def previous_totals(report: Path) -> dict[str, int]:
     raise SystemExit(f"{report}: no '| **all** |' row; pass the report of a full run")
 
 
-def rerun_summary(report: Path, rechecked: int, dead: int) -> list[str]:
-    """Lines that fold a re-run of ``report``'s survivors into its totals."""
+def rerun_summary(report: Path, rechecked: int, dead: int, *, also_killed: int = 0) -> list[str]:
+    """Lines that fold a re-run of ``report``'s survivors into its totals.
+
+    ``also_killed``: survivors of ``report`` that other re-runs since killed and this one did not re-check.
+    """
     prev = previous_totals(report)
-    total_dead = prev["killed"] + prev["timeout"] + dead
+    total_dead = prev["killed"] + prev["timeout"] + also_killed + dead
     reached = prev["mutants"] - prev["no tests"]
     return [
         f"Re-run of the {rechecked} survivors of `{report.name}` ({prev['survived']} listed there); the modules "
         f"under mutation are unchanged since, so its other mutants keep their status there: "
-        f"{prev['killed'] + prev['timeout']} killed or timed out, {prev['no tests']} reached by no selected test.",
+        f"{prev['killed'] + prev['timeout']} killed or timed out, {prev['no tests']} reached by no selected test"
+        + (
+            f"; other re-runs since killed {also_killed} of its survivors that this run did not re-check."
+            if also_killed
+            else "."
+        ),
         "",
         f"**Combined: {total_dead} of {prev['mutants']} mutants killed ({100 * total_dead / prev['mutants']:.1f}%); "
         f"of the {reached} that a selected test reaches, {100 * total_dead / reached:.1f}%.**",
@@ -76,6 +84,12 @@ def main() -> None:
     ap.add_argument("--mutants", default=str(ROOT / "mutants"))
     ap.add_argument("--out", default="mutation")
     ap.add_argument("--rerun-of", help="an earlier report whose survivors this run re-checked")
+    ap.add_argument(
+        "--also-killed",
+        type=int,
+        default=0,
+        help="survivors of the --rerun-of report that other re-runs killed since and this run did not re-check",
+    )
     args = ap.parse_args()
     results = load(Path(args.mutants))
     if args.rerun_of:  # only the re-checked mutants count here; the rest keep the earlier report's status
@@ -122,7 +136,7 @@ def main() -> None:
         "",
     ]
     if args.rerun_of:
-        lines += [*rerun_summary(Path(args.rerun_of), n, dead), ""]
+        lines += [*rerun_summary(Path(args.rerun_of), n, dead, also_killed=args.also_killed), ""]
     lines += ["## Survivors", ""]
     for name in survivors:
         diff = subprocess.run(

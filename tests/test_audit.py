@@ -175,6 +175,9 @@ def test_audit_notes_explain_unmatched_subsets_and_aucs_below_half():
     result["matched_real_subset"]["matched"] = True
     result["synthetic"]["loss_attack"] = {"auc": 0.6}
     assert audit_notes(result, tolerance=5.0, num_classes=10) == []
+    result["matched_real_subset"]["lira"] = {"auc": 0.41}  # the real subset's AUCs are read too
+    (note,) = audit_notes(result, tolerance=5.0, num_classes=10)
+    assert "0.41" in note and "near chance level" not in note
 
 
 def _federated_run(tmp_path, digits, *, val_fraction: float):
@@ -283,6 +286,7 @@ def test_roc_plot_draws_each_attack_on_each_set_with_its_auc_on_log_axes(tmp_pat
     try:
         (ax,) = fig.axes
         curves = [(line.get_label(), list(line.get_ydata())) for line in ax.get_lines()]
+        assert all(list(line.get_xdata()) == [1e-3, 0.1, 1.0] for line in ax.get_lines()[:4])
         assert curves[:4] == [
             ("synthetic set, loss_attack (AUC 0.51)", [0.002, 0.2, 1.0]),
             ("synthetic set, lira (AUC 0.60)", [0.01, 0.3, 1.0]),
@@ -350,6 +354,12 @@ def test_matched_subset_tries_doubling_and_halving_sizes_and_keeps_the_closest(d
     pick, acc = audit_module._matched_subset(audit, labels, 1.0)
     assert [c[0] for c in audit.calls] == [200, 100, 50, 20, 10] and len(pick) == 10 and acc == 5.0
 
+    monkeypatch.setattr(audit_module, "accuracy", lambda n, test, device: n / 400)
+    audit = _RecordingAudit(digits)  # the set's own size hits the target exactly: one step down, then stop
+    pick, acc = audit_module._matched_subset(audit, labels, 50.0)
+    assert [c[0] for c in audit.calls] == [200, 100] and acc == 50.0 and len(pick) == 200
+    monkeypatch.setattr(audit_module, "accuracy", lambda n, test, device: min(0.99, n / 200))
+
     audit = _RecordingAudit(digits)  # going up: x2, x4 until at or past the target
     pick, acc = audit_module._matched_subset(audit, torch.arange(10).repeat_interleave(2), 35.0)
     assert [c[0] for c in audit.calls] == [20, 40, 80] and acc == 40.0 and len(pick) == 80
@@ -379,7 +389,7 @@ def test_audit_training_set_wires_the_target_its_shadows_and_both_attacks(digits
 
     n = 6
     members, nonmembers = digits.train.subset(torch.arange(n)), digits.test.subset(torch.arange(n))
-    member_loss = np.linspace(0.1, 0.5, n)
+    member_loss = np.array([0.1, 0.2, 0.3, 0.4, 0.5, 2.0])  # one member above every non-member
     trained, scored = [], []
 
     class Audit(_SizeAudit):
@@ -387,7 +397,7 @@ def test_audit_training_set_wires_the_target_its_shadows_and_both_attacks(digits
 
         def train(self, images, targets, tag, k=0):
             trained.append((tag, k, images.clone(), targets.clone()))
-            loss = np.r_[member_loss, member_loss + 1.0] if tag == "syn" else np.ones(2 * n)
+            loss = np.r_[member_loss, np.linspace(1.1, 1.5, n)] if tag == "syn" else np.ones(2 * n)
             phi = np.r_[np.full(n, 3.0), np.zeros(n)] if tag == "syn" else np.linspace(0, 1, 2 * n) * (k + 1)
             return _ScoredModel(tag, k, len(images), loss, phi)
 
@@ -415,7 +425,8 @@ def test_audit_training_set_wires_the_target_its_shadows_and_both_attacks(digits
         ("syn-shadow", k, torch.device("meta"), True) for k in range(3)
     ]
     assert out["train_images"] == 20 and out["test_accuracy"] == 12.3457
-    assert out["loss_attack"]["auc"] == 1.0  # every member's loss is below every non-member's
+    # 5 of 6 members below every non-member's loss (1.1-1.5), one above all: AUC 30/36
+    assert out["loss_attack"]["auc"] == pytest.approx(30 / 36)
     assert out["lira"]["auc"] == 1.0
 
 
@@ -438,9 +449,12 @@ def test_run_audit_builds_the_audit_from_the_run_and_draws_members_from_its_seed
         loads.append((name, root, val_fraction))
         return load_dataset(name, root=root, val_fraction=val_fraction)
 
+    real_acc = [52.0]
+
     def audit_set(audit, images, targets, members, nonmembers, population, tag):
         calls.append((audit, images, targets, members, nonmembers, population, tag))
-        return {"train_images": len(images), "test_accuracy": 50.0, "loss_attack": {"auc": 0.5}, "lira": {"auc": 0.5}}
+        acc = 50.0 if tag == "synthetic" else real_acc[0]
+        return {"train_images": len(images), "test_accuracy": acc, "loss_attack": {"auc": 0.5}, "lira": {"auc": 0.5}}
 
     monkeypatch.setattr(audit_module, "load_dataset", load)
     monkeypatch.setattr(audit_module, "audit_training_set", audit_set)
@@ -467,3 +481,15 @@ def test_run_audit_builds_the_audit_from_the_run_and_draws_members_from_its_seed
     (run / "config.yaml").write_text(OmegaConf.to_yaml(cfg))
     audit_module.run_audit(compose_config("audit", [f"run_dir={run}", *opts]), tmp_path / "out2")
     assert loads[-1] == ("digits", None, 0.1)
+
+    # the matched real subset: "matched" within the tolerance, its edge included; a note when not
+    monkeypatch.setattr(audit_module, "_matched_subset", lambda audit, labels, target: (torch.arange(40), 0.0))
+    matched = [*opts[:4], "matched=true", "match_tolerance=2.0", "seed=3"]
+    result = audit_module.run_audit(compose_config("audit", [f"run_dir={run}", *matched]), tmp_path / "out3")
+    assert calls[-1][-1] == "real" and result["matched_real_subset"]["matched"] is True and result["notes"] == []
+    real_acc[0] = 52.5
+    result = audit_module.run_audit(compose_config("audit", [f"run_dir={run}", *matched]), tmp_path / "out4")
+    assert result["matched_real_subset"]["matched"] is False
+    assert result["notes"][0].startswith(
+        "no real subset with the set's label proportions matches its 50.00% within 2 points"
+    )
