@@ -32,12 +32,21 @@ CENTRAL = [
 ]
 
 
-def _spawn(args: list[str], cwd: Path) -> subprocess.Popen:
+def _spawn(args: list[str], cwd: Path, *, log: Path | None = None) -> subprocess.Popen:
+    """``fedistill ARGS`` in its own session (output to ``log``, else discarded)."""
     env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
     cmd = [sys.executable, "-m", "fedistill.cli", *args]
-    return subprocess.Popen(
-        cmd, cwd=cwd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True
-    )
+    out = subprocess.DEVNULL if log is None else log.open("wb")
+    try:
+        return subprocess.Popen(cmd, cwd=cwd, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+    finally:
+        if log is not None:
+            out.close()
+
+
+def _finished(proc: subprocess.Popen, log: Path, timeout: float = 600) -> None:
+    """Wait for a run started by :func:`_spawn` with a ``log``; fail with its last lines if it failed."""
+    assert proc.wait(timeout=timeout) == 0, log.read_text(errors="replace")[-3000:]
 
 
 def _descendants(pid: int) -> set[int]:
@@ -96,12 +105,13 @@ def _checkpoint_rounds(path: Path) -> int:
 
 
 def test_central_resumes_after_sigkill_to_the_same_set(tmp_path):
-    full = tmp_path / "full"
-    fedistill("central", *CENTRAL, f"hydra.run.dir={full}", cwd=tmp_path)
-    killed = tmp_path / "killed"
+    full, killed = tmp_path / "full", tmp_path / "killed"
+    # the uninterrupted run beside the one to kill (each deterministic; they share only the cores)
+    whole = _spawn(["central", *CENTRAL, f"hydra.run.dir={full}"], tmp_path, log=tmp_path / "full.log")
     proc = _spawn(["central", *CENTRAL, f"hydra.run.dir={killed}"], tmp_path)
     ckpt = killed / "distill_checkpoint.safetensors"
     _kill_when(proc, lambda: _checkpoint_iteration(ckpt) >= 20)
+    _finished(whole, tmp_path / "full.log")
     assert not (killed / "synthetic.safetensors").exists()  # it really died mid-distillation
     assert 20 <= _checkpoint_iteration(ckpt) < 60
     fedistill("central", f"resume={killed}", cwd=tmp_path)
@@ -143,11 +153,12 @@ def test_simulate_resumes_after_sigkill_to_the_same_model(tmp_path):
     resumed ends with the uninterrupted run's metrics, epsilon and global model, bit for bit on CPU."""
     from fedistill.io import load_tensors
 
-    full = tmp_path / "full"
-    fedistill("simulate", *SIMULATE, f"hydra.run.dir={full}", cwd=tmp_path)
-    killed = tmp_path / "killed"
+    full, killed = tmp_path / "full", tmp_path / "killed"
+    # the uninterrupted run beside the one to kill, each in its own Ray (the kill takes only its own)
+    whole = _spawn(["simulate", *SIMULATE, f"hydra.run.dir={full}"], tmp_path, log=tmp_path / "full.log")
     proc = _spawn(["simulate", *SIMULATE, f"hydra.run.dir={killed}"], tmp_path)
     _kill_when(proc, lambda: _checkpoint_rounds(killed / "checkpoint.safetensors") >= 2)
+    _finished(whole, tmp_path / "full.log")
     assert json.loads((killed / "summary.json").read_text())["status"] == "running"
     done = _checkpoint_rounds(killed / "checkpoint.safetensors")
     assert 2 <= done < 4
