@@ -493,3 +493,20 @@ def test_run_audit_builds_the_audit_from_the_run_and_draws_members_from_its_seed
     assert result["notes"][0].startswith(
         "no real subset with the set's label proportions matches its 50.00% within 2 points"
     )
+
+
+def test_run_audit_refuses_a_set_that_does_not_fit_its_dataset_before_any_training(digits, tmp_path, monkeypatch):
+    """A set whose stored image size is not its dataset's (16x16 'digits') fails the dataset's check."""
+    import dataclasses
+
+    import fedistill.privacy.audit as audit_module
+    from fedistill.data import SyntheticSetError
+
+    run = _federated_run(tmp_path / "run", digits, val_fraction=0.1)
+    wrong = dataclasses.replace(digits.info, image_size=(16, 16))
+    SyntheticSet(torch.zeros(10, 1, 16, 16), torch.arange(10), wrong).save(run / "synthetic.safetensors")
+    monkeypatch.setattr(
+        audit_module, "audit_training_set", lambda *a: pytest.fail("trained on a set that does not fit")
+    )
+    with pytest.raises(SyntheticSetError, match="images"):
+        audit_module.run_audit(compose_config("audit", [f"run_dir={run}", "device=cpu"]), tmp_path / "out")
