@@ -28,6 +28,7 @@ from fedistill.tracking import TRACKERS, missing_extra
 
 __all__ = [
     "COMMAND_GROUPS",
+    "FAULT_OPTIONS",
     "GROUP_RULES",
     "SCHEMAS",
     "STRATEGY_SCHEMAS",
@@ -274,6 +275,10 @@ class FaultOptions:
         return cls(**values)
 
 
+#: Reserved keys of the ``faults`` group (:class:`FaultOptions`' fields), not partition ids or kinds.
+FAULT_OPTIONS = tuple(f.name for f in fields(FaultOptions))
+
+
 def check_faults(cfg: Mapping[str, Any]) -> FaultOptions:
     """The ``faults`` group of a ``simulate`` config, checked before anything starts; its options.
 
@@ -294,11 +299,10 @@ def check_faults(cfg: Mapping[str, Any]) -> FaultOptions:
             f"faults={_shown(faults)}: faults must be a group of keys; e.g. +faults.crash=0.2 or +faults.3=crash"
         )
     options = FaultOptions.of(faults)
-    names = {f.name for f in fields(FaultOptions)}
     clients, total = int(cfg["clients"]), 0.0
     for key, value in faults.items():
         key = str(key)
-        if key in names:
+        if key in FAULT_OPTIONS:
             continue
         if key.isdigit():
             if int(key) >= clients:

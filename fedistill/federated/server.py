@@ -11,13 +11,13 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import asdict, dataclass, fields, replace
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from fedistill.config import FaultOptions
+from fedistill.config import FAULT_OPTIONS
 from fedistill.data.base import DataBundle, DatasetInfo
 from fedistill.data.synthetic import SyntheticSet, SyntheticSetError
 from fedistill.io import atomic_save_tensors
@@ -244,10 +244,6 @@ def random_baseline(model: GlobalModel, labels: torch.Tensor, *, rounds: int = 1
         "max_steps": recipe.max_steps,
         "accuracy": round(100 * acc, 4),
     }
-
-
-#: Reserved keys of the ``faults`` config (not fault kinds).
-FAULT_OPTIONS = tuple(f.name for f in fields(FaultOptions))
 
 
 def assign_faults(
