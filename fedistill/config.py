@@ -3,10 +3,10 @@
 :func:`compose_config` resolves a config of the tree (``configs/``, shipped as
 ``fedistill/_configs``) with Hydra overrides, without running a job. :func:`validate_config`
 checks a composed config against the typed schema of its command (:data:`SCHEMAS`: frozen
-dataclasses whose fields carry their type and allowed range) and returns the typed view;
-a bad value raises :class:`ConfigError` whose one-line message names the key, the value,
-what is allowed and an example fix. Every default stays stated once, in the YAML: the
-schemas state types and ranges only.
+dataclasses whose fields carry their type and allowed range, checked by the machinery of
+:mod:`fedistill.schema`) and returns the typed view; a bad value raises :class:`ConfigError`
+whose one-line message names the key, the value, what is allowed and an example fix. Every
+default stays stated once, in the YAML: the schemas state types and ranges only.
 
 No Flower and no torch here: ``fedistill simulate``/``central`` validate the user's
 overrides with this module before Hydra creates a run directory and before Ray, Flower or
@@ -17,13 +17,12 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import types
-import typing
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field, fields, is_dataclass
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
+from fedistill.schema import ConfigError, above, at_least, build, check, check_value, choice, refusal, shown, type_ok
 from fedistill.tracking import TRACKERS, missing_extra
 
 __all__ = [
@@ -32,6 +31,7 @@ __all__ = [
     "GROUP_RULES",
     "SCHEMAS",
     "STRATEGY_SCHEMAS",
+    "AttackConfig",
     "CentralConfig",
     "ClientResources",
     "ConfigError",
@@ -46,13 +46,10 @@ __all__ = [
     "check_strategy",
     "compose_config",
     "config_dir",
+    "fault_fraction",
     "hydra_error_line",
     "validate_config",
 ]
-
-
-class ConfigError(ValueError):
-    """A composed config has a value of the wrong type or out of range (one-line message)."""
 
 
 def config_dir() -> Path:
@@ -93,44 +90,26 @@ def hydra_error_line(exc: BaseException) -> str:
     return "; ".join(parts) or type(exc).__name__
 
 
-# ----------------------------------------------------------------------------- field checks
-def _check(allowed: str, ok: Callable[[Any], bool], example: Any) -> dict[str, Any]:
-    """Field metadata: the range ``ok`` accepts, described as ``allowed``, and an example value."""
-    return {"allowed": allowed, "ok": ok, "example": example}
-
-
-def _at_least(low: float, example: Any) -> dict[str, Any]:
-    return _check(f">= {low}", lambda v: v >= low, example)
-
-
-def _above(low: float, example: Any) -> dict[str, Any]:
-    return _check(f"> {low}", lambda v: v > low, example)
-
-
-def _choice(options: tuple[str, ...]) -> dict[str, Any]:
-    return _check(f"one of {', '.join(options)}", lambda v: v in options, options[0])
-
-
 @dataclass(frozen=True)
 class StrategyConfig:
     """The top level of a ``strategy`` group (``configs/strategy/*.yaml``) every strategy shares."""
 
     name: str
-    rounds: int = field(metadata=_at_least(1, 5))
-    fraction: float = field(metadata=_check("in (0, 1]", lambda v: 0 < v <= 1, 1.0))
-    min_success_fraction: float = field(metadata=_check("in [0, 1]", lambda v: 0 <= v <= 1, 0.5))
-    wait_timeout: float = field(metadata=_above(0, 120))
-    round_timeout: float = field(metadata=_above(0, 3600))
+    rounds: int = field(metadata=at_least(1, 5))
+    fraction: float = field(metadata=check("in (0, 1]", lambda v: 0 < v <= 1, 1.0))
+    min_success_fraction: float = field(metadata=check("in [0, 1]", lambda v: 0 <= v <= 1, 0.5))
+    wait_timeout: float = field(metadata=above(0, 120))
+    round_timeout: float = field(metadata=above(0, 3600))
 
 
 @dataclass(frozen=True)
 class DPStatsConfig(StrategyConfig):
     """``strategy=dp_stats`` (``configs/strategy/dp_stats.yaml``): the shared keys plus its own."""
 
-    count_share: float = field(metadata=_check("in (0, 1)", lambda v: 0 < v < 1, 0.5))
-    min_records: float = field(metadata=_at_least(0, 10))
+    count_share: float = field(metadata=check("in (0, 1)", lambda v: 0 < v < 1, 0.5))
+    min_records: float = field(metadata=at_least(0, 10))
     secure_aggregation: bool
-    secure_threshold: float = field(metadata=_check("in (0, 1]", lambda v: 0 < v <= 1, 0.8))
+    secure_threshold: float = field(metadata=check("in (0, 1]", lambda v: 0 < v <= 1, 0.8))
 
     def check(self, cfg: Mapping[str, Any]) -> None:
         """Cross-key rules: the strategy sums ``dp_dm`` releases; SecAgg+ needs 2 sampled clients."""
@@ -161,7 +140,7 @@ def check_strategy(cfg: Mapping[str, Any]) -> StrategyConfig:
         One line naming the key, the value and the fix.
     """
     schema = STRATEGY_SCHEMAS.get(str(cfg["strategy"]["name"]), StrategyConfig)
-    typed = _build(schema, cfg["strategy"], "strategy.", "simulate")
+    typed = build(schema, cfg["strategy"], "strategy.", "simulate")
     if hasattr(typed, "check"):
         typed.check(cfg)
     return typed
@@ -172,16 +151,16 @@ class DataConfig:
     """``data``: where dataset files are searched first, and the validation hold-out."""
 
     root: str | None
-    val_fraction: float = field(metadata=_check("in [0, 1)", lambda v: 0 <= v < 1, 0.1))
+    val_fraction: float = field(metadata=check("in [0, 1)", lambda v: 0 <= v < 1, 0.1))
 
 
 @dataclass(frozen=True)
 class ClientResources:
     """``client``: the resources of one virtual client (a Ray actor)."""
 
-    num_cpus: float = field(metadata=_above(0, 1))
-    num_gpus: float = field(metadata=_at_least(0, 0.1))
-    device: str | None = field(metadata=_choice(("cpu", "cuda")))
+    num_cpus: float = field(metadata=above(0, 1))
+    num_gpus: float = field(metadata=at_least(0, 0.1))
+    device: str | None = field(metadata=choice(("cpu", "cuda")))
 
     def __post_init__(self) -> None:
         if self.device == "cuda" and self.num_gpus <= 0:
@@ -195,7 +174,7 @@ class ClientResources:
 class TrackingConfig:
     """``tracking`` (``configs/tracking/*.yaml``): the experiment tracker; its library must be installed."""
 
-    name: str = field(metadata=_choice(tuple(TRACKERS.names())))
+    name: str = field(metadata=choice(tuple(TRACKERS.names())))
 
     def __post_init__(self) -> None:
         fix = missing_extra(self.name)
@@ -207,33 +186,48 @@ class TrackingConfig:
 class CentralConfig:
     """``fedistill central`` (``configs/central.yaml``), top level."""
 
-    ipc: int = field(metadata=_at_least(1, 10))
-    seed: int = field(metadata=_at_least(0, 0))
-    checkpoint_every: int = field(metadata=_at_least(0, 0))
+    ipc: int = field(metadata=at_least(1, 10))
+    seed: int = field(metadata=at_least(0, 0))
+    checkpoint_every: int = field(metadata=at_least(0, 0))
     resume: str | None
     device: str
-    init: str = field(metadata=_choice(("auto", "real", "noise")))
+    init: str = field(metadata=choice(("auto", "real", "noise")))
     data: DataConfig
     tracking: TrackingConfig
+
+
+@dataclass(frozen=True)
+class AttackConfig:
+    """``attack``: hostile clients (which kinds exist is checked when the server plans them)."""
+
+    kind: str | None
+    fraction: float = field(metadata=check("in [0, 1]", lambda v: 0 <= v <= 1, 0.2))
+    target: int = field(metadata=at_least(0, 0))
+    poison_rate: float = field(metadata=check("in [0, 1]", lambda v: 0 <= v <= 1, 0.3))
+    trigger_size: int = field(metadata=at_least(1, 2))
+    copies: int = field(metadata=at_least(1, 4))
+    scale: float = field(metadata=above(0, 10.0))
+    clean_run: bool
 
 
 @dataclass(frozen=True)
 class SimulateConfig:
     """``fedistill simulate`` (``configs/simulate.yaml``): the top level and its typed groups."""
 
-    clients: int = field(metadata=_at_least(1, 10))
-    alpha: float = field(metadata=_above(0, 0.5))
-    rounds: int = field(metadata=_at_least(1, 5))
-    ipc: int = field(metadata=_at_least(1, 10))
-    init: str = field(metadata=_choice(("auto", "real", "noise")))
-    seed: int = field(metadata=_at_least(0, 0))
+    clients: int = field(metadata=at_least(1, 10))
+    alpha: float = field(metadata=above(0, 0.5))
+    rounds: int = field(metadata=at_least(1, 5))
+    ipc: int = field(metadata=at_least(1, 10))
+    init: str = field(metadata=choice(("auto", "real", "noise")))
+    seed: int = field(metadata=at_least(0, 0))
     resume: str | None
     device: str
     verbose: bool
-    max_in_flight: int | None = field(metadata=_at_least(1, 16))
+    max_in_flight: int | None = field(metadata=at_least(1, 16))
     strategy: StrategyConfig
     data: DataConfig
     client: ClientResources
+    attack: AttackConfig
     tracking: TrackingConfig
 
 
@@ -250,8 +244,8 @@ class FaultOptions:
         How long a ``slow`` client sleeps before it works.
     """
 
-    start_round: int = field(default=1, metadata=_at_least(1, 2))
-    slow_seconds: float = field(default=3.0, metadata=_above(0, 3.0))
+    start_round: int = field(default=1, metadata=at_least(1, 2))
+    slow_seconds: float = field(default=3.0, metadata=above(0, 3.0))
 
     @classmethod
     def of(cls, faults: Mapping[str, Any]) -> FaultOptions:
@@ -271,12 +265,31 @@ class FaultOptions:
                     value = tp(raw) if isinstance(raw, str) else raw
                 except ValueError:
                     value = raw
-                values[f.name] = _check_value(f"faults.{f.name}", value, tp, f.metadata, "simulate")
+                values[f.name] = check_value(f"faults.{f.name}", value, tp, f.metadata)
         return cls(**values)
 
 
 #: Reserved keys of the ``faults`` group (:class:`FaultOptions`' fields), not partition ids or kinds.
 FAULT_OPTIONS = tuple(f.name for f in fields(FaultOptions))
+
+
+def fault_fraction(kind: str, value: Any) -> float:
+    """The value of ``faults.<kind>``: the fraction of clients that get fault ``kind``, a number in [0, 1].
+
+    Raises
+    ------
+    ConfigError
+        One line naming the key, the value, the range and an example.
+    """
+    if not (type_ok(value, float) and 0 <= value <= 1):
+        raise refusal(
+            f"faults.{kind}",
+            value,
+            f"faults.{kind} is the fraction of clients with fault {kind} "
+            "and must be a number in [0, 1] (or a partition id as the key)",
+            f"e.g. +faults.{kind}=0.2",
+        )
+    return float(value)
 
 
 def check_faults(cfg: Mapping[str, Any]) -> FaultOptions:
@@ -295,9 +308,7 @@ def check_faults(cfg: Mapping[str, Any]) -> FaultOptions:
     """
     faults = cfg["faults"] or {}
     if not isinstance(faults, Mapping):
-        raise ConfigError(
-            f"faults={_shown(faults)}: faults must be a group of keys; e.g. +faults.crash=0.2 or +faults.3=crash"
-        )
+        raise refusal("faults", faults, "faults must be a group of keys", "e.g. +faults.crash=0.2 or +faults.3=crash")
     options = FaultOptions.of(faults)
     clients, total = int(cfg["clients"]), 0.0
     for key, value in faults.items():
@@ -306,17 +317,14 @@ def check_faults(cfg: Mapping[str, Any]) -> FaultOptions:
             continue
         if key.isdigit():
             if int(key) >= clients:
-                raise ConfigError(
-                    f"faults.{key}={_shown(value)}: no client has partition id {key} with clients={clients}; "
-                    f"give an id in [0, {clients}) or a fraction of clients, e.g. +faults.{_shown(value)}=0.2"
+                raise refusal(
+                    f"faults.{key}",
+                    value,
+                    f"no client has partition id {key} with clients={clients}",
+                    f"give an id in [0, {clients}) or a fraction of clients, e.g. +faults.{shown(value)}=0.2",
                 )
-        elif _type_ok(value, float) and 0 <= value <= 1:
-            total += float(value)
         else:
-            raise ConfigError(
-                f"faults.{key}={_shown(value)}: faults.{key} is the fraction of clients with fault {key} "
-                f"and must be a number in [0, 1] (or a partition id as the key); e.g. +faults.{key}=0.2"
-            )
+            total += fault_fraction(key, value)
     if total > 1 + 1e-9:
         raise ConfigError(
             f"faults: the fractions of clients sum to {total:g}, but a client gets at most one fault; "
@@ -326,54 +334,54 @@ def check_faults(cfg: Mapping[str, Any]) -> FaultOptions:
 
 
 def _fraction(allowed: str, ok: Callable[[float], bool], example: float) -> tuple[Any, dict[str, Any]]:
-    return float, _check(allowed, ok, example)
+    return float, check(allowed, ok, example)
 
 
 # the screening keys policy=screen and defense=screen|robust_proto share
 _SCREENING: dict[str, tuple[Any, dict[str, Any]]] = {
-    "threshold": (float, _above(0, 3.5)),
-    "min_holders": (int, _at_least(1, 3)),
-    "val_epochs": (int, _at_least(0, 0)),
-    "val_lr": (float, _above(0, 0.1)),
-    "val_margin": (float, _at_least(0, 0.02)),
+    "threshold": (float, above(0, 3.5)),
+    "min_holders": (int, at_least(1, 3)),
+    "val_epochs": (int, at_least(0, 0)),
+    "val_lr": (float, above(0, 0.1)),
+    "val_margin": (float, at_least(0, 0.02)),
 }
 #: Type and range of the keys of the selectable groups, checked wherever a key occurs in its
 #: group (a group's options differ in which keys they have: ``model=lenet`` has no ``depth``).
 #: The values stay stated once, in each option's YAML.
 GROUP_RULES: dict[str, dict[str, tuple[Any, dict[str, Any]]]] = {
     "model": {
-        "width": (int, _at_least(1, 32)),
-        "depth": (int, _at_least(1, 3)),
-        "norm": (str, _choice(("instance", "batch", "none"))),
-        "pooling": (str, _choice(("avg", "max", "none"))),
+        "width": (int, at_least(1, 32)),
+        "depth": (int, at_least(1, 3)),
+        "norm": (str, choice(("instance", "batch", "none"))),
+        "pooling": (str, choice(("avg", "max", "none"))),
     },
     "method": {
-        "iterations": (int, _at_least(1, 200)),
-        "lr_img": (float, _above(0, 1.0)),
-        "batch_real": (int, _at_least(1, 64)),
-        "releases": (int | None, _at_least(1, 50)),
-        "epsilon": (float | None, _above(0, 10.0)),
+        "iterations": (int, at_least(1, 200)),
+        "lr_img": (float, above(0, 1.0)),
+        "batch_real": (int, at_least(1, 64)),
+        "releases": (int | None, at_least(1, 50)),
+        "epsilon": (float | None, above(0, 10.0)),
         "delta": _fraction("in (0, 1)", lambda v: 0 < v < 1, 1e-5),
-        "clip": (float, _above(0, 3.0)),
-        "sigma": (float | None, _above(0, 1.0)),
-        "sample_rate": (float | None, _check("in (0, 1]", lambda v: 0 < v <= 1, 0.1)),
+        "clip": (float, above(0, 3.0)),
+        "sigma": (float | None, above(0, 1.0)),
+        "sample_rate": (float | None, check("in (0, 1]", lambda v: 0 < v <= 1, 0.1)),
     },
-    "policy": {**_SCREENING, "budget_ipc": (int | None, _at_least(1, 10))},
+    "policy": {**_SCREENING, "budget_ipc": (int | None, at_least(1, 10))},
     "defense": {
         **_SCREENING,
         "trim": _fraction("in [0, 0.5)", lambda v: 0 <= v < 0.5, 0.2),
         "trim_beta": _fraction("in [0, 0.5)", lambda v: 0 <= v < 0.5, 0.2),
         "max_ratio": _fraction("in (0, 1]", lambda v: 0 < v <= 1, 0.5),
-        "krum_malicious": (int, _at_least(0, 1)),
-        "per_class_cap": (int | None, _at_least(1, 10)),
-        "decimals": (int, _at_least(0, 3)),
+        "krum_malicious": (int, at_least(0, 1)),
+        "per_class_cap": (int | None, at_least(1, 10)),
+        "decimals": (int, at_least(0, 3)),
     },
     "eval": {
-        "runs": (int, _at_least(1, 3)),
-        "epochs": (int, _at_least(1, 300)),
-        "lr": (float, _above(0, 0.01)),
-        "batch_size": (int, _at_least(1, 256)),
-        "whole_epochs": (int, _at_least(1, 300)),
+        "runs": (int, at_least(1, 3)),
+        "epochs": (int, at_least(1, 300)),
+        "lr": (float, above(0, 0.01)),
+        "batch_size": (int, at_least(1, 256)),
+        "whole_epochs": (int, at_least(1, 300)),
     },
 }
 #: The groups :data:`GROUP_RULES` checks in each command's config.
@@ -397,70 +405,11 @@ def check_groups(config_name: str, cfg: Mapping[str, Any]) -> None:
             continue
         for key, (hint, meta) in GROUP_RULES[group].items():
             if key in values:
-                _check_value(f"{group}.{key}", values[key], hint, meta, config_name)
+                check_value(f"{group}.{key}", values[key], hint, meta)
 
 
 SCHEMAS: dict[str, type] = {"simulate": SimulateConfig, "central": CentralConfig}
 """The typed schema of each command's config (commands without one are not checked)."""
-
-_TYPE_WORDS = {bool: "true or false", int: "an integer", float: "a number", str: "a string"}
-
-
-def _shown(value: Any) -> str:
-    """A value as the user would type it in an override."""
-    if value is None:
-        return "null"
-    if isinstance(value, bool):
-        return str(value).lower()
-    text = str(value) if isinstance(value, int | float | str) else repr(value)
-    return text.replace("\n", "\\n")
-
-
-def _type_ok(value: Any, tp: type) -> bool:
-    if tp is bool:
-        return isinstance(value, bool)
-    if isinstance(value, bool):  # a bool is an int in Python, never in a config
-        return False
-    if tp is float:
-        return isinstance(value, int | float)
-    return isinstance(value, tp)
-
-
-def _check_value(key: str, value: Any, hint: Any, meta: Mapping[str, Any], command: str) -> Any:
-    args = typing.get_args(hint) if isinstance(hint, types.UnionType) else (hint,)
-    nullable = type(None) in args
-    tp = next(a for a in args if a is not type(None))
-    if value is None and nullable:
-        return None
-    allowed = _TYPE_WORDS[tp] + (f" {meta['allowed']}" if "allowed" in meta and tp is not str else "")
-    if tp is str and "allowed" in meta:
-        allowed = meta["allowed"]
-    if nullable:
-        allowed += " or null"
-    good = _type_ok(value, tp) and ("ok" not in meta or meta["ok"](value))
-    if not good:
-        example = meta.get("example", "null" if nullable else (True if tp is bool else None))
-        fix = f"; e.g. {key}={_shown(example)}" if example is not None else ""
-        raise ConfigError(f"{key}={_shown(value)}: {key} must be {allowed}{fix}")
-    return float(value) if tp is float else value
-
-
-def _build(schema: type, values: Any, prefix: str, command: str) -> Any:
-    where = prefix.rstrip(".") or command
-    if not isinstance(values, Mapping):
-        raise ConfigError(f"{where}={_shown(values)}: {where} must be a group of keys, not a single value")
-    hints = typing.get_type_hints(schema)
-    kwargs: dict[str, Any] = {}
-    for f in fields(schema):
-        key = prefix + f.name
-        if f.name not in values:
-            raise ConfigError(f"{key} is missing from the {command} config; set it, e.g. +{key}=...")
-        hint = hints[f.name]
-        if is_dataclass(hint):
-            kwargs[f.name] = _build(hint, values[f.name], key + ".", command)
-        else:
-            kwargs[f.name] = _check_value(key, values[f.name], hint, f.metadata, command)
-    return schema(**kwargs)
 
 
 def validate_config(config_name: str, cfg: Mapping[str, Any]) -> Any:
@@ -480,7 +429,7 @@ def validate_config(config_name: str, cfg: Mapping[str, Any]) -> Any:
     schema = SCHEMAS.get(config_name)
     if schema is None:
         return None
-    typed = _build(schema, cfg, "", config_name)
+    typed = build(schema, cfg, "", config_name)
     check_groups(config_name, cfg)
     if config_name == "simulate":  # the strategy's own keys and cross-key rules
         typed = dataclasses.replace(typed, strategy=check_strategy(cfg))

@@ -17,7 +17,7 @@ from typing import Any
 
 import torch
 
-from fedistill.config import FAULT_OPTIONS
+from fedistill.config import FAULT_OPTIONS, fault_fraction
 from fedistill.data.base import DataBundle, DatasetInfo
 from fedistill.data.synthetic import SyntheticSet, SyntheticSetError
 from fedistill.io import atomic_save_tensors
@@ -259,8 +259,10 @@ def assign_faults(
     Raises
     ------
     FederationError
-        For an unknown kind, a fraction outside [0, 1] (naming the valid kinds), or a
-        partition id no client has.
+        For an unknown kind (naming the valid kinds) or a partition id no client has.
+    ConfigError
+        For a fraction outside [0, 1] (:func:`fedistill.config.fault_fraction`, the check
+        ``fedistill simulate`` makes before it starts).
     """
     import numpy as np
 
@@ -283,10 +285,7 @@ def assign_faults(
                 )
             plan[f"p{key}"] = kind
         elif key in kinds:
-            frac = float(value)
-            if not 0 <= frac <= 1:
-                raise FederationError(f"faults.{key}={value}: a fraction of clients must lie in [0, 1]")
-            fractions[key] = frac
+            fractions[key] = fault_fraction(key, value)
         else:
             raise FederationError(
                 f"faults.{key}: neither a partition id nor a fault kind; kinds: {', '.join(kinds)}; "
