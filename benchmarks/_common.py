@@ -1,15 +1,22 @@
-"""Shared helpers of the benchmark scripts: machine description and result paths."""
+"""Shared helpers of the benchmark scripts: machine description, result paths, one measured CLI run."""
 
 from __future__ import annotations
 
 import datetime
+import json
 import os
 import platform
 import subprocess
+import sys
+import threading
+import time
 from pathlib import Path
 
 import torch
 
+from fedistill.report import RESOURCES_FILE
+
+REPO = Path(__file__).resolve().parents[1]
 RESULTS = Path(__file__).resolve().parent / "results"
 
 
@@ -64,3 +71,59 @@ def report_results(dirs: list[Path], name: str, header: str) -> Path:
     md.with_suffix(".csv").write_text(csv_text(report))
     md.with_suffix(".html").write_text(page(report, tabs, plots(report), dirs=shown))
     return md
+
+
+def _tree_rss(root: int) -> int:
+    """Resident bytes of ``root`` and all its descendants."""
+    parents: dict[int, int] = {}
+    rss: dict[int, int] = {}
+    page = os.sysconf("SC_PAGE_SIZE")
+    for d in Path("/proc").iterdir():
+        if not d.name.isdigit():
+            continue
+        try:
+            fields = (d / "stat").read_text().rsplit(")", 1)[1].split()
+            parents[int(d.name)] = int(fields[1])
+            rss[int(d.name)] = int((d / "statm").read_text().split()[1]) * page
+        except (OSError, IndexError, ValueError):
+            continue
+    tree, frontier = {root}, [root]
+    while frontier:
+        p = frontier.pop()
+        for child, parent in parents.items():
+            if parent == p and child not in tree:
+                tree.add(child)
+                frontier.append(child)
+    return sum(rss.get(p, 0) for p in tree)
+
+
+def run_point(args: list[str], out: Path, *, command: str = "simulate") -> tuple[dict, float, int, int]:
+    """Run one ``fedistill <command>`` into ``out``; its summary, wall seconds, peak tree RSS and exit code.
+
+    The peak resident memory of the command's whole process tree (Ray's GCS, raylet and workers
+    are descendants of the driver) is sampled every 0.5 s and written with the wall time to
+    ``out/resources.json``, where :mod:`fedistill.report` reads it.
+    """
+    cmd = [sys.executable, "-m", "fedistill.cli", command, *args, f"hydra.run.dir={out}"]
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    start = time.perf_counter()
+    proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    peak = [0]
+
+    def watch() -> None:
+        while proc.poll() is None:
+            peak[0] = max(peak[0], _tree_rss(proc.pid))
+            time.sleep(0.5)
+
+    t = threading.Thread(target=watch, daemon=True)
+    t.start()
+    _, err = proc.communicate()
+    t.join()
+    wall = time.perf_counter() - start
+    summary = json.loads((out / "summary.json").read_text()) if (out / "summary.json").is_file() else {}
+    if out.is_dir():  # beside the run, for `fedistill report` (its peak GB column)
+        record = {"peak_rss_bytes": peak[0], "wall_seconds": round(wall, 3), "exit_code": proc.returncode}
+        (out / RESOURCES_FILE).write_text(json.dumps(record) + "\n")
+    if proc.returncode != 0:
+        summary.setdefault("error", err.strip().splitlines()[-1] if err.strip() else "failed")
+    return summary, wall, peak[0], proc.returncode

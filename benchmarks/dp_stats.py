@@ -15,15 +15,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import subprocess
 import sys
 import tempfile
 from pathlib import Path
 
-from _common import machine_info, report_results
-
-REPO = Path(__file__).resolve().parents[1]
+from _common import machine_info, report_results, run_point
 
 #: mode -> overrides (on top of dataset, clients, alpha, epsilon, seed).
 MODES: dict[str, list[str]] = {
@@ -34,14 +30,6 @@ MODES: dict[str, list[str]] = {
     # ... and with dp_stats' model on digits (two ConvNet blocks: configs/dataset_model/digits_convnet_dp_stats.yaml)
     "oneshot-dp_dm-depth2": ["strategy=oneshot", "method=dp_dm", "model.depth=2"],
 }
-
-
-def _run(args: list[str], run: Path) -> str:
-    """One ``fedistill simulate`` into ``run``; the last line of its stderr when it failed."""
-    env = {**os.environ, "PYTHONPATH": str(REPO)}
-    cmd = [sys.executable, "-m", "fedistill.cli", "simulate", *args, f"hydra.run.dir={run}"]
-    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True)
-    return proc.stderr.strip().splitlines()[-1] if proc.returncode and proc.stderr.strip() else ""
 
 
 def main() -> None:
@@ -69,8 +57,9 @@ def main() -> None:
         for mode in args.modes.split(","):
             for seed in args.seeds.split(","):
                 overrides = [*common, *MODES[mode], f"method.epsilon={eps}", f"seed={seed}"]
-                err = _run(overrides, work / f"{mode}-e{eps}-s{seed}")
-                print(f"{mode} epsilon={eps} seed={seed}: {err or 'done'}; {report_results([work], args.out, header)}")
+                summary, _, _, rc = run_point(overrides, work / f"{mode}-e{eps}-s{seed}")
+                status = summary.get("error", "failed") if rc else "done"
+                print(f"{mode} epsilon={eps} seed={seed}: {status}; {report_results([work], args.out, header)}")
 
 
 if __name__ == "__main__":

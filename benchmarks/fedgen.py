@@ -18,8 +18,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from _common import append_row, machine_info, results_path
-from federated import run_point
+from _common import append_row, machine_info, results_path, run_point
 
 HEADER = [
     "| strategy | method | accuracy % | random subset % | uplink MB (total) | phase 1 MB | phase 2 MB "

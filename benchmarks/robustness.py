@@ -22,8 +22,8 @@ import sys
 import tempfile
 from pathlib import Path
 
-from _common import append_row, machine_info, results_path
-from federated import MODEL_STRATEGIES, run_point
+from _common import append_row, machine_info, results_path, run_point
+from federated import MODEL_STRATEGIES
 
 DEFENSES = {"sets": "none,screen,robust_proto", "models": "none,median,krum"}
 """Defences tried per strategy kind (clients sending synthetic sets / models) unless given."""

@@ -25,8 +25,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from _common import append_row, machine_info, results_path
-from federated import run_point
+from _common import append_row, machine_info, results_path, run_point
 
 
 def round_profile(run_dir: Path, summary: dict, wall: float) -> dict:

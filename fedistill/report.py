@@ -28,6 +28,7 @@ from fedistill.registry import Registry
 
 __all__ = [
     "IGNORED_KEYS",
+    "RESOURCES_FILE",
     "RUN_KINDS",
     "Group",
     "Report",
@@ -43,6 +44,9 @@ __all__ = [
 
 # config keys (and key prefixes) left out of the group key: the seed, and what never changes a result
 IGNORED_KEYS = ("seed", "resume", "hydra", "verbose", "data.root", "eval.cache_dir", "tracking")
+#: optional file of a run directory, written by whoever ran the command and watched its process tree
+#: (``benchmarks/_common.py``): ``{"peak_rss_bytes": ..., "wall_seconds": ..., "exit_code": ...}``
+RESOURCES_FILE = "resources.json"
 # summary["privacy"]: per-client max (federated distillation), spent (central DP engine), FedAvg's
 _EPSILON_KEYS = ("epsilon_max", "epsilon_spent", "epsilon")
 
@@ -58,6 +62,7 @@ class Result:
     accuracy: float | None
     random_subset: float | None = None
     bytes_up: float | None = None
+    seconds: float | None = None  # simulate: start to the main result; central: distill + evaluate
 
 
 @dataclass(frozen=True)
@@ -84,12 +89,14 @@ def _dig(obj: Any, *keys: str) -> Any:
 
 
 def _read_central(summary: Mapping[str, Any]) -> Result:
-    return Result(_dig(summary, "accuracy", "mean"), _dig(summary, "baselines", "random_subset", "mean"))
+    parts = [summary.get("distill_seconds"), summary.get("eval_seconds")]
+    seconds = None if None in parts else sum(parts)  # type: ignore[arg-type]
+    return Result(_dig(summary, "accuracy", "mean"), _dig(summary, "baselines", "random_subset", "mean"), None, seconds)
 
 
 def _read_simulate(summary: Mapping[str, Any]) -> Result:
     control = _dig(summary, "baselines", "random_subset", "accuracy")
-    return Result(summary.get("final_accuracy"), control, summary.get("bytes_up"))
+    return Result(summary.get("final_accuracy"), control, summary.get("bytes_up"), summary.get("wall_seconds"))
 
 
 RUN_KINDS: Registry[RunKind] = Registry("run kind")
@@ -107,6 +114,7 @@ class Run:
     status: str
     result: Result = field(default_factory=lambda: Result(None))
     epsilon: float | None = None
+    peak_gb: float | None = None  # RESOURCES_FILE's peak resident memory of the process tree
     curve: list[dict[str, Any]] = field(default_factory=list)  # metrics.jsonl round records
     detail: str = ""  # the summary's error, or why a file could not be read
     warnings: list[str] = field(default_factory=list)
@@ -193,6 +201,17 @@ def _epsilon(summary: Mapping[str, Any]) -> float | None:
     return float(found[0]) if found else None
 
 
+def _peak_gb(path: Path) -> float | None:
+    """The run's peak process-tree memory in GB from :data:`RESOURCES_FILE` (``None``: not measured)."""
+    if not (path / RESOURCES_FILE).is_file():
+        return None
+    try:
+        peak = read_json_object(path / RESOURCES_FILE, ReportError, "its memory is not shown").get("peak_rss_bytes")
+    except ReportError:
+        return None
+    return None if peak is None else float(peak) / 1e9
+
+
 def read_run(path: Path) -> Run | None:
     """Read the run directory ``path`` (``None``: its config is no central or simulate run, e.g. an audit)."""
     try:
@@ -203,6 +222,7 @@ def read_run(path: Path) -> Run | None:
     if len(kinds) != 1:
         return None
     run = Run(path, kinds[0], flatten_mapping(cfg), "no summary.json", curve=_curve(path))
+    run.peak_gb = _peak_gb(path)
     if not (path / "summary.json").is_file():
         return run
     try:

@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any, NamedTuple
 
 from fedistill.io import atomic_write_text
-from fedistill.report import RUN_KINDS, Group, Report, pareto_front
+from fedistill.report import RESOURCES_FILE, RUN_KINDS, Group, Report, pareto_front
 from fedistill.reporting import pyplot
 
 __all__ = [
@@ -41,7 +41,18 @@ __all__ = [
     "write_report",
 ]
 
-CSV_COLUMNS = ("group", "seed", "status", "accuracy", "random_subset", "bytes_up", "epsilon", "path")
+CSV_COLUMNS = (
+    "group",
+    "seed",
+    "status",
+    "accuracy",
+    "random_subset",
+    "bytes_up",
+    "epsilon",
+    "seconds",
+    "peak_gb",
+    "path",
+)
 GROUP_COLUMNS = (
     "group",
     "seeds",
@@ -50,6 +61,8 @@ GROUP_COLUMNS = (
     "vs random",
     "uplink MB",
     "epsilon",
+    "seconds",
+    "peak GB",
     "Pareto",
     "failed/incomplete",
 )
@@ -59,6 +72,8 @@ _ACCURACY = attrgetter("result.accuracy")
 _RANDOM_SUBSET = attrgetter("result.random_subset")
 _BYTES_UP = attrgetter("result.bytes_up")
 _EPSILON = attrgetter("epsilon")
+_SECONDS = attrgetter("result.seconds")
+_PEAK_GB = attrgetter("peak_gb")
 #: the per-run pictures of ``report.html`` (file in the run directory, column title), scaled to this width
 THUMBNAILS = (("synthetic.png", "synthetic set"), ("partition.png", "partition"))
 THUMB_WIDTH = 240
@@ -150,10 +165,13 @@ def tables(report: Report, *, relative_to: Path) -> list[Table]:
     for command in RUN_KINDS:
         rows = []
         for g in (g for g in report.groups if g.config["command"] == command):
-            acc, rnd, up, eps = (g.stat(f) for f in (_ACCURACY, _RANDOM_SUBSET, _BYTES_UP, _EPSILON))
+            acc, rnd, up, eps, sec, peak = (
+                g.stat(f) for f in (_ACCURACY, _RANDOM_SUBSET, _BYTES_UP, _EPSILON, _SECONDS, _PEAK_GB)
+            )
             delta = f"{acc[0] - rnd[0]:+.2f}" if acc and rnd else "-"
             cells = (str(len(g.done)), _pm(acc), _pm(rnd), delta, "-" if up is None else f"{up[0] / 1e6:.3f}")
-            cells += ("-" if eps is None else f"{eps[0]:.2f}", "yes" if id(g) in front else "")
+            cells += ("-" if eps is None else f"{eps[0]:.2f}", "-" if sec is None else f"{sec[0]:.0f}")
+            cells += ("-" if peak is None else f"{peak[0]:.2f}", "yes" if id(g) in front else "")
             rows.append((g.label, *cells, str(len(g.runs) - len(g.done))))
         if rows:
             out.append(Table(f"{command} runs", GROUP_COLUMNS, rows))
@@ -239,7 +257,9 @@ def _intro(report: Report, dirs: Sequence[str]) -> str:
     return (
         f"{len(report.runs)} runs in {len(report.groups)} groups ({len(report.incomplete)} failed or incomplete) "
         f"from {', '.join(dirs)}. Accuracy: test accuracy in %, mean ± std over the seeds of a group (finished "
-        "runs only); random subset: the same recipe trained on a random real subset of the same size."
+        "runs only); random subset: the same recipe trained on a random real subset of the same size. "
+        "Seconds: start to the main result (simulate) or distillation plus evaluation (central); peak GB: the "
+        f"process tree's peak resident memory where the run's {RESOURCES_FILE} recorded it."
     )
 
 
@@ -297,6 +317,7 @@ def csv_text(report: Report) -> str:
     ungrouped = [r for r in report.runs if r.path not in labels]
     for r in [*(r for g in report.groups for r in g.runs), *ungrouped]:
         row = (labels.get(r.path, "-"), r.seed, r.status, _ACCURACY(r), _RANDOM_SUBSET(r), _BYTES_UP(r), r.epsilon)
+        row += (_SECONDS(r), r.peak_gb)
         writer.writerow(["" if v is None else v for v in (*row, r.path)])
     return buf.getvalue()
 

@@ -25,7 +25,7 @@ import pytest
 import yaml
 
 from fedistill.cli import main
-from fedistill.report import Result, Run, collect, group_runs, pareto_front
+from fedistill.report import RESOURCES_FILE, Result, Run, collect, group_runs, pareto_front
 
 ROOT = Path(__file__).resolve().parents[1]
 CENTRAL = [
@@ -80,6 +80,8 @@ def runs(tmp_path_factory) -> Path:
     shutil.copytree(root / "sim" / "run", root / "sim" / "failed")
     _edit_summary(root / "sim" / "failed", status="failed", error="round 1: only 0 of 2 sampled clients succeeded")
     _edit_summary(root / "sim" / "failed", final_accuracy=None)
+    # the process tree's peak memory, as benchmarks/_common.run_point records it beside the run
+    (root / "sim" / "run" / RESOURCES_FILE).write_text(json.dumps({"peak_rss_bytes": 2.5e9, "exit_code": 0}))
     return root
 
 
@@ -110,7 +112,9 @@ def test_report_groups_seeds_means_and_lists_failed_runs(runs, report):
 
     rows = list(csv.DictReader((out / "report.csv").open()))
     assert len(rows) == 8
-    assert list(rows[0]) == ["group", "seed", "status", "accuracy", "random_subset", "bytes_up", "epsilon", "path"]
+    assert list(rows[0]) == [
+        *("group", "seed", "status", "accuracy", "random_subset", "bytes_up", "epsilon", "seconds", "peak_gb", "path")
+    ]
     by_path = {Path(r["path"]).name: r for r in rows}
     assert by_path["interrupted"]["status"] == "distilling" and by_path["crashed"]["status"] == "no summary.json"
     assert by_path["failed"]["status"] == "failed" and by_path["failed"]["accuracy"] == ""
@@ -130,10 +134,13 @@ def test_report_groups_seeds_means_and_lists_failed_runs(runs, report):
             assert row["bytes_up"] == ""
             privacy = summary.get("privacy")
             assert row["epsilon"] == ("" if privacy is None else str(privacy["epsilon_spent"]))
+            assert float(row["seconds"]) == summary["distill_seconds"] + summary["eval_seconds"]
+            assert row["peak_gb"] == ""
         else:
             assert float(row["accuracy"]) == summary["final_accuracy"]
             assert float(row["random_subset"]) == summary["baselines"]["random_subset"]["accuracy"]
             assert int(row["bytes_up"]) == summary["bytes_up"]
+            assert float(row["seconds"]) == summary["wall_seconds"] and float(row["peak_gb"]) == 2.5
     # three groups, one label each; a label shows what differs (command, method), never the seed
     assert set(labels) == {("central", "dm"), ("central", "dp_dm"), ("simulate", "dm")}
     assert all(len(v) == 1 for v in labels.values())
@@ -151,10 +158,11 @@ def test_report_groups_seeds_means_and_lists_failed_runs(runs, report):
         assert table[label].startswith(f"| {label} | 2 | {accuracy} | {control} | "), table[label]
         assert table[label].endswith(f" | {incomplete} |")
     epsilon = statistics.fmean(s["privacy"]["epsilon_spent"] for s in dp_runs)
-    assert f" | {epsilon:.2f} | " in table[dp] and " | - | - |  | 2 |" in table[dm]
+    assert f" | {epsilon:.2f} | " in table[dp] and " | - | - | " in table[dm] and table[dm].endswith(" | - |  | 2 |")
     simulate = _summary(runs / "sim" / "run")
     assert table[sim].startswith(f"| {sim} | 1 | {simulate['final_accuracy']:.2f} ± 0.00 | ")
-    assert table[sim].endswith(f" | {simulate['bytes_up'] / 1e6:.3f} | - | yes | 1 |")  # alone on the front
+    tail = f" | {simulate['bytes_up'] / 1e6:.3f} | - | {simulate['wall_seconds']:.0f} | 2.50 | yes | 1 |"
+    assert table[sim].endswith(tail), table[sim]  # alone on the front
     failed = md.split("## Failed or incomplete runs", 1)[1]
     for name, status in (("interrupted", "distilling"), ("crashed", "no summary.json"), ("failed", "failed")):
         assert re.search(rf"\| \S*{name} \| [^|]+ \| \d \| {status} \|", failed), (name, failed)
@@ -182,7 +190,8 @@ def test_simulate_run_is_read_from_its_summary_and_metrics(runs):
     run = done["run"]
     assert run.command == "simulate" and run.status == "done" and run.epsilon is None
     control = summary["baselines"]["random_subset"]["accuracy"]
-    assert run.result == Result(summary["final_accuracy"], control, summary["bytes_up"])
+    assert run.result == Result(summary["final_accuracy"], control, summary["bytes_up"], summary["wall_seconds"])
+    assert run.peak_gb == 2.5
     rounds = [e for e in events if e["event"] == "round"]
     assert [r["accuracy"] for r in run.curve] == [r["accuracy"] for r in rounds] == summary["accuracy_history"]
     assert run.curve[-1]["bytes_up_total"] == summary["bytes_up"]
