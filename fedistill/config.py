@@ -360,6 +360,7 @@ GROUP_RULES: dict[str, dict[str, tuple[Any, dict[str, Any]]]] = {
         "lr_img": (float, above(0, 1.0)),
         "batch_real": (int, at_least(1, 64)),
         "releases": (int | None, at_least(1, 50)),
+        "real_per_image": (int, at_least(1, 10)),
         "epsilon": (float | None, above(0, 10.0)),
         "delta": _fraction("in (0, 1)", lambda v: 0 < v < 1, 1e-5),
         "clip": (float, above(0, 3.0)),

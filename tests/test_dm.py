@@ -57,6 +57,25 @@ def test_noise_init_uses_no_real_image(digits):
     assert dists.min() > 1.0
 
 
+@pytest.mark.parametrize(("real_per_image", "rows"), [(2, [5, 5, 4, 1]), (10, [5, 3, 1, 1])])
+def test_small_classes_get_one_synthetic_image_per_real_per_image(digits, real_per_image, rows):
+    """A class of n real samples gets min(ipc, max(1, n // real_per_image)) images, unpadded, each a real
+    image of its class at init; the reference's padding (pad_small=True) gives every class ipc rows."""
+    from fedistill.engines.base import init_synthetic
+
+    picked = []
+    for c, n in enumerate((60, 35, 9, 1)):
+        picked += torch.nonzero(digits.train.labels == c).flatten()[:n].tolist()
+    data = digits.train.subset(torch.tensor(picked))
+    images, labels = init_synthetic(data, 5, init="real", seed=0, pad_small=False, real_per_image=real_per_image)
+    assert torch.bincount(labels, minlength=10)[:4].tolist() == rows and len(labels) == sum(rows)
+    for image, label in zip(images, labels, strict=True):  # a verbatim copy of a real image of its class
+        same = data.images[data.labels == label]
+        assert (same == image).flatten(1).all(1).any()
+    _, padded = init_synthetic(data, 5, init="real", seed=0, pad_small=True, real_per_image=real_per_image)
+    assert torch.bincount(padded, minlength=10)[:4].tolist() == [5, 5, 5, 5]
+
+
 def test_same_seed_same_set_on_cpu(digits):
     cfg = FAST | {"iterations": 10}
     a = build_engine("dm", **cfg).distill(digits.train, 2, seed=3, device="cpu")

@@ -266,16 +266,24 @@ class NothingToDistillError(ValueError):
 
 
 def init_synthetic(
-    data: Split, ipc: int, *, init: str, seed: int, min_class_samples: int = 1, pad_small: bool = True
+    data: Split,
+    ipc: int,
+    *,
+    init: str,
+    seed: int,
+    min_class_samples: int = 1,
+    pad_small: bool = True,
+    real_per_image: int = 2,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Initial synthetic images, class-ordered, ``ipc`` per class present in ``data``.
 
     Classes with fewer than ``min_class_samples`` real samples get no synthetic
     images. With ``init="real"`` a class with fewer than ``ipc`` samples is topped
     up with noise images (``pad_small=True``), so every present class has exactly
-    ``ipc`` rows, or gets ``min(ipc, max(1, n // 2))`` rows (``pad_small=False``):
-    every synthetic image then summarizes at least two real ones where the class has
-    two, instead of starting as (and, its gradient being zero, staying) a verbatim copy.
+    ``ipc`` rows, or gets ``min(ipc, max(1, n // real_per_image))`` rows
+    (``pad_small=False``): every synthetic image then summarizes at least
+    ``real_per_image`` real ones where the class has that many, instead of starting as
+    (and, its gradient being zero, staying) a verbatim copy.
 
     Returns
     -------
@@ -296,7 +304,7 @@ def init_synthetic(
     if init == "real":
         for i, c in enumerate(classes):
             idx = torch.nonzero(data.labels == c).flatten()
-            rows = ipc if pad_small or len(idx) >= 2 * ipc else max(1, len(idx) // 2)
+            rows = ipc if pad_small else max(1, len(idx) // real_per_image)
             take = idx[torch.randperm(len(idx), generator=g)[: min(ipc, rows)]]
             images[i * ipc : i * ipc + len(take)] = data.images[take]
             if not pad_small:

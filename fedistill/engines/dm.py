@@ -102,6 +102,12 @@ class DMConfig:
         images (``False``, the default): a noise image matched to a few samples' mean
         adds label noise, and a class with no more real than synthetic images would be
         sent as verbatim copies. This matters on small non-IID client partitions.
+    real_per_image
+        With ``pad_small_classes=False``, a class of ``n`` real samples gets
+        ``min(ipc, max(1, n // real_per_image))`` synthetic images: each summarizes at
+        least this many real ones. On small client-classes a synthetic image that stands
+        for only two real ones is no better than a real one (the federated clients' default
+        is higher: ``configs/simulate/method/dm.yaml``).
     releases
         ``None``: a fresh network, augmentation and real batch every iteration (the
         reference). A number below ``iterations``: that many such *releases* are drawn
@@ -131,6 +137,7 @@ class DMConfig:
     compile_min_pixels: int = 256
     min_class_samples: int = 1
     pad_small_classes: bool = False
+    real_per_image: int = 2
     releases: int | None = None
     log_every: int = 10
 
@@ -330,7 +337,13 @@ class DMEngine(Engine):
         cfg = self.config
         dev = resolve_device(device)
         images, labels = init_synthetic(
-            data, ipc, init=init, seed=seed, min_class_samples=cfg.min_class_samples, pad_small=cfg.pad_small_classes
+            data,
+            ipc,
+            init=init,
+            seed=seed,
+            min_class_samples=cfg.min_class_samples,
+            pad_small=cfg.pad_small_classes,
+            real_per_image=cfg.real_per_image,
         )
         classes, syn_counts = torch.unique_consecutive(labels, return_counts=True)
         classes = classes.tolist()
