@@ -361,6 +361,7 @@ GROUP_RULES: dict[str, dict[str, tuple[Any, dict[str, Any]]]] = {
         "batch_real": (int, at_least(1, 64)),
         "releases": (int | None, at_least(1, 50)),
         "real_per_image": (int, at_least(1, 10)),
+        "equal_image_steps": (bool, {}),
         "epsilon": (float | None, above(0, 10.0)),
         "delta": _fraction("in (0, 1)", lambda v: 0 < v < 1, 1e-5),
         "clip": (float, above(0, 3.0)),

@@ -76,6 +76,25 @@ def test_small_classes_get_one_synthetic_image_per_real_per_image(digits, real_p
     assert torch.bincount(padded, minlength=10)[:4].tolist() == [5, 5, 5, 5]
 
 
+def test_equal_image_steps_scale_a_small_class_step_to_the_one_at_ipc_rows(digits):
+    """One SGD step: with equal_image_steps an image of a class with 2 of ipc=5 rows moves 2/5 as far as
+    without (DM's gradient on an image is divided by its class's rows); full classes move the same."""
+    from fedistill.engines.base import init_synthetic
+
+    picked = torch.cat([torch.nonzero(digits.train.labels == c).flatten()[:n] for c, n in ((0, 60), (1, 4))])
+    data = digits.train.subset(picked)
+    start, labels = init_synthetic(data, 5, init="real", seed=0, pad_small=False)
+    assert torch.bincount(labels).tolist() == [5, 2]
+    cfg = FAST | {"iterations": 1, "momentum": 0.0, "compile_synthetic": False, "pad_small_classes": False}
+    moved = {
+        equal: (build_engine("dm", **cfg, equal_image_steps=equal).distill(data, 5, seed=0).images - start)
+        for equal in (False, True)
+    }
+    assert moved[False][labels == 1].abs().max() > 0
+    torch.testing.assert_close(moved[True][labels == 1], 0.4 * moved[False][labels == 1])
+    torch.testing.assert_close(moved[True][labels == 0], moved[False][labels == 0])
+
+
 def test_same_seed_same_set_on_cpu(digits):
     cfg = FAST | {"iterations": 10}
     a = build_engine("dm", **cfg).distill(digits.train, 2, seed=3, device="cpu")
