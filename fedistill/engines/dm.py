@@ -115,8 +115,10 @@ class DMConfig:
         small class (``pad_small_classes=False``) of 1-3 rows on a client steps 3-10x
         further per iteration than a full one and drifts off the data's range (100
         Fashion-MNIST clients, alpha 0.1: 7% of the union's images beyond 3.5 in absolute
-        value, where 99% of real images stay within 2.0). No effect where every class has
-        ``ipc`` rows (``fedistill central``).
+        value, where 99% of real images stay within 2.0; with this option 5 of ~3,200).
+        Measured on 3 seeds it leaves accuracy where it was (100 clients: 86.70 ± 0.41 vs
+        86.65 ± 0.55 without; 10 clients: 83.62 ± 0.49 vs 83.64 ± 0.34), hence off by default. No effect
+        where every class has ``ipc`` rows (``fedistill central``).
     releases
         ``None``: a fresh network, augmentation and real batch every iteration (the
         reference). A number below ``iterations``: that many such *releases* are drawn
