@@ -91,12 +91,13 @@ def _dig(obj: Any, *keys: str) -> Any:
 def _read_central(summary: Mapping[str, Any]) -> Result:
     parts = [summary.get("distill_seconds"), summary.get("eval_seconds")]
     seconds = None if None in parts else sum(parts)  # type: ignore[arg-type]
-    return Result(_dig(summary, "accuracy", "mean"), _dig(summary, "baselines", "random_subset", "mean"), None, seconds)
+    control = _dig(summary, "baselines", "random_subset", "mean")
+    return Result(_dig(summary, "accuracy", "mean"), control, seconds=seconds)
 
 
 def _read_simulate(summary: Mapping[str, Any]) -> Result:
     control = _dig(summary, "baselines", "random_subset", "accuracy")
-    return Result(summary.get("final_accuracy"), control, summary.get("bytes_up"), summary.get("wall_seconds"))
+    return Result(summary.get("final_accuracy"), control, summary.get("bytes_up"), seconds=summary.get("wall_seconds"))
 
 
 RUN_KINDS: Registry[RunKind] = Registry("run kind")

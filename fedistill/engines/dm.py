@@ -105,20 +105,16 @@ class DMConfig:
     real_per_image
         With ``pad_small_classes=False``, a class of ``n`` real samples gets
         ``min(ipc, max(1, n // real_per_image))`` synthetic images: each summarizes at
-        least this many real ones. On small client-classes a synthetic image that stands
-        for only two real ones is no better than a real one (the federated clients' default
-        is higher: ``configs/simulate/method/dm.yaml``).
+        least this many real ones. Raising it on 100 Fashion-MNIST clients made smaller
+        unions that lost more to the random subset
+        (``benchmarks/results/oneshot_margin_fmnist-2026-12-02.md``), hence 2.
     equal_image_steps
         A class's term of the loss is weighted by its rows / ``ipc``, so every synthetic
-        image takes the step it would take in a class of ``ipc`` rows. DM's gradient on
-        an image is the class's mean difference divided by the class's rows: an unpadded
-        small class (``pad_small_classes=False``) of 1-3 rows on a client steps 3-10x
-        further per iteration than a full one and drifts off the data's range (100
-        Fashion-MNIST clients, alpha 0.1: 7% of the union's images beyond 3.5 in absolute
-        value, where 99% of real images stay within 2.0; with this option 5 of ~3,200).
-        Measured on 3 seeds it leaves accuracy where it was (100 clients: 86.70 ± 0.41 vs
-        86.65 ± 0.55 without; 10 clients: 83.62 ± 0.49 vs 83.64 ± 0.34), hence off by default. No effect
-        where every class has ``ipc`` rows (``fedistill central``).
+        image takes the step it would take in a class of ``ipc`` rows (DM's gradient on an
+        image is divided by its class's rows, so an unpadded 1-3-row class on a client
+        steps 3-10x further and drifts off the data's range). It removes those off-range
+        images but left accuracy unchanged on 3 seeds (same results file), hence off. No
+        effect where every class has ``ipc`` rows (``fedistill central``).
     releases
         ``None``: a fresh network, augmentation and real batch every iteration (the
         reference). A number below ``iterations``: that many such *releases* are drawn
