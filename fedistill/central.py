@@ -13,11 +13,19 @@ from typing import Any
 import torch
 
 from fedistill.checkpoint import Checkpoint, CheckpointError, config_key, resume_config
-from fedistill.data import DataBundle, SyntheticSet, load_dataset
+from fedistill.data import DataBundle, SyntheticSet, SyntheticSetError, load_dataset
 from fedistill.engines import ENGINES, DistillRequest, build_engine, resolve_device
 from fedistill.evaluation import EvalRecipe, ModelSpec, evaluate_synthetic
 from fedistill.privacy import privacy_line, privacy_summary
-from fedistill.reporting import RunDir, baseline_warning, chance_warning, progress_bars, results_table, save_grid
+from fedistill.reporting import (
+    RunDir,
+    baseline_warning,
+    chance_warning,
+    progress_bars,
+    results_table,
+    run_line,
+    save_grid,
+)
 
 __all__ = ["eval_settings", "result_warnings", "run_central", "run_evaluate"]
 
@@ -142,7 +150,7 @@ def _distill_and_evaluate(cfg: dict[str, Any], run: RunDir) -> dict[str, Any]:
     summary = run.update_summary(**res, status="done")
     run.log("summary", accuracy=res["accuracy"], random_subset=res["baselines"]["random_subset"])
     _print_table(summary)
-    print(f"run directory: {run.path.resolve()}  (test accuracy {res['accuracy']['mean']:.2f}%)")
+    print(run_line(run.path, f"test accuracy {res['accuracy']['mean']:.2f}%"))
     return summary
 
 
@@ -197,8 +205,8 @@ def run_evaluate(cfg: dict[str, Any], out_dir: str | Path) -> dict[str, Any]:
     if not cfg.get("model"):  # no model=...: the set's own, as its run evaluated it
         recorded = syn.metadata.get("model")
         if not isinstance(recorded, dict) or "name" not in recorded:
-            raise ValueError(
-                f"{cfg['synthetic_path']} records no model (metadata 'model'); choose one: model=convnet model.width=32"
+            raise SyntheticSetError(
+                "metadata", f"{cfg['synthetic_path']} records no model", "choose one: model=convnet model.width=32"
             )
         cfg = {**cfg, "model": recorded}
     run = RunDir(out_dir)
@@ -215,6 +223,7 @@ def run_evaluate(cfg: dict[str, Any], out_dir: str | Path) -> dict[str, Any]:
     )
     summary = run.update_summary(**_evaluate(syn, bundle, cfg, run, device), status="done")
     _print_table(summary)
+    print(run_line(run.path, f"test accuracy {summary['accuracy']['mean']:.2f}%"))
     return summary
 
 

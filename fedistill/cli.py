@@ -20,7 +20,15 @@ __all__ = ["COMMANDS", "compose_config", "config_dir", "main"]
 COMMANDS: Registry[tuple[str, Callable[[list[str]], int]]] = Registry("command")
 
 
-def _hydra_app(config_name: str, task: Callable[[dict, Path], object], prog: str, args: list[str]) -> int:
+def _hydra_app(
+    config_name: str, task: Callable[[dict, Path], object], prog: str, args: list[str], *, resumable: bool = False
+) -> int:
+    """Run ``task(resolved config, run directory)`` as the Hydra app ``prog`` over ``args``.
+
+    An input error ends with one line on stderr and, as the last line, the run directory
+    (with the ``resume=`` command that continues it, for a ``resumable`` command whose
+    unfinished run left a checkpoint).
+    """
     import hydra
     from hydra.core.hydra_config import HydraConfig
     from omegaconf import DictConfig, OmegaConf
@@ -59,6 +67,7 @@ def _hydra_app(config_name: str, task: Callable[[dict, Path], object], prog: str
         ) as exc:
             # input errors carry their own explanation and fix: no traceback
             print(f"fedistill {config_name}: error: {exc}", file=sys.stderr)
+            print(_failed_line(config_name, out, resumable=resumable))
             raise SystemExit(1) from None
 
     job.__module__ = f"fedistill.{config_name}"
@@ -70,6 +79,20 @@ def _hydra_app(config_name: str, task: Callable[[dict, Path], object], prog: str
     finally:
         sys.argv = saved
     return 0
+
+
+def _failed_line(command: str, out: Path, *, resumable: bool) -> str:
+    """The last line of a run that failed in ``out``: the directory, and how to continue it when it can be."""
+    from fedistill.checkpoint import CheckpointError
+    from fedistill.reporting import RunDir, run_line
+
+    try:
+        unfinished = RunDir(out, resume=True).summary.get("status") != "done"
+    except CheckpointError:  # a damaged summary.json, which resume refuses too
+        unfinished = False
+    if resumable and unfinished and any(out.glob("*checkpoint.safetensors")):
+        return run_line(out, f"failed; continue from its checkpoint: fedistill {command} resume={out.resolve()}")
+    return run_line(out, "failed")
 
 
 def _precheck(command: str, args: list[str]) -> int | None:
@@ -122,7 +145,7 @@ def _central(args: list[str]) -> int:
         return 2
     from fedistill.central import run_central
 
-    return _hydra_app("central", run_central, "fedistill central", argv)
+    return _hydra_app("central", run_central, "fedistill central", argv, resumable=True)
 
 
 def _positional(args: list[str], key: str, usage: str) -> list[str] | None:
@@ -152,7 +175,8 @@ def _audit(args: list[str]) -> int:
 
 def _print_audit(run: Callable[[dict, Path], dict]) -> Callable[[dict, Path], dict]:
     def task(cfg: dict, out: Path) -> dict:
-        from fedistill.privacy.report import audit_table
+        from fedistill.privacy.report import audit_line, audit_table
+        from fedistill.reporting import run_line
 
         result = run(cfg, out)
         from rich.console import Console
@@ -160,7 +184,7 @@ def _print_audit(run: Callable[[dict, Path], dict]) -> Callable[[dict, Path], di
         Console().print(audit_table(result))
         for note in result.get("notes", []):
             print(f"fedistill audit: note: {note}")
-        print(f"audit written to {out / 'audit.json'} and {out / 'audit.png'}")
+        print(run_line(out, audit_line(result)))
         return result
 
     return task
@@ -172,7 +196,7 @@ def _simulate(args: list[str]) -> int:
         return 2
     from strategies.simulation import run_simulate
 
-    return _hydra_app("simulate", run_simulate, "fedistill simulate", argv)
+    return _hydra_app("simulate", run_simulate, "fedistill simulate", argv, resumable=True)
 
 
 def _report(args: list[str]) -> int:

@@ -31,6 +31,7 @@ __all__ = [
     "progress_bars",
     "pyplot",
     "results_table",
+    "run_line",
     "save_accuracy_plot",
     "save_grid",
     "save_partition_plot",
@@ -56,6 +57,11 @@ def baseline_warning(accuracy: float, baseline: float, *, what: str, baseline_na
     if accuracy >= baseline:
         return None
     return f"{what} ({accuracy:.2f}%) is below {baseline_name} ({baseline:.2f}%): {fix}"
+
+
+def run_line(path: str | Path, result: str) -> str:
+    """The last line of every command: the run directory (absolute) and the run's one-line ``result``."""
+    return f"run directory: {Path(path).resolve()}  ({result})"
 
 
 def pyplot() -> Any:

@@ -18,7 +18,7 @@ from flwr.serverapp import Grid, ServerApp
 
 from fedistill.checkpoint import CheckpointError
 from fedistill.privacy import privacy_line
-from fedistill.reporting import RunDir
+from fedistill.reporting import RunDir, run_line
 from strategies import dp_stats, dynafed, fedaf, fedavg, feddm, fedgen, oneshot  # noqa: F401  (registration)
 from strategies.base import STRATEGIES
 from strategies.rundata import data_summary, open_run
@@ -49,7 +49,7 @@ def _serve(grid: Grid, cfg: dict[str, Any], run: RunDir, node_data: str) -> dict
     _print_table(summary, strategy.history)
     for warning in summary.get("warnings", []):
         print(f"fedistill: warning: {warning}")
-    print(f"run directory: {run.path.resolve()}  (final accuracy {summary['final_accuracy']:.2f}%)")
+    print(run_line(run.path, f"final accuracy {summary['final_accuracy']:.2f}%"))
     return summary
 
 

@@ -257,6 +257,8 @@ class Strategy(Lifecycle, Transport, ClientPlanning, FlowerStrategy):
         accepted, rejected = self.accept(round_, replies)
         t_accept = time.perf_counter()
         failures = state.failures + rejected
+        if state.watch is not None:  # the live count's last word: every failure of the round
+            state.watch.settle(len(failures))
         self.bytes_up += state.up
         self.bytes_down += state.down
         self.failed_total += len(failures)

@@ -82,8 +82,10 @@ class RoundWatch:
     Called as ``watch(replies, final)`` after every pull. The event (``round``, ``done``,
     ``sampled``, ``failed``: error replies so far, ``elapsed`` and ``eta_seconds``: the
     remaining clients at the rate so far, ``None`` before the first reply) goes to
-    ``run.log`` every :attr:`every` seconds and once more when the replies are complete
-    or the round timed out.
+    ``run.log`` every :attr:`every` seconds while the replies come in. The last one waits
+    for :meth:`settle`: once the replies are in (or the round timed out) and judged, its
+    ``failed`` counts every failed client, silent and rejected ones included, as the
+    round's ``clients_failed`` does.
     """
 
     #: Seconds between two ``round_progress`` events while a round waits (at least 2).
@@ -93,6 +95,7 @@ class RoundWatch:
         self.round, self.sampled, self.run, self.bars = round_, sampled, run, bars
         self.t0 = self.last = time.monotonic()
         self.line = None if bars is None else bars.add_task(f"  round {round_} {label}", total=sampled, info="")
+        self.final: dict[str, Any] | None = None
 
     def status(self, replies: list[Message], now: float) -> dict[str, Any]:
         """The event's fields for ``replies`` received by ``now`` (a :func:`time.monotonic` reading)."""
@@ -116,9 +119,17 @@ class RoundWatch:
             self.bars.update(self.line, completed=status["done"], info=info)
             if final:
                 self.bars.remove_task(self.line)
-        if final or now - self.last >= max(2.0, self.every):
+        if final:
+            self.final = status  # logged by settle(), once the replies are judged
+        elif now - self.last >= max(2.0, self.every):
             self.last = now
             self.run.log("round_progress", **status)
+
+    def settle(self, failed: int) -> None:
+        """Log the last ``round_progress`` event, with ``failed`` clients: errors, timeouts and rejected replies."""
+        if self.final is not None:
+            self.run.log("round_progress", **{**self.final, "failed": failed})
+            self.final = None
 
 
 @dataclass
@@ -136,7 +147,8 @@ class Reply:
 class RoundState:
     """One round between ``configure_train`` and ``aggregate_train``: who was sampled, who got the
     round's messages (``targets``), and what an earlier exchange of the same round (:meth:`Strategy.open_round`)
-    already gathered: replies, failures and bytes."""
+    already gathered: replies, failures and bytes; ``watch`` shows the round's main exchange until its replies
+    are judged (:meth:`RoundWatch.settle`)."""
 
     round: int
     nodes: list[int]
@@ -146,6 +158,7 @@ class RoundState:
     failures: list[ClientFailure] = field(default_factory=list)
     down: int = 0
     up: int = 0
+    watch: RoundWatch | None = None
 
 
 class Transport:
@@ -159,6 +172,7 @@ class Transport:
     run: RunDir
     clients: dict[int, str]
     _bars: Any
+    _round: RoundState | None
 
     def connect(self, grid: Grid) -> None:
         """Wait for the nodes and learn their partition ids, once per run."""
@@ -227,14 +241,23 @@ class Transport:
 
         While the replies come in, a line under the round bar (when :meth:`run_rounds` drives)
         and ``round_progress`` events in ``metrics.jsonl`` show clients done, failures so far,
-        elapsed seconds and an ETA (see :class:`~strategies.exchange.RoundWatch`).
+        elapsed seconds and an ETA (see :class:`~strategies.exchange.RoundWatch`); the round's
+        last event follows when :meth:`~strategies.base.Strategy.close_round` has judged the replies.
         """
+        replies, watch = self._watched(grid, round_, msgs)
+        if watch is not None and self._round is not None and self._round.round == round_:
+            self._round.watch = watch
+        return replies
+
+    def _watched(self, grid: Grid, round_: int, msgs: list[Message]) -> tuple[list[Message], RoundWatch | None]:
+        """The replies to ``msgs`` and the :class:`RoundWatch` that showed them coming in (``None``: no message)."""
         if not msgs:
-            return []
+            return [], None
         label = msgs[0].metadata.message_type
         watch = RoundWatch(round_, len(msgs), run=self.run, bars=self._bars, label=label)
         timeout = float(self.opts["round_timeout"])
-        return push_and_pull(grid, msgs, timeout=timeout, on_poll=watch, window=self.cfg["max_in_flight"])
+        replies = push_and_pull(grid, msgs, timeout=timeout, on_poll=watch, window=self.cfg["max_in_flight"])
+        return replies, watch
 
     def collect(self, nodes: list[int], replies: list[Message]) -> tuple[list[Reply], list[ClientFailure], int]:
         """The successful replies (in client order), a failure per error reply and per silent node, the bytes up."""
@@ -257,4 +280,8 @@ class Transport:
     def exchange(self, grid: Grid, round_: int, msgs: list[Message]) -> tuple[list[Reply], list[ClientFailure], int]:
         """A whole exchange inside a round (e.g. FedAF's statistics): replies, failures and bytes up."""
         nodes = [m.metadata.dst_node_id for m in msgs]
-        return self.collect(nodes, self.transmit(grid, round_, msgs))
+        replies, watch = self._watched(grid, round_, msgs)
+        got, failures, up = self.collect(nodes, replies)
+        if watch is not None:
+            watch.settle(len(failures))
+        return got, failures, up

@@ -16,7 +16,7 @@ import warnings
 from pathlib import Path
 from typing import Any
 
-__all__ = ["CLIENT_APP", "backend_config", "load_component", "run_simulate", "with_window"]
+__all__ = ["CLIENT_APP", "backend_config", "load_component", "quiet_logs", "run_simulate", "with_window"]
 
 CLIENT_APP = "clients.simulation:app"
 """The simulation's ClientApp by its component string: the production handlers of
@@ -59,6 +59,23 @@ class _BelowError(logging.Filter):
         return record.levelno >= logging.ERROR
 
 
+def quiet_logs(*, verbose: bool) -> logging.Filter:
+    """Set Flower's and alembic's loggers for a run; returns the filter to remove from ``flwr`` afterwards.
+
+    Call before Flower is imported: it logs the deprecation of ``run_simulation`` (this module
+    is its one caller) and its INFO chatter, and importing it sets up alembic's plugins at INFO
+    level under Hydra's root logger; fedistill reports rounds and client failures itself.
+    ``verbose=False`` keeps Flower's errors and alembic's warnings; ``verbose=True`` restores
+    both at INFO (``run_simulation(verbose_logging=True)`` then adds Flower's DEBUG lines).
+    """
+    logging.getLogger("flwr").setLevel(logging.INFO if verbose else logging.ERROR)
+    logging.getLogger("alembic").setLevel(logging.INFO if verbose else logging.WARNING)
+    quiet = _BelowError()
+    if not verbose:  # run_simulation sets Flower's logger level itself (DEBUG lines at teardown): filter them
+        logging.getLogger("flwr").addFilter(quiet)
+    return quiet
+
+
 def with_window(cfg: dict[str, Any]) -> dict[str, Any]:
     """``cfg`` with ``max_in_flight`` resolved for the simulation: 4 x the clients Ray runs at once (when null)."""
     if cfg["max_in_flight"] is not None:
@@ -87,6 +104,11 @@ def run_simulate(cfg: dict[str, Any], out_dir: str | Path) -> dict[str, Any]:
     attack = cfg["attack"]
     if attack["kind"] and attack["clean_run"]:
         summary = _clean_twin(cfg, Path(out_dir))
+        from fedistill.reporting import run_line
+
+        clean, drop = summary["attack"]["clean"]["accuracy"], summary["attack"]["accuracy_drop"]
+        result = f"final accuracy {summary['final_accuracy']:.2f}%; clean twin {clean:.2f}%, drop {drop:.2f} points"
+        print(run_line(out_dir, result))  # the main run, after the twin's own last line
     return summary
 
 
@@ -117,16 +139,7 @@ def _clean_twin(cfg: dict[str, Any], out_dir: Path) -> dict[str, Any]:
 
 def _run_once(cfg: dict[str, Any], out_dir: str | Path) -> dict[str, Any]:
     """One simulation: a local Ray (or the configured cluster), the ServerApp and the ClientApp."""
-    # Before Flower is imported: it logs the deprecation of run_simulation (this module is its
-    # one caller) and its INFO chatter, and importing it sets up alembic's plugins at INFO level
-    # under Hydra's root logger; fedistill reports rounds and client failures itself (verbose=true
-    # restores them).
-    verbose = bool(cfg["verbose"])
-    logging.getLogger("flwr").setLevel(logging.INFO if verbose else logging.ERROR)
-    logging.getLogger("alembic").setLevel(logging.INFO if verbose else logging.WARNING)
-    quiet = _BelowError()
-    if not verbose:  # run_simulation sets Flower's logger level itself (DEBUG lines at teardown): filter them
-        logging.getLogger("flwr").addFilter(quiet)
+    quiet = quiet_logs(verbose=bool(cfg["verbose"]))  # before Flower is imported
     import ray
     from flwr.simulation import run_simulation
 

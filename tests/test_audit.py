@@ -94,20 +94,27 @@ def test_audit_separates_seen_from_unseen_members(digits):
     assert abs(unseen["loss_attack"]["auc"] - 0.5) < 0.1 and abs(unseen["lira"]["auc"] - 0.5) < 0.1
 
 
-def test_audit_writes_results_and_a_plot_and_leaves_the_run_config(digits, tmp_path):
+def test_audit_writes_results_and_a_plot_and_leaves_the_run_config(digits, tmp_path, capsys):
     run = tmp_path / "run"
     run.mkdir()
     cfg = compose_config("central", ["model.width=16", "model.depth=2"])
     (run / "config.yaml").write_text(OmegaConf.to_yaml(cfg))
     idx = torch.arange(0, len(digits.train), 50)
     SyntheticSet(digits.train.images[idx], digits.train.labels[idx], digits.info).save(run / "synthetic.safetensors")
-    # in process (the command's own wiring: test_audit_command_rejects_a_bad_run_dir)
+    # in process, through the command's task (its Hydra wiring: test_audit_command_rejects_a_bad_run_dir)
+    from fedistill.cli import _print_audit
     from fedistill.privacy.audit import run_audit
     from fedistill.privacy.report import audit_table
 
     overrides = [f"run_dir={run}", "epochs=3", "shadows=2", "members=40", "device=cpu"]
-    run_audit(compose_config("audit", overrides), run / "audit")
+    _print_audit(run_audit)(compose_config("audit", overrides), run / "audit")
     result = json.loads((run / "audit" / "audit.json").read_text())
+    syn, real = result["synthetic"], result["matched_real_subset"]
+    assert capsys.readouterr().out.strip().splitlines()[-1] == (
+        f"run directory: {(run / 'audit').resolve()}  (synthetic set: loss AUC {syn['loss_attack']['auc']:.3f}, "
+        f"LiRA AUC {syn['lira']['auc']:.3f}; real subset (matched acc): loss AUC {real['loss_attack']['auc']:.3f}, "
+        f"LiRA AUC {real['lira']['auc']:.3f})"
+    )
     assert {"synthetic", "matched_real_subset"} <= set(result)
     for key in ("loss_attack", "lira"):
         r = result["synthetic"][key]

@@ -31,10 +31,20 @@ def fedistill(*args: str, cwd: Path, check: bool = True) -> subprocess.Completed
 
 
 @pytest.fixture(scope="module")
-def central_run(tmp_path_factory) -> Path:
+def central_cli(tmp_path_factory) -> tuple[Path, subprocess.CompletedProcess]:
     out = tmp_path_factory.mktemp("central") / "run"
-    fedistill("central", *TINY, "ipc=2", f"hydra.run.dir={out}", cwd=out.parent)
-    return out
+    return out, fedistill("central", *TINY, "ipc=2", f"hydra.run.dir={out}", cwd=out.parent)
+
+
+@pytest.fixture(scope="module")
+def central_run(central_cli) -> Path:
+    return central_cli[0]
+
+
+def test_central_ends_with_its_run_directory_and_accuracy(central_cli):
+    out, proc = central_cli
+    accuracy = json.loads((out / "summary.json").read_text())["accuracy"]["mean"]
+    assert proc.stdout.strip().splitlines()[-1] == f"run directory: {out.resolve()}  (test accuracy {accuracy:.2f}%)"
 
 
 def test_central_run_directory_contract(central_run):
@@ -64,7 +74,7 @@ def test_central_run_directory_contract(central_run):
 
 def test_evaluate_command_reevaluates_saved_set(central_run, tmp_path):
     out = tmp_path / "ev"
-    fedistill(
+    proc = fedistill(
         "evaluate",
         str(central_run / "synthetic.safetensors"),
         "eval.epochs=2",
@@ -78,10 +88,41 @@ def test_evaluate_command_reevaluates_saved_set(central_run, tmp_path):
     assert "random_subset" in summary["baselines"]
     # no model=...: the set's own model (the run distilled and evaluated with width 16), not the group default
     assert list(summary["per_model"]) == ["convnet-w16"]
+    last = f"run directory: {out.resolve()}  (test accuracy {summary['accuracy']['mean']:.2f}%)"
+    assert proc.stdout.strip().splitlines()[-1] == last
     other = tmp_path / "ev-mlp"
     args = ["eval.epochs=2", "eval.runs=1", "device=cpu", "model=mlp", f"hydra.run.dir={other}"]
     fedistill("evaluate", str(central_run / "synthetic.safetensors"), *args, cwd=tmp_path)
     assert list(json.loads((other / "summary.json").read_text())["per_model"]) == ["mlp-w128"]
+
+
+def test_evaluate_of_a_set_without_its_model_is_an_input_error_naming_the_fix(digits, tmp_path):
+    """A set that records no model: a SyntheticSetError (the CLI prints it as one line, no traceback)."""
+    from fedistill.central import run_evaluate
+    from fedistill.config import compose_config
+    from fedistill.data import SyntheticSetError
+
+    train = digits.train
+    path = SyntheticSet(train.images[:10], train.labels[:10], digits.info).save(tmp_path / "s.safetensors")
+    with pytest.raises(SyntheticSetError, match=r"records no model\. Fix: choose one: model=convnet"):
+        run_evaluate(compose_config("evaluate", [f"synthetic_path={path}"]), tmp_path / "ev")
+
+
+def test_a_failed_run_ends_with_its_directory_and_the_resume_that_continues_it(tmp_path):
+    """``resume=`` is offered for a resumable command whose unfinished run left a checkpoint, and only then."""
+    from fedistill.cli import _failed_line
+
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "summary.json").write_text('{"status": "distilling"}')
+    failed = f"run directory: {run.resolve()}  (failed)"
+    assert _failed_line("central", run, resumable=True) == failed  # nothing saved yet: nothing to continue
+    (run / "distill_checkpoint.safetensors").write_bytes(b"")
+    hint = f"continue from its checkpoint: fedistill central resume={run.resolve()}"
+    assert _failed_line("central", run, resumable=True) == f"run directory: {run.resolve()}  (failed; {hint})"
+    assert _failed_line("evaluate", run, resumable=False) == failed
+    (run / "summary.json").write_text('{"status": "done"}')  # e.g. the random-subset control failed afterwards
+    assert _failed_line("central", run, resumable=True) == failed
 
 
 def test_unknown_choice_lists_valid_names(tmp_path):

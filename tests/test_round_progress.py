@@ -74,9 +74,13 @@ def test_round_watch_eta_and_event_cadence():
     watch(replies, False)
     watch(replies, False)  # not again right away
     assert [e for e, _ in run.events] == ["round_progress"]
-    watch([*replies, _reply("m2"), _reply("m3")], True)  # complete: always logged
+    watch([*replies, _reply("m2"), _reply("m3")], True)  # complete: logged once the replies are judged
+    assert len(run.events) == 1
+    watch.settle(2)  # the error reply and a reply the server rejected
+    watch.settle(3)  # once only
     last = run.events[-1][1]
-    assert (last["done"], last["sampled"], last["failed"], last["eta_seconds"]) == (4, 4, 1, 0.0)
+    assert len(run.events) == 2
+    assert (last["done"], last["sampled"], last["failed"], last["eta_seconds"]) == (4, 4, 2, 0.0)
 
 
 def test_round_watch_shows_a_live_line_and_removes_it():
@@ -120,6 +124,44 @@ def test_a_window_keeps_few_messages_in_flight_and_still_answers_every_one():
     unbounded = EchoGrid()
     assert len(push_and_pull(unbounded, list(range(25)), timeout=5, on_poll=lambda r, f: None)) == 25
     assert unbounded.max_in_flight == 25
+
+
+@pytest.fixture
+def flower_loggers():
+    """Flower's and alembic's loggers restored after the test (levels and filters)."""
+    import logging
+
+    loggers = [logging.getLogger(name) for name in ("flwr", "alembic")]
+    saved = [(log.level, list(log.filters)) for log in loggers]
+    yield loggers
+    for log, (level, filters) in zip(loggers, saved, strict=True):
+        log.setLevel(level)
+        log.filters[:] = filters
+
+
+@pytest.mark.parametrize("verbose", [False, True])
+def test_third_party_info_logs_are_off_unless_verbose(flower_loggers, verbose):
+    """``verbose=false`` keeps Flower's errors only, even after ``run_simulation`` lowers its level;
+    ``verbose=true`` brings Flower's and alembic's INFO lines back."""
+    import logging
+
+    from strategies.simulation import quiet_logs
+
+    flwr, alembic = flower_loggers
+    quiet = quiet_logs(verbose=verbose)
+    seen: list[logging.LogRecord] = []
+    handler = logging.Handler()
+    handler.emit = seen.append  # type: ignore[method-assign]
+    flwr.addHandler(handler)
+    try:
+        flwr.setLevel(logging.DEBUG if verbose else logging.INFO)  # what run_simulation does to it
+        flwr.info("Starting Flower ServerApp")
+        flwr.error("ServerApp thread raised an exception")
+    finally:
+        flwr.removeHandler(handler)
+        flwr.removeFilter(quiet)
+    assert [r.levelname for r in seen] == (["INFO", "ERROR"] if verbose else ["ERROR"])
+    assert alembic.isEnabledFor(logging.INFO) == verbose and alembic.isEnabledFor(logging.WARNING)
 
 
 def test_the_simulation_window_follows_the_actor_pool():

@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import shutil
 import signal
 import socket
@@ -24,6 +25,11 @@ pytestmark = pytest.mark.slow
 
 # ipc 1 per client on digits: where distillation's advantage over random real images is largest
 SMALL = ["clients=10", "ipc=1", "device=cpu", "method.iterations=150", "strategy.server.epochs=200"]
+#: the digits runs whose "beats random real images" claims the tests check on seed 0; their margins on
+#: seeds 0-2 are measured by ``benchmarks/margins.py`` (thresholds set from that spread)
+ONESHOT = ["strategy=oneshot", *SMALL]
+FEDDM = ["strategy=feddm", "rounds=2", *SMALL]
+NO_CONTROL = ["strategy.random_baseline=false"]
 SUMMARY_KEYS = {
     "strategy",
     "method",
@@ -79,8 +85,12 @@ def _check_contract(run: Path, *, synthetic: bool) -> dict:
 
 
 def test_oneshot_beats_random_real_images(tmp_path):
-    run, _ = _simulate(tmp_path, "oneshot", "strategy=oneshot", *SMALL)
+    run, proc = _simulate(tmp_path, "oneshot", *ONESHOT)
     summary = _check_contract(run, synthetic=True)
+    # a quiet terminal: no third-party INFO lines (Flower's, alembic's), and the last line names the run
+    assert not re.search(r"\bINFO\b", proc.stdout + proc.stderr), proc.stdout + proc.stderr
+    last = f"run directory: {run.resolve()}  (final accuracy {summary['final_accuracy']:.2f}%)"
+    assert proc.stdout.strip().splitlines()[-1] == last
     syn = SyntheticSet.load(run / "synthetic.safetensors")
     assert len(syn) == summary["synthetic_images"]
     clients = [p["client"] for p in syn.metadata["clients"]]
@@ -92,7 +102,7 @@ def test_oneshot_beats_random_real_images(tmp_path):
 
 
 def test_feddm_rounds_beat_random_real_images(tmp_path):
-    run, _ = _simulate(tmp_path, "feddm", "strategy=feddm", "rounds=2", *SMALL)
+    run, _ = _simulate(tmp_path, "feddm", *FEDDM)
     summary = _check_contract(run, synthetic=True)
     rounds = _rounds(run)
     assert [r["round"] for r in rounds] == [1, 2]
@@ -105,8 +115,11 @@ def test_feddm_rounds_beat_random_real_images(tmp_path):
 
 def test_faulty_clients_are_rejected_with_reasons_and_the_run_completes(tmp_path):
     faults = ["+faults.1=crash", "+faults.3=nan", "+faults.4=shape", "+faults.6=labels", "+faults.8=oversize"]
-    run, _ = _simulate(tmp_path, "faults", "strategy=oneshot", *SMALL, "strategy.random_baseline=false", *faults)
+    # the healthy clients run DC (gradient matching): the suite's end-to-end run of that engine family
+    dc = ["method=dc", "method.iterations=3", "model.depth=2", "clients=10", "ipc=1", "device=cpu"]
+    run, _ = _simulate(tmp_path, "faults", "strategy=oneshot", *dc, "strategy.server.epochs=20", *NO_CONTROL, *faults)
     summary = _check_contract(run, synthetic=True)
+    assert summary["method"] == "dc"
     (rec,) = _rounds(run)
     assert rec["clients_sampled"] == 10 and rec["clients_succeeded"] == 5 and rec["clients_failed"] == 5
     reasons = {f["client"]: (f["kind"], f["reason"]) for f in rec["failures"]}
@@ -117,10 +130,11 @@ def test_faulty_clients_are_rejected_with_reasons_and_the_run_completes(tmp_path
     assert summary["clients_failed"] == 5
     kept = [p["client"] for p in SyntheticSet.load(run / "synthetic.safetensors").metadata["clients"]]
     assert kept == ["p0", "p2", "p5", "p7", "p9"]
-    # the round's live progress also went to metrics.jsonl; its last event is the complete round
+    # the round's live progress also went to metrics.jsonl; its last event is the complete, judged round:
+    # the crash and the four rejected payloads, as clients_failed counts them
     events = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     progress = [e for e in events if e["event"] == "round_progress" and e["round"] == 1]
-    assert progress and (progress[-1]["done"], progress[-1]["sampled"], progress[-1]["failed"]) == (10, 10, 1)
+    assert progress and (progress[-1]["done"], progress[-1]["sampled"], progress[-1]["failed"]) == (10, 10, 5)
     assert progress[-1]["eta_seconds"] == 0 and progress[-1]["elapsed"] > 0
 
 
@@ -155,6 +169,10 @@ def test_too_many_failures_stop_the_run_and_keep_the_last_good_round(tmp_path):
     assert proc.returncode == 1
     err = proc.stderr.strip().splitlines()[-1]
     assert "round 2: only 2 of 5 sampled clients succeeded" in err and "injected crash" in err
+    resume = f"resume={run.resolve()}"
+    assert proc.stdout.strip().splitlines()[-1] == (
+        f"run directory: {run.resolve()}  (failed; continue from its checkpoint: fedistill simulate {resume})"
+    )
     summary = json.loads((run / "summary.json").read_text())
     assert summary["status"] == "failed" and summary["rounds_completed"] == 1
     assert (run / "partition.png").is_file()  # what was written before the failure stays
@@ -238,10 +256,8 @@ def test_fedavg_on_an_existing_ray_cluster(tmp_path, ray_head):
 
 @pytest.mark.parametrize(
     ("method", "opts"),
-    [
-        ("dc", ["method.iterations=3", "model.depth=2"]),
-        ("mtt", ["method.iterations=3", "method.num_experts=1", "method.expert_train_epochs=3", "method.syn_steps=3"]),
-    ],
+    # DC runs end to end in test_faulty_clients_are_rejected_with_reasons_and_the_run_completes
+    [("mtt", ["method.iterations=3", "method.num_experts=1", "method.expert_train_epochs=3", "method.syn_steps=3"])],
 )
 def test_oneshot_runs_any_engine_through_the_simulation(tmp_path, monkeypatch, method, opts):
     monkeypatch.setenv("FEDISTILL_CACHE", str(tmp_path / "cache"))
@@ -262,11 +278,33 @@ def test_oneshot_runs_any_engine_through_the_simulation(tmp_path, monkeypatch, m
     assert SyntheticSet.load(run / "synthetic.safetensors").metadata["method"] == method
 
 
+def _success_rate(run: Path) -> float:
+    """Attack success rate (%) of a run's saved global model, recomputed from its weights and config."""
+    import torch
+    import yaml
+
+    from fedistill.data import load_dataset
+    from fedistill.federated.attacks import attack_success_rate
+    from fedistill.federated.client import model_spec
+    from fedistill.models import build_model
+
+    cfg = yaml.safe_load((run / "config.yaml").read_text())
+    bundle = load_dataset(cfg["dataset"]["name"])
+    spec = model_spec(cfg["model"])
+    model = build_model(spec.name, bundle.info, **spec.kwargs)
+    model.load_state_dict(load_tensors(run / "global_model.safetensors"))
+    attack = cfg["attack"]
+    cpu = torch.device("cpu")
+    return 100 * attack_success_rate(
+        model, bundle.test, target=attack["target"], device=cpu, trigger_size=attack["trigger_size"]
+    )
+
+
 def test_backdoor_clients_are_planned_and_the_success_rate_is_reported(tmp_path):
     """40% of 5 clients plant a backdoor before distilling, against defense=screen; the summary names
     them and reports the attack success rate of the global model on triggered test images (a
     measurement, not a claim) beside the clean twin's accuracy and success rate (attack.clean_run)."""
-    run, _ = _simulate(
+    run, proc = _simulate(
         tmp_path,
         "backdoor",
         "clients=5",
@@ -286,11 +324,20 @@ def test_backdoor_clients_are_planned_and_the_success_rate_is_reported(tmp_path)
     summary = json.loads((run / "summary.json").read_text())
     attack = summary["attack"]
     assert attack["kind"] == "backdoor" and len(attack["clients"]) == 2 and attack["target"] == 0
-    assert 0.0 <= attack["attack_success_rate"] <= 100.0 and attack["defense"] == "screen"
+    assert attack["defense"] == "screen"
     clean = json.loads((run / "clean" / "summary.json").read_text())
+    # the reported rates are the saved global models' on triggered digits test images of other classes
+    assert _success_rate(run) == pytest.approx(attack["attack_success_rate"], abs=1e-3)
+    assert _success_rate(run / "clean") == pytest.approx(clean["attack"]["attack_success_rate"], abs=1e-3)
     assert clean["status"] == "done" and clean["attack"]["clients"] == []  # same run, nobody attacks
     assert attack["clean"]["accuracy"] == clean["final_accuracy"] and "attack_success_rate" in attack["clean"]
     assert attack["accuracy"] == summary["final_accuracy"]
     assert attack["accuracy_drop"] == pytest.approx(clean["final_accuracy"] - summary["final_accuracy"], abs=1e-3)
+    # the last line names the main run (not its clean/ twin), its accuracy and the drop
+    acc, drop = summary["final_accuracy"], attack["accuracy_drop"]
+    assert proc.stdout.strip().splitlines()[-1] == (
+        f"run directory: {run.resolve()}  (final accuracy {acc:.2f}%; clean twin "
+        f"{clean['final_accuracy']:.2f}%, drop {drop:.2f} points)"
+    )
     events = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert [e["clients"] for e in events if e["event"] == "attack_planned"] == [attack["clients"]]
