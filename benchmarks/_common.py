@@ -6,15 +6,19 @@ import datetime
 import json
 import os
 import platform
+import shlex
 import subprocess
 import sys
+import tempfile
 import threading
 import time
+from collections.abc import Sequence
 from pathlib import Path
 
 import torch
 
-from fedistill.report import RESOURCES_FILE
+from fedistill.report import RESOURCES_FILE, collect
+from fedistill.report_render import Table, csv_text, markdown, page, plots, tables
 
 REPO = Path(__file__).resolve().parents[1]
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -37,6 +41,18 @@ def machine_info() -> str:
     )
 
 
+def results_header(title: str, *paragraphs: str) -> str:
+    """The Markdown head of a benchmark's results: ``# title``, the machine, the command as typed, ``paragraphs``."""
+    command = shlex.join(["python", f"benchmarks/{Path(sys.argv[0]).name}", *sys.argv[1:]])
+    return "\n\n".join([f"# {title}", f"Machine: {machine_info()}", f"Command: `{command}`", *paragraphs])
+
+
+def workdir(given: str | None, name: str) -> Path:
+    """Where a benchmark's run directories stay: ``given``, or a new ``fd-<name>-*`` temp directory (kept,
+    so ``fedistill report`` can be run on it again)."""
+    return Path(given or tempfile.mkdtemp(prefix=f"fd-{name}-"))
+
+
 def results_path(name: str, suffix: str = ".md") -> Path:
     """``benchmarks/results/<name>-<date><suffix>`` (directory created)."""
     RESULTS.mkdir(parents=True, exist_ok=True)
@@ -50,21 +66,19 @@ def append_row(path: Path, row: str) -> None:
         f.write(row + "\n")
 
 
-def report_results(dirs: list[Path], name: str, header: str) -> Path:
+def report_results(dirs: list[Path], name: str, header: str, extra: Sequence[Table] = ()) -> Path:
     """The ``fedistill report`` of the runs under ``dirs`` as this benchmark's results.
 
     ``results/<name>-<date>.md`` is ``header`` then the report's tables (groups of runs that
     differ only in the seed: mean ± std, the random-subset control beside, uplink, epsilon,
-    the Pareto front; failed or incomplete runs listed); ``.csv`` has one row per run and
-    ``.html`` the plots and thumbnails. Called after every run, so a stopped benchmark keeps
-    what it measured.
+    seconds, peak GB, the Pareto front; failed or incomplete runs listed), then the
+    benchmark's ``extra`` tables (what only it measures); ``.csv`` has one row per run and
+    ``.html`` the same tables, the plots and thumbnails. Called after every run, so a
+    stopped benchmark keeps what it measured.
     """
-    from fedistill.report import collect
-    from fedistill.report_render import csv_text, markdown, page, plots, tables
-
     md = results_path(name)
     report = collect(dirs)
-    tabs = tables(report, relative_to=dirs[0])
+    tabs = [*tables(report, relative_to=dirs[0]), *extra]
     shown = [str(d) for d in dirs]
     body = markdown(report, tabs, dirs=shown).split("\n", 1)[1]  # the benchmark's header replaces the title
     md.write_text(header.rstrip() + "\n" + body)
@@ -101,8 +115,9 @@ def run_point(args: list[str], out: Path, *, command: str = "simulate") -> tuple
     """Run one ``fedistill <command>`` into ``out``; its summary, wall seconds, peak tree RSS and exit code.
 
     The peak resident memory of the command's whole process tree (Ray's GCS, raylet and workers
-    are descendants of the driver) is sampled every 0.5 s and written with the wall time to
-    ``out/resources.json``, where :mod:`fedistill.report` reads it.
+    are descendants of the driver) is sampled every 0.5 s and written with the wall time (and,
+    if the command failed, the last line of its stderr) to ``out/resources.json``, where
+    :mod:`fedistill.report` reads it.
     """
     cmd = [sys.executable, "-m", "fedistill.cli", command, *args, f"hydra.run.dir={out}"]
     env = {**os.environ, "PYTHONPATH": str(REPO)}
@@ -121,9 +136,10 @@ def run_point(args: list[str], out: Path, *, command: str = "simulate") -> tuple
     t.join()
     wall = time.perf_counter() - start
     summary = json.loads((out / "summary.json").read_text()) if (out / "summary.json").is_file() else {}
-    if out.is_dir():  # beside the run, for `fedistill report` (its peak GB column)
-        record = {"peak_rss_bytes": peak[0], "wall_seconds": round(wall, 3), "exit_code": proc.returncode}
-        (out / RESOURCES_FILE).write_text(json.dumps(record) + "\n")
+    record = {"peak_rss_bytes": peak[0], "wall_seconds": round(wall, 3), "exit_code": proc.returncode}
     if proc.returncode != 0:
         summary.setdefault("error", err.strip().splitlines()[-1] if err.strip() else "failed")
+        record["error"] = summary["error"]
+    if out.is_dir():  # beside the run, for `fedistill report` (its peak GB column, a crashed run's error)
+        (out / RESOURCES_FILE).write_text(json.dumps(record) + "\n")
     return summary, wall, peak[0], proc.returncode

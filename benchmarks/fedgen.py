@@ -2,10 +2,13 @@
 
 Points (same dataset, clients, alpha, ipc, server recipe): ``strategy=oneshot`` with
 each ``--oneshot-methods`` engine (clients upload float32 pixels), and ``strategy=fedgen``
-(a federated generator, then latents + labels). For fedgen the table splits the uplink
-into phase 1 (the generator's FedAvg rounds) and phase 2 (the latents) and gives the
-pixel bytes of the same decoded images. Results go to a dated markdown table under
-``benchmarks/results/`` after every point.
+(a federated generator, then latents + labels). The run directories stay under
+``--workdir``; the results, rewritten after every point, are ``fedistill report`` over them
+(``benchmarks/results/<out>-<date>.md``, ``.csv``, ``.html``: accuracy, the random-subset
+control, total uplink, seconds, peak GB, the Pareto front of accuracy against uplink,
+failed runs with their error) followed by the payload table: for fedgen the uplink split
+into phase 1 (the generator's FedAvg rounds) and phase 2 (the latents), the pixel bytes of
+the same decoded images, and the downlink.
 
     python benchmarks/fedgen.py --dataset fashion_mnist --clients 10 --alpha 0.1 \\
         --extra "strategy.server.epochs=100" --out fedgen_fmnist
@@ -14,35 +17,26 @@ pixel bytes of the same decoded images. Results go to a dated markdown table und
 from __future__ import annotations
 
 import argparse
-import sys
-import tempfile
-from pathlib import Path
 
-from _common import append_row, machine_info, results_path, run_point
+from _common import report_results, results_header, run_point, workdir
 
-HEADER = [
-    "| strategy | method | accuracy % | random subset % | uplink MB (total) | phase 1 MB | phase 2 MB "
-    "| phase 2 as pixels MB | payload ratio | downlink MB | wall s | peak GB | status |",
-    "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
-]
+from fedistill.report_render import Table
+
+HEADERS = ("strategy", "method", "phase 1 MB", "phase 2 MB", "phase 2 as pixels MB", "payload ratio", "downlink MB")
+"""The payload table (accuracy, the random-subset control, total uplink, seconds, peak GB: the report's)."""
 
 
 def _mb(value: float | None) -> str:
     return "-" if value is None else f"{value / 1e6:.3f}"
 
 
-def row(strategy: str, method: str, s: dict, wall: float, peak: int, rc: int) -> str:
-    """One table row from a run's summary."""
-    base = (s.get("baselines") or {}).get("random_subset") or {}
+def row(strategy: str, method: str, s: dict) -> tuple[str, ...]:
+    """One payload-table row from a run's summary (``-``: not in it, e.g. a failed run)."""
     up = s.get("uplink") or {}
     ratio = up.get("payload_saving_ratio")
-    return (
-        f"| {strategy} | {method} | {s.get('final_accuracy', float('nan')):.2f} "
-        f"| {base.get('accuracy', float('nan')):.2f} | {_mb(s.get('bytes_up', 0))} | {_mb(up.get('phase1_bytes'))} "
-        f"| {_mb(up.get('phase2_bytes', s.get('bytes_up')))} | {_mb(up.get('phase2_pixel_equivalent_bytes'))} "
-        f"| {'-' if ratio is None else f'{ratio:.1f}x'} | {_mb(s.get('bytes_down', 0))} | {wall:.0f} "
-        f"| {peak / 2**30:.2f} | {'ok' if rc == 0 else s.get('error', 'failed')} |"
-    )
+    phases = (_mb(up.get("phase1_bytes")), _mb(up.get("phase2_bytes", s.get("bytes_up"))))
+    pixels = (_mb(up.get("phase2_pixel_equivalent_bytes")), "-" if ratio is None else f"{ratio:.1f}x")
+    return (strategy, method, *phases, *pixels, _mb(s.get("bytes_down")))
 
 
 def main() -> None:
@@ -54,34 +48,28 @@ def main() -> None:
     ap.add_argument("--extra", default="", help="extra Hydra overrides for every point, space-separated")
     ap.add_argument("--fedgen-extra", default="", help="overrides for the fedgen point only (strategy.gen_rounds=5)")
     ap.add_argument("--out", default="fedgen")
+    ap.add_argument("--workdir", default=None, help="where the run directories stay (default: a new temp dir)")
     opts = ap.parse_args()
-    path = results_path(opts.out)
-    lines = [
-        f"# FedGen vs one-shot pixel payloads ({opts.dataset}, {opts.clients} clients, alpha {opts.alpha})",
-        "",
-        f"Machine: {machine_info()}",
-        "",
-        f"Command: `python benchmarks/fedgen.py {' '.join(sys.argv[1:])}`",
-        "",
-        "Each point is one `fedistill simulate` subprocess (Flower simulation engine on Ray). Uplink counts",
-        "every reply byte (arrays plus JSON metadata/metrics). Phase 1: fedgen's generator rounds (each",
-        "client uploads the whole CVAE every round). Phase 2 as pixels: the same decoded images sent as",
+    work = workdir(opts.workdir, "fedgen")
+    header = results_header(
+        f"FedGen vs one-shot pixel payloads ({opts.dataset}, {opts.clients} clients, alpha {opts.alpha})",
+        "Each point is one `fedistill simulate` subprocess (Flower simulation engine on Ray). Uplink counts\n"
+        "every reply byte (arrays plus JSON metadata/metrics). Phase 1: fedgen's generator rounds (each\n"
+        "client uploads the whole CVAE every round). Phase 2 as pixels: the same decoded images sent as\n"
         "float32 pixels + int64 labels; payload ratio: pixel arrays / latent arrays.",
-        "",
-        *HEADER,
-    ]
-    path.write_text("\n".join(lines) + "\n")
+    )
     common = [f"dataset={opts.dataset}", f"clients={opts.clients}", f"alpha={opts.alpha}"]
     common += opts.extra.split() if opts.extra else []
     points = [("oneshot", m, [f"method={m}"]) for m in opts.oneshot_methods.split(",") if m]
     points.append(("fedgen", "gen", opts.fedgen_extra.split()))
-    with tempfile.TemporaryDirectory() as tmp:
-        for strategy, method, args in points:
-            out = Path(tmp) / f"{strategy}-{method}"
-            s, wall, peak, rc = run_point([f"strategy={strategy}", *args, *common], out)
-            line = row(strategy, method, s, wall, peak, rc)
-            append_row(path, line)
-    print(f"wrote {path}")
+    rows: list[tuple[str, ...]] = []
+    for strategy, method, args in points:
+        out = work / f"{strategy}-{method}"
+        s, wall, _, rc = run_point([f"strategy={strategy}", *args, *common], out)
+        rows.append(row(strategy, method, s))
+        status = s.get("error", "failed") if rc else "done"
+        table = Table("Payloads", HEADERS, rows)
+        print(f"{out.name}: {status} in {wall:.0f} s; {report_results([work], opts.out, header, [table])}")
 
 
 if __name__ == "__main__":

@@ -5,8 +5,14 @@ and federated ``oneshot`` with ``dp_dm`` at each epsilon (``inf`` = the same eng
 a negligible noise multiplier, so clipping and noise init stay identical), then
 ``fedistill audit`` on chosen runs (loss-threshold and offline-LiRA AUC / TPR at 1% FPR
 of the synthetic set and of a real subset of matched accuracy). Every point is a real CLI
-subprocess; the markdown table under ``benchmarks/results/`` is rewritten after each one,
-so an interrupted run keeps what it measured.
+subprocess into its own directory under ``--workdir`` (kept; a finished point found there
+is not run again). The results are ``fedistill report`` over the run directories,
+rewritten after every point, so an interrupted run keeps what it measured:
+``benchmarks/results/<out>-<date>.md`` (per mode and target epsilon, shown in the group
+label: accuracy, the random-subset control beside, the epsilon spent, the most any client
+spent in the federated modes; failed runs listed), then the membership-audit table;
+``.csv`` (one row per run) and ``.html`` (accuracy against the epsilon spent, one line per
+mode).
 
     python benchmarks/privacy.py --dataset fashion_mnist --epsilons 1,2,5,10,inf \\
         --modes central-dp_dm,central-dp_dc,oneshot10-dp_dm --audit central-dp_dm@1,central-dp_dm@10 \\
@@ -17,16 +23,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import subprocess
-import sys
-import tempfile
-import time
 from pathlib import Path
 
-from _common import machine_info, results_path
+from _common import report_results, results_header, run_point, workdir
 
-REPO = Path(__file__).resolve().parents[1]
+from fedistill.report_render import Table
 
 #: CPU protocol per mode: the CLI command and its overrides (width-32 ConvNet everywhere).
 MODES: dict[str, tuple[str, list[str]]] = {
@@ -51,71 +52,37 @@ def _eps_args(eps: str) -> list[str]:
     return ["method.epsilon=null", "method.sigma=1e-6"] if eps == "inf" else [f"method.epsilon={eps}"]
 
 
-def _cli(args: list[str]) -> tuple[int, float, str]:
-    env = {**os.environ, "PYTHONPATH": str(REPO)}
-    start = time.perf_counter()
-    proc = subprocess.run(
-        [sys.executable, "-m", "fedistill.cli", *args], cwd=REPO, env=env, capture_output=True, text=True
-    )
-    err = proc.stderr.strip().splitlines()[-1] if proc.returncode and proc.stderr.strip() else ""
-    return proc.returncode, time.perf_counter() - start, err
+AUDIT_HEADERS = (
+    "run",
+    "trained on",
+    "images",
+    "test acc %",
+    "loss AUC",
+    "loss TPR@1%FPR",
+    "LiRA AUC",
+    "LiRA TPR@1%FPR",
+)
+#: the audited models of an ``audit.json``: key -> what it was trained on
+AUDITED = {"synthetic": "synthetic set", "matched_real_subset": "real subset, matched acc"}
 
 
-def _row(mode: str, eps: str, run: Path, wall: float, err: str) -> dict:
-    s = json.loads((run / "summary.json").read_text()) if (run / "summary.json").is_file() else {}
-    p = s.get("privacy") or {}
-    if "accuracy" in s:  # central
-        acc, rnd = s["accuracy"]["mean"], s["baselines"]["random_subset"]["mean"]
-        spent = p.get("epsilon_spent")
-    else:
-        acc, rnd = s.get("final_accuracy"), ((s.get("baselines") or {}).get("random_subset") or {}).get("accuracy")
-        spent = p.get("epsilon_max")
-    return {
-        "mode": mode,
-        "epsilon": eps,
-        "spent": spent,
-        "acc": acc,
-        "random": rnd,
-        "wall": wall,
-        "error": err,
-        "run": str(run),
-    }
+def audit_table(audits: dict[str, dict]) -> Table:
+    """The membership audits (point -> its ``audit.json``) as a table: one row per audited model."""
+    rows = []
+    for point, result in audits.items():
+        for r, name in ((result[key], name) for key, name in AUDITED.items() if key in result):
+            loss, lira = r["loss_attack"], r["lira"]
+            attacks = (loss["auc"], loss["tpr_at_1pct_fpr"], lira["auc"], lira["tpr_at_1pct_fpr"])
+            rows.append(
+                (point, name, str(r["train_images"]), f"{r['test_accuracy']:.2f}", *(f"{x:.3f}" for x in attacks))
+            )
+    title = "Membership audit (`fedistill audit`; members: training records, non-members: test records)"
+    return Table(title, AUDIT_HEADERS, rows)
 
 
-def _fmt(x: float | None, nd: int = 2) -> str:
-    return "-" if x is None else f"{x:.{nd}f}"
-
-
-def write(path: Path, header: str, rows: list[dict], audits: list[dict]) -> None:
-    lines = [
-        header,
-        "",
-        "| mode | target epsilon | epsilon spent (max client) | accuracy % | random real subset % | wall s | note |",
-        "|---|---|---|---|---|---|---|",
-    ]
-    for r in rows:
-        lines.append(
-            f"| {r['mode']} | {r['epsilon']} | {_fmt(r['spent'], 3)} | {_fmt(r['acc'])} | {_fmt(r['random'])} "
-            f"| {r['wall']:.0f} | {r['error']} |"
-        )
-    if audits:
-        lines += [
-            "",
-            "Membership audit (`fedistill audit`, members = training records, non-members = test records):",
-            "",
-            "| run | trained on | images | test acc % | loss AUC | loss TPR@1%FPR | LiRA AUC | LiRA TPR@1%FPR |",
-            "|---|---|---|---|---|---|---|---|",
-        ]
-        for a in audits:
-            for key, name in (("synthetic", "synthetic set"), ("matched_real_subset", "real subset, matched acc")):
-                if key in a["result"]:
-                    r = a["result"][key]
-                    lines.append(
-                        f"| {a['point']} | {name} | {r['train_images']} | {r['test_accuracy']:.2f} "
-                        f"| {r['loss_attack']['auc']:.3f} | {r['loss_attack']['tpr_at_1pct_fpr']:.3f} "
-                        f"| {r['lira']['auc']:.3f} | {r['lira']['tpr_at_1pct_fpr']:.3f} |"
-                    )
-    path.write_text("\n".join(lines) + "\n")
+def _done(run: Path) -> bool:
+    summary = run / "summary.json"
+    return summary.is_file() and json.loads(summary.read_text()).get("status") == "done"
 
 
 def main() -> None:
@@ -126,41 +93,38 @@ def main() -> None:
     ap.add_argument("--audit", default="central-dp_dm@1,central-dp_dm@10,central-dp_dm@inf")
     ap.add_argument("--ipc", type=int, default=10)
     ap.add_argument("--out", default="privacy_fmnist")
-    ap.add_argument("--workdir", default=None)
+    ap.add_argument("--workdir", default=None, help="where the run directories stay (default: a new temp dir)")
     args = ap.parse_args()
-    work = Path(args.workdir or tempfile.mkdtemp(prefix="fd-priv-"))
-    path = results_path(args.out)
+    work = workdir(args.workdir, "priv")
     common = [f"dataset={args.dataset}", f"ipc={args.ipc}", "model.width=32", "device=cpu"]
-    header = (
-        f"# Privacy benchmark ({args.dataset}, IPC {args.ipc}, delta 1e-5)\n\nMachine: {machine_info()}\n\n"
-        f"Command: `python benchmarks/privacy.py {' '.join(sys.argv[1:])}`; every point: `fedistill <cmd> "
-        f"{' '.join(common)} <mode overrides> method.epsilon=E` (see MODES in the script). "
-        "`inf` = the same DP engine with sigma 1e-6 (clipping and noise init unchanged)."
+    header = results_header(
+        f"Privacy benchmark ({args.dataset}, IPC {args.ipc}, delta 1e-5)",
+        f"Every point: `fedistill <cmd> {' '.join(common)} <mode overrides> method.epsilon=E` with the modes "
+        f"{json.dumps(MODES)}; run directories under {work}. `inf` = the same DP engine with sigma 1e-6 "
+        "(clipping and noise init unchanged): method.epsilon=None, method.sigma=1e-06 in the group label. "
+        "Epsilon: spent (central), the most any client spent (simulate).",
     )
-    rows: list[dict] = []
-    audits: list[dict] = []
+    audits: dict[str, dict] = {}
     for mode in filter(None, args.modes.split(",")):
         cmd, extra = MODES[mode]
         for eps in args.epsilons.split(","):
             run = work / f"{mode}-eps{eps}"
-            done = run / "summary.json"
-            if done.is_file() and json.loads(done.read_text()).get("status") == "done":  # resume: keep it
-                wall, err = float(json.loads((run / "wall.json").read_text())["wall"]), ""
+            if _done(run):  # resume: keep it
+                status = "done (kept)"
             else:
-                _, wall, err = _cli([cmd, *common, *extra, *_eps_args(eps), f"hydra.run.dir={run}"])
-                (run / "wall.json").write_text(json.dumps({"wall": wall}))
-            rows.append(_row(mode, eps, run, wall, err))
-            print(rows[-1], flush=True)
-            write(path, header, rows, audits)
+                summary, wall, _, rc = run_point([*common, *extra, *_eps_args(eps)], run, command=cmd)
+                status = f"{summary.get('error', 'failed') if rc else 'done'} in {wall:.0f} s"
+            print(f"{mode} epsilon={eps}: {status}; {report_results([work], args.out, header)}", flush=True)
     for point in filter(None, args.audit.split(",")):
         mode, eps = point.split("@")
         run = work / f"{mode}-eps{eps}"
-        code, wall, err = _cli(["audit", str(run), "members=500", "shadows=4", "epochs=100", "device=cpu"])
-        if code == 0:
-            audits.append({"point": point, "result": json.loads((run / "audit" / "audit.json").read_text())})
-        print(point, code, round(wall), err, flush=True)
-        write(path, header, rows, audits)
-    print(f"results: {path}")
+        audit_args = [str(run), "members=500", "shadows=4", "epochs=100", "device=cpu"]
+        summary, wall, _, rc = run_point(audit_args, run / "audit", command="audit")
+        if rc == 0:
+            audits[point] = json.loads((run / "audit" / "audit.json").read_text())
+        status = summary.get("error", "failed") if rc else "done"
+        results = report_results([work], args.out, header, [audit_table(audits)])
+        print(f"audit {point}: {status} in {wall:.0f} s; {results}", flush=True)
 
 
 if __name__ == "__main__":

@@ -6,8 +6,11 @@ attack at every fraction of hostile clients with and without each defence. Each 
 one subprocess (Flower simulation engine on Ray) with the same seed, partition and recipe;
 a row records the final test accuracy, the clean accuracy of the same strategy and
 defence, the backdoor's success rate on triggered test images, which clients the defence
-dropped (hostile / honest) and the checkpoint overhead (seconds per round, bytes). Rows are
-appended to ``benchmarks/results/<out>-<date>.md`` as they finish.
+dropped (hostile / honest) and the checkpoint overhead (seconds per round, bytes). The run
+directories stay under ``--workdir``; the results, rewritten after every point, are
+``fedistill report`` over them (``benchmarks/results/<out>-<date>.md``, ``.csv``, ``.html``:
+accuracy, the random-subset control, uplink, seconds, peak GB, failed runs with their
+error) followed by this attacks table.
 
     python benchmarks/robustness.py --dataset digits --clients 10 --alpha 0.5 \\
         --strategies oneshot,feddm,fedaf,fedavg --attacks label_flip,backdoor --fractions 0.2,0.4 \\
@@ -18,12 +21,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
-import tempfile
 from pathlib import Path
 
-from _common import append_row, machine_info, results_path, run_point
+from _common import report_results, results_header, run_point, workdir
 from federated import MODEL_STRATEGIES
+
+from fedistill.report_render import Table
 
 DEFENSES = {"sets": "none,screen,robust_proto", "models": "none,median,krum"}
 """Defences tried per strategy kind (clients sending synthetic sets / models) unless given."""
@@ -59,6 +62,29 @@ def _checkpoint(run: Path) -> str:
     return f"{sum(e['seconds'] for e in ck) / len(ck):.3f} s, {ck[-1]['bytes'] / 1e6:.2f} MB"
 
 
+HEADERS = (
+    *("strategy", "attack", "hostile", "defense", "accuracy %", "clean %", "drop"),
+    *("ASR %", "clean ASR %", "dropped h/h", "checkpoint"),
+)
+"""The attacks table (the random-subset control, uplink, seconds, peak GB, errors: the report's)."""
+
+
+def _pct(value: float | None, fmt: str = ".2f") -> str:
+    return "-" if value is None else format(value, fmt)
+
+
+def _row(point: tuple[str, str, str, str], summary: dict, clean: dict, out: Path) -> tuple[str, ...]:
+    """The attacks-table row of ``point`` (strategy, attack, fraction, defence) run into ``out``;
+    ``clean``: the accuracy and ASR of the same strategy and defence with no hostile client."""
+    strategy, attack, frac, defense = point
+    acc, att = summary.get("final_accuracy"), summary.get("attack") or {}
+    drop = None if acc is None or clean.get("accuracy") is None else clean["accuracy"] - acc
+    asr = att.get("attack_success_rate") if attack == "backdoor" else None
+    cells = [strategy, attack if frac != "0" else "(clean)", f"{float(frac):.0%}", defense, _pct(acc)]
+    cells += [_pct(clean.get("accuracy")), _pct(drop, "+.2f"), _pct(asr, ".1f"), _pct(clean.get("asr"), ".1f")]
+    return (*cells, _dropped(out, set(att.get("clients") or [])), _checkpoint(out))
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--dataset", default="digits")
@@ -72,68 +98,50 @@ def main() -> None:
     ap.add_argument("--extra", default="", help="extra Hydra overrides for every point, space-separated")
     ap.add_argument("--strategy-extra", action="append", default=[], help="STRATEGY:OVERRIDE (repeatable)")
     ap.add_argument("--out", default="robustness")
+    ap.add_argument("--workdir", default=None, help="where the run directories stay (default: a new temp dir)")
     opts = ap.parse_args()
-    path = results_path(opts.out)
-    lines = [
-        f"# Robustness benchmark ({opts.dataset}, {opts.clients} clients, alpha {opts.alpha})",
-        "",
-        f"Machine: {machine_info()}",
-        "",
-        f"Command: `python benchmarks/robustness.py {' '.join(sys.argv[1:])}`",
-        "",
-        "Each row is one `fedistill simulate` subprocess (Flower simulation engine on Ray) with seed 0.",
-        "Accuracy: global model on the real test set after the last round; clean: the same strategy and",
-        "defence with no hostile client; ASR: share of triggered test images (other classes) classified",
-        "as the backdoor target. Dropped: distinct clients a defence dropped in any round, hostile/honest.",
-        "Checkpoint: mean seconds to write the round checkpoint, and its size.",
-        "",
-        "| strategy | attack | hostile | defense | accuracy % | clean % | drop | ASR % | clean ASR % "
-        "| dropped h/h | checkpoint | wall s | status |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
-    ]
-    path.write_text("\n".join(lines) + "\n")
+    work = workdir(opts.workdir, "robust")
+    header = results_header(
+        f"Robustness benchmark ({opts.dataset}, {opts.clients} clients, alpha {opts.alpha})",
+        "Each run is one `fedistill simulate` subprocess (Flower simulation engine on Ray) with seed 0; the\n"
+        "report's tables come first (a group per strategy, defence, attack and hostile fraction), then the\n"
+        "attacks table. Accuracy: global model on the real test set after the last round; clean: the same\n"
+        "strategy and defence with no hostile client; drop: clean minus accuracy; ASR: share of triggered\n"
+        "test images (other classes) classified as the backdoor target. Dropped: distinct clients a defence\n"
+        "dropped in any round, hostile/honest. Checkpoint: mean seconds to write the round checkpoint, and\n"
+        "its size.",
+    )
     extra = opts.extra.split() if opts.extra else []
     per_strategy: dict[str, list[str]] = {}
     for item in opts.strategy_extra:
         name, override = item.split(":", 1)
         per_strategy.setdefault(name, []).append(override)
     base = [f"dataset={opts.dataset}", f"clients={opts.clients}", f"alpha={opts.alpha}"]
-    with tempfile.TemporaryDirectory() as tmp:
-        for strategy in opts.strategies.split(","):
-            kind = "models" if strategy in MODEL_STRATEGIES else "sets"
-            defenses = (opts.model_defenses if kind == "models" else opts.set_defenses).split(",")
-            clean: dict[str, dict] = {}
-            points = [("backdoor", "0", d) for d in defenses]  # clean: nobody attacks (natural ASR)
-            points += [
-                (attack, frac, d)
-                for attack in opts.attacks.split(",")
-                if _applies(attack, strategy)
-                for frac in opts.fractions.split(",")
-                for d in defenses
-            ]
-            for attack, frac, defense in points:
-                args = [*base, f"strategy={strategy}", f"defense={defense}", f"attack.kind={attack}"]
-                args += [f"attack.fraction={frac}", *extra, *per_strategy.get(strategy, [])]
-                out = Path(tmp) / f"{strategy}-{attack}-{frac}-{defense}"
-                s, wall, _, rc = run_point(args, out)
-                acc = s.get("final_accuracy", float("nan"))
+    rows: list[tuple[str, ...]] = []
+    for strategy in opts.strategies.split(","):
+        kind = "models" if strategy in MODEL_STRATEGIES else "sets"
+        defenses = (opts.model_defenses if kind == "models" else opts.set_defenses).split(",")
+        clean: dict[str, dict] = {}
+        points = [("backdoor", "0", d) for d in defenses]  # clean: nobody attacks (natural ASR)
+        points += [
+            (attack, frac, d)
+            for attack in opts.attacks.split(",")
+            if _applies(attack, strategy)
+            for frac in opts.fractions.split(",")
+            for d in defenses
+        ]
+        for attack, frac, defense in points:
+            args = [*base, f"strategy={strategy}", f"defense={defense}", f"attack.kind={attack}"]
+            args += [f"attack.fraction={frac}", *extra, *per_strategy.get(strategy, [])]
+            out = work / f"{strategy}-{attack}-{frac}-{defense}"
+            s, wall, _, rc = run_point(args, out)
+            if frac == "0":
                 att = s.get("attack") or {}
-                if frac == "0":
-                    clean[defense] = {"accuracy": acc, "asr": att.get("attack_success_rate")}
-                ref = clean.get(defense, {})
-                asr = att.get("attack_success_rate") if attack == "backdoor" else None
-                ref_asr = ref.get("asr")
-                row = (
-                    f"| {strategy} | {attack if frac != '0' else '(clean)'} | {float(frac):.0%} | {defense} "
-                    f"| {acc:.2f} | {ref.get('accuracy', float('nan')):.2f} "
-                    f"| {ref.get('accuracy', float('nan')) - acc:+.2f} "
-                    f"| {'-' if asr is None else f'{asr:.1f}'} "
-                    f"| {'-' if ref_asr is None else f'{ref_asr:.1f}'} "
-                    f"| {_dropped(out, set(att.get('clients') or []))} | {_checkpoint(out)} | {wall:.0f} "
-                    f"| {'ok' if rc == 0 else s.get('error', 'failed')} |"
-                )
-                append_row(path, row)
-    print(f"wrote {path}")
+                clean[defense] = {"accuracy": s.get("final_accuracy"), "asr": att.get("attack_success_rate")}
+            rows.append(_row((strategy, attack, frac, defense), s, clean.get(defense, {}), out))
+            table = Table("Attacks and defences", HEADERS, rows)
+            status = s.get("error", "failed") if rc else "done"
+            print(f"{out.name}: {status} in {wall:.0f} s; {report_results([work], opts.out, header, [table])}")
 
 
 if __name__ == "__main__":

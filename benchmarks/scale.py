@@ -11,9 +11,15 @@ random-subset control) and the memory of one active client (its actor's peak RSS
     python benchmarks/scale.py --clients 100 --seeds 0,1,2 --extra "method.releases=null" --out scale-fresh
     python benchmarks/scale.py --clients 100 --extra "strategy=feddm" --out scale-feddm
 
-Writes ``benchmarks/results/<out>-<date>.md`` (a table per point, appended as points finish),
-``.json`` (every point's numbers) and ``.png`` (log-log wall time and peak memory against
-clients).
+Every run directory stays under ``--workdir``. The results, rewritten after every point (a
+stopped benchmark keeps what it measured), are ``fedistill report`` over those directories
+with this benchmark's profile table after it: ``benchmarks/results/<out>-<date>.md``
+(per number of clients: accuracy mean ± std over seeds, the random-subset control beside,
+uplink, seconds, peak GB; then one profile row per run), ``.csv`` and ``.html`` (the
+report's), ``.json`` (every point's profile, wall seconds and peak memory) and ``.png``
+(log-log wall time and peak memory against clients). ``--render`` rewrites the profile
+table and plot from the JSON of earlier runs (with the report of their run directories
+where these still exist).
 """
 
 from __future__ import annotations
@@ -21,11 +27,11 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-import sys
-import tempfile
 from pathlib import Path
 
-from _common import append_row, machine_info, results_path, run_point
+from _common import report_results, results_header, results_path, run_point, workdir
+
+from fedistill.report_render import Table, markdown_table
 
 
 def round_profile(run_dir: Path, summary: dict, wall: float) -> dict:
@@ -56,17 +62,29 @@ def round_profile(run_dir: Path, summary: dict, wall: float) -> dict:
     }
 
 
-def row(p: dict) -> str:
-    """One point as a row of the results table."""
-    return (
-        f"| {p['clients']} | {p['seed']} | {p['accuracy']} | {p['random_subset']} | {p['synthetic_images']} "
-        f"| {(p['bytes_up'] or 0) / 1e6:.2f} | {p['wall_seconds']} | {p['main_seconds']} "
-        f"| {p.get('exchange_seconds')} | {p.get('client_compute_seconds')} "
-        f"| {p.get('client_seconds_mean')} | {p.get('data_seconds')} | {p.get('accept_seconds')} "
-        f"| {p.get('server_train_seconds')} | {p.get('evaluate_seconds')} | {p.get('control_seconds')} "
-        f"| {p['peak_gb']} | {p.get('client_peak_rss_mb')} | {p.get('clients_failed')} |"
-        + (f" error: {p['error']}" if p.get("returncode") else "")
-    )
+PROFILE = (
+    ("clients", "clients"),
+    ("seed", "seed"),
+    ("synthetic_images", "synthetic images"),
+    ("wall_seconds", "wall s"),
+    ("exchange_seconds", "exchange s"),
+    ("client_compute_seconds", "client compute s"),
+    ("client_seconds_mean", "client mean s"),
+    ("data_seconds", "data s"),
+    ("accept_seconds", "accept s"),
+    ("server_train_seconds", "train s"),
+    ("evaluate_seconds", "evaluate s"),
+    ("control_seconds", "control s"),
+    ("client_peak_rss_mb", "client MB"),
+    ("clients_failed", "failed clients"),
+)
+"""The per-run profile table: point key -> column (accuracy, uplink, seconds, peak GB: the report's)."""
+
+
+def profile_table(points: list[dict]) -> Table:
+    """Where each run's time and memory went (``-``: not measured, e.g. a failed run)."""
+    rows = [tuple("-" if p.get(key) is None else str(p[key]) for key, _ in PROFILE) for p in points]
+    return Table("Per-run profile (seconds summed over rounds)", tuple(col for _, col in PROFILE), rows)
 
 
 def _plot(points: list[dict], path: Path) -> None:
@@ -96,70 +114,55 @@ def main() -> None:
     ap.add_argument("--seeds", default="0")
     ap.add_argument("--extra", default="", help="extra Hydra overrides for every point, space-separated")
     ap.add_argument("--out", default="scale")
+    ap.add_argument("--workdir", default=None, help="where the run directories stay (default: a new temp dir)")
     ap.add_argument("--render", nargs="*", default=None, help="JSON files of earlier runs: re-render their points")
     opts = ap.parse_args()
-    path = results_path(opts.out)
-    cmdline = "python benchmarks/scale.py " + " ".join(sys.argv[1:])
-    header = [
-        f"# Scale benchmark ({opts.dataset}, alpha {opts.alpha})",
-        "",
-        f"Machine: {machine_info()}",
-        "",
-        f"Command: `{cmdline}` (each point: `fedistill simulate dataset={opts.dataset} alpha={opts.alpha} "
-        f"clients=N seed=S {opts.extra}`)",
-        "",
-        "Wall: the whole command, Ray start to exit. Main s: start to the main result in summary.json",
-        "(wall_seconds; the random-subset control runs after it). Profile columns are summed over rounds:",
-        "exchange = messages out and replies back (client work on the Ray actors, Ray scheduling, actor",
-        "start, serialization); client compute = the clients' own distillation seconds summed over clients",
-        "(divide by the actors, 2 here, for its share of the exchange); data = per-client data loading",
-        "(cached per actor); accept = server decoding and validation; train = server training; control =",
-        "the random-subset control. Client MB: the largest peak RSS of one client's actor process.",
-        "",
-        "GPU numbers: not yet measured (no GPU machine was lent to this session; `benchmarks/gpu_scale.sh`).",
-        "",
-        "| clients | seed | accuracy % | random subset % | synthetic images | uplink MB | wall s | main s "
-        "| exchange s | client compute s | client mean s | data s | accept s | train s | evaluate s "
-        "| control s | peak GB | client MB | failed |",
-        "|" + "---|" * 19,
-    ]
-    path.write_text("\n".join(header) + "\n")
-    if opts.render is not None:  # one table and plot from the points of earlier runs
+    header = results_header(
+        f"Scale benchmark ({opts.dataset}, alpha {opts.alpha})",
+        f"Each point: `fedistill simulate dataset={opts.dataset} alpha={opts.alpha} clients=N seed=S {opts.extra}`",
+        "Seconds (the report's): start to the main result in summary.json (the random-subset control runs\n"
+        "after it); peak GB: the whole process tree (driver, Ray GCS/raylet, workers). In the profile table,\n"
+        "wall: the whole command, Ray start to exit; the other columns are summed over rounds:\n"
+        "exchange = messages out and replies back (client work on the Ray actors, Ray scheduling, actor\n"
+        "start, serialization); client compute = the clients' own distillation seconds summed over clients\n"
+        "(divide by the actors, 2 here, for its share of the exchange); data = per-client data loading\n"
+        "(cached per actor); accept = server decoding and validation; train = server training; control =\n"
+        "the random-subset control. Client MB: the largest peak RSS of one client's actor process; failed\n"
+        "clients: client replies that failed, summed over rounds.",
+    )
+    if opts.render is not None:  # one table and plot from the points of earlier runs (and their report, if kept)
         points = sorted((p for f in opts.render for p in json.loads(Path(f).read_text())), key=lambda p: p["clients"])
-        for p in points:
-            append_row(path, row(p))
-        results_path(opts.out, ".json").write_text(json.dumps(points, indent=1) + "\n")
-        _plot(points, results_path(opts.out, ".png"))
+        kept = [Path(p["run"]) for p in points if p.get("run") and Path(p["run"]).is_dir()]
+        _write(points, kept, opts.out, header)
         return
+    work = workdir(opts.workdir, "scale")
     extra = opts.extra.split() if opts.extra else []
     points: list[dict] = []
-    with tempfile.TemporaryDirectory() as tmp:
-        for clients in opts.clients.split(","):
-            for seed in opts.seeds.split(","):
-                args = [f"dataset={opts.dataset}", f"alpha={opts.alpha}", f"clients={clients}", f"seed={seed}"]
-                out = Path(tmp) / f"c{clients}-s{seed}"
-                s, wall, peak, rc = run_point([*args, *extra], out)
-                prof = round_profile(out, s, wall) if (out / "metrics.jsonl").is_file() else {}
-                base = ((s.get("baselines") or {}).get("random_subset") or {}).get("accuracy", "-")
-                point = {
-                    "clients": int(clients),
-                    "seed": int(seed),
-                    "accuracy": s.get("final_accuracy"),
-                    "random_subset": base,
-                    "synthetic_images": s.get("synthetic_images"),
-                    "bytes_up": s.get("bytes_up"),
-                    "wall_seconds": round(wall, 1),
-                    "main_seconds": s.get("wall_seconds"),
-                    "peak_gb": round(peak / 1e9, 2),
-                    "returncode": rc,
-                    "error": s.get("error"),
-                    **prof,
-                }
-                points.append(point)
-                append_row(path, row(point))
-                results_path(opts.out, ".json").write_text(json.dumps(points, indent=1) + "\n")
+    for clients in opts.clients.split(","):
+        for seed in opts.seeds.split(","):
+            args = [f"dataset={opts.dataset}", f"alpha={opts.alpha}", f"clients={clients}", f"seed={seed}"]
+            out = work / f"c{clients}-s{seed}"
+            s, wall, peak, rc = run_point([*args, *extra], out)
+            prof = round_profile(out, s, wall) if (out / "metrics.jsonl").is_file() else {}
+            point = {"clients": int(clients), "seed": int(seed), "synthetic_images": s.get("synthetic_images")}
+            point |= {"wall_seconds": round(wall, 1), "peak_gb": round(peak / 1e9, 2), "run": str(out), **prof}
+            points.append(point)
+            print(f"{out.name}: {s.get('error', 'failed') if rc else 'done'} in {wall:.0f} s", flush=True)
+            _write(points, [work], opts.out, header)
+
+
+def _write(points: list[dict], dirs: list[Path], name: str, header: str) -> None:
+    """The results: the report of ``dirs`` with the profile table (just the table without run
+    directories), the points as JSON, the plot of wall time and peak memory against clients."""
+    if dirs:
+        md = report_results(dirs, name, header, [profile_table(points)])
+    else:
+        md = results_path(name)
+        md.write_text("\n".join([header, "", *markdown_table(profile_table(points))]) + "\n")
+    results_path(name, ".json").write_text(json.dumps(points, indent=1) + "\n")
     if len({p["clients"] for p in points}) > 1:
-        _plot(points, results_path(opts.out, ".png"))
+        _plot(points, results_path(name, ".png"))
+    print(f"results: {md}", flush=True)
 
 
 if __name__ == "__main__":

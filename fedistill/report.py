@@ -45,7 +45,8 @@ __all__ = [
 # config keys (and key prefixes) left out of the group key: the seed, and what never changes a result
 IGNORED_KEYS = ("seed", "resume", "hydra", "verbose", "data.root", "eval.cache_dir", "tracking")
 #: optional file of a run directory, written by whoever ran the command and watched its process tree
-#: (``benchmarks/_common.py``): ``{"peak_rss_bytes": ..., "wall_seconds": ..., "exit_code": ...}``
+#: (``benchmarks/_common.py``): ``{"peak_rss_bytes": ..., "wall_seconds": ..., "exit_code": ..., "error": ...}``
+#: (``error``: the last line the command wrote to stderr when it failed, shown for a run without one of its own)
 RESOURCES_FILE = "resources.json"
 # summary["privacy"]: per-client max (federated distillation), spent (central DP engine), FedAvg's
 _EPSILON_KEYS = ("epsilon_max", "epsilon_spent", "epsilon")
@@ -117,7 +118,7 @@ class Run:
     epsilon: float | None = None
     peak_gb: float | None = None  # RESOURCES_FILE's peak resident memory of the process tree
     curve: list[dict[str, Any]] = field(default_factory=list)  # metrics.jsonl round records
-    detail: str = ""  # the summary's error, or why a file could not be read
+    detail: str = ""  # the summary's error (else RESOURCES_FILE's), or why a file could not be read
     warnings: list[str] = field(default_factory=list)
 
     @property
@@ -202,15 +203,14 @@ def _epsilon(summary: Mapping[str, Any]) -> float | None:
     return float(found[0]) if found else None
 
 
-def _peak_gb(path: Path) -> float | None:
-    """The run's peak process-tree memory in GB from :data:`RESOURCES_FILE` (``None``: not measured)."""
+def _resources(path: Path) -> dict[str, Any]:
+    """The run's :data:`RESOURCES_FILE` record (empty: not measured, or unreadable)."""
     if not (path / RESOURCES_FILE).is_file():
-        return None
+        return {}
     try:
-        peak = read_json_object(path / RESOURCES_FILE, ReportError, "its memory is not shown").get("peak_rss_bytes")
+        return read_json_object(path / RESOURCES_FILE, ReportError, "its memory is not shown")
     except ReportError:
-        return None
-    return None if peak is None else float(peak) / 1e9
+        return {}
 
 
 def read_run(path: Path) -> Run | None:
@@ -223,7 +223,10 @@ def read_run(path: Path) -> Run | None:
     if len(kinds) != 1:
         return None
     run = Run(path, kinds[0], flatten_mapping(cfg), "no summary.json", curve=_curve(path))
-    run.peak_gb = _peak_gb(path)
+    resources = _resources(path)
+    if (peak := resources.get("peak_rss_bytes")) is not None:
+        run.peak_gb = float(peak) / 1e9
+    run.detail = str(resources.get("error") or "")  # a crash before summary.json: the command's own last words
     if not (path / "summary.json").is_file():
         return run
     try:
@@ -236,7 +239,7 @@ def read_run(path: Path) -> Run | None:
     if run.complete and run.result.accuracy is None:
         run.status = "no final accuracy"
     run.epsilon = _epsilon(summary)
-    run.detail = str(summary.get("error") or "")
+    run.detail = str(summary.get("error") or run.detail)
     run.warnings = [str(w) for w in summary.get("warnings", [])]
     return run
 

@@ -34,6 +34,7 @@ __all__ = [
     "csv_text",
     "line_plot",
     "markdown",
+    "markdown_table",
     "page",
     "plots",
     "tables",
@@ -52,6 +53,7 @@ CSV_COLUMNS = (
     "seconds",
     "peak_gb",
     "path",
+    "warnings",
 )
 GROUP_COLUMNS = (
     "group",
@@ -59,6 +61,7 @@ GROUP_COLUMNS = (
     "accuracy %",
     "random subset %",
     "vs random",
+    "above random",
     "uplink MB",
     "epsilon",
     "seconds",
@@ -152,6 +155,13 @@ def _pm(stat: tuple[float, float] | None) -> str:
     return "-" if stat is None else f"{stat[0]:.2f} ± {stat[1]:.2f}"
 
 
+def _above(group: Group) -> str:
+    """``k/n``: of the ``n`` finished runs with both accuracies, ``k`` beat their own random-subset control."""
+    both = [(_ACCURACY(run), _RANDOM_SUBSET(run)) for run in group.done]
+    pairs = [(a, r) for a, r in both if a is not None and r is not None]
+    return f"{sum(a > r for a, r in pairs)}/{len(pairs)}" if pairs else "-"
+
+
 def _front(groups: Sequence[Group]) -> list[Group]:
     """The groups on the Pareto front of mean final accuracy against mean uplink."""
     placed = [(g, up[0], acc[0]) for g in groups if (acc := g.stat(_ACCURACY)) and (up := g.stat(_BYTES_UP))]
@@ -169,7 +179,8 @@ def tables(report: Report, *, relative_to: Path) -> list[Table]:
                 g.stat(f) for f in (_ACCURACY, _RANDOM_SUBSET, _BYTES_UP, _EPSILON, _SECONDS, _PEAK_GB)
             )
             delta = f"{acc[0] - rnd[0]:+.2f}" if acc and rnd else "-"
-            cells = (str(len(g.done)), _pm(acc), _pm(rnd), delta, "-" if up is None else f"{up[0] / 1e6:.3f}")
+            up_mb = "-" if up is None else f"{up[0] / 1e6:.3f}"
+            cells = (str(len(g.done)), _pm(acc), _pm(rnd), delta, _above(g), up_mb)
             cells += ("-" if eps is None else f"{eps[0]:.2f}", "-" if sec is None else f"{sec[0]:.0f}")
             cells += ("-" if peak is None else f"{peak[0]:.2f}", "yes" if id(g) in front else "")
             rows.append((g.label, *cells, str(len(g.runs) - len(g.done))))
@@ -268,16 +279,20 @@ def _notes(report: Report) -> list[str]:
     return notes + [f"not a central or simulate run (skipped): {p}" for p in report.skipped]
 
 
+def markdown_table(tab: Table) -> list[str]:
+    """``tab`` as Markdown lines: its title as a heading, then the table (``none`` when it has no row)."""
+    lines = [f"## {tab.title}", ""]
+    if not tab.rows:
+        return [*lines, "none"]
+    lines += ["| " + " | ".join(tab.headers) + " |", "|" + "---|" * len(tab.headers)]
+    return lines + ["| " + " | ".join(c.replace("|", "\\|") for c in row) + " |" for row in tab.rows]
+
+
 def markdown(report: Report, tabs: Sequence[Table], *, dirs: Sequence[str]) -> str:
     """``report.md``: the intro, the tables, the runs' warnings."""
     lines = ["# fedistill report", "", _intro(report, dirs)]
     for tab in tabs:
-        lines += ["", f"## {tab.title}", ""]
-        if not tab.rows:
-            lines.append("none")
-            continue
-        lines += ["| " + " | ".join(tab.headers) + " |", "|" + "---|" * len(tab.headers)]
-        lines += ["| " + " | ".join(c.replace("|", "\\|") for c in row) + " |" for row in tab.rows]
+        lines += ["", *markdown_table(tab)]
     if notes := _notes(report):
         lines += ["", "## Notes", "", *(f"- {n}" for n in notes)]
     return "\n".join(lines) + "\n"
@@ -317,8 +332,8 @@ def csv_text(report: Report) -> str:
     ungrouped = [r for r in report.runs if r.path not in labels]
     for r in [*(r for g in report.groups for r in g.runs), *ungrouped]:
         row = (labels.get(r.path, "-"), r.seed, r.status, _ACCURACY(r), _RANDOM_SUBSET(r), _BYTES_UP(r), r.epsilon)
-        row += (_SECONDS(r), r.peak_gb)
-        writer.writerow(["" if v is None else v for v in (*row, r.path)])
+        row += (_SECONDS(r), r.peak_gb, r.path, "; ".join(r.warnings))
+        writer.writerow(["" if v is None else v for v in row])
     return buf.getvalue()
 
 

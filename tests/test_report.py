@@ -77,6 +77,9 @@ def runs(tmp_path_factory) -> Path:
     _edit_summary(root / "sweep" / "interrupted", status="distilling", accuracy={"mean": 100.0, "std": 0.0})
     shutil.copytree(dm[1], root / "sweep" / "crashed")
     (root / "sweep" / "crashed" / "summary.json").unlink()
+    # the crashed command's last words, as run_point records them beside a run that exited non-zero
+    crash = {"peak_rss_bytes": 1e9, "exit_code": 1, "error": "RuntimeError: out of memory"}
+    (root / "sweep" / "crashed" / RESOURCES_FILE).write_text(json.dumps(crash))
     shutil.copytree(root / "sim" / "run", root / "sim" / "failed")
     _edit_summary(root / "sim" / "failed", status="failed", error="round 1: only 0 of 2 sampled clients succeeded")
     _edit_summary(root / "sim" / "failed", final_accuracy=None)
@@ -113,7 +116,8 @@ def test_report_groups_seeds_means_and_lists_failed_runs(runs, report):
     rows = list(csv.DictReader((out / "report.csv").open()))
     assert len(rows) == 8
     assert list(rows[0]) == [
-        *("group", "seed", "status", "accuracy", "random_subset", "bytes_up", "epsilon", "seconds", "peak_gb", "path")
+        *("group", "seed", "status", "accuracy", "random_subset", "bytes_up", "epsilon", "seconds", "peak_gb"),
+        *("path", "warnings"),
     ]
     by_path = {Path(r["path"]).name: r for r in rows}
     assert by_path["interrupted"]["status"] == "distilling" and by_path["crashed"]["status"] == "no summary.json"
@@ -128,6 +132,7 @@ def test_report_groups_seeds_means_and_lists_failed_runs(runs, report):
         if row["status"] != "done":
             continue
         summary = _summary(run)
+        assert row["warnings"] == "; ".join(summary.get("warnings", []))
         if command == "central":
             assert float(row["accuracy"]) == summary["accuracy"]["mean"]
             assert float(row["random_subset"]) == summary["baselines"]["random_subset"]["mean"]
@@ -152,21 +157,25 @@ def test_report_groups_seeds_means_and_lists_failed_runs(runs, report):
     table = {line.split(" | ")[0].lstrip("| "): line for line in md.splitlines() if line.startswith("| command=")}
     dm_runs, dp_runs = _finished(runs, "dm"), _finished(runs, "dp_dm")
     for label, done, incomplete in ((dm, dm_runs, 2), (dp, dp_runs, 0)):
-        accuracy = _pm([s["accuracy"]["mean"] for s in done])
-        control = _pm([s["baselines"]["random_subset"]["mean"] for s in done])
+        accs, controls = [s["accuracy"]["mean"] for s in done], [s["baselines"]["random_subset"]["mean"] for s in done]
+        delta = f"{statistics.fmean(accs) - statistics.fmean(controls):+.2f}"
+        above = sum(a > c for a, c in zip(accs, controls, strict=True))  # seeds that beat their own control
         # the interrupted copy's stale 100.0 would move the mean: only finished runs count
-        assert table[label].startswith(f"| {label} | 2 | {accuracy} | {control} | "), table[label]
+        start = f"| {label} | 2 | {_pm(accs)} | {_pm(controls)} | {delta} | {above}/2 | "
+        assert table[label].startswith(start), table[label]
         assert table[label].endswith(f" | {incomplete} |")
     epsilon = statistics.fmean(s["privacy"]["epsilon_spent"] for s in dp_runs)
     assert f" | {epsilon:.2f} | " in table[dp] and " | - | - | " in table[dm] and table[dm].endswith(" | - |  | 2 |")
     simulate = _summary(runs / "sim" / "run")
     assert table[sim].startswith(f"| {sim} | 1 | {simulate['final_accuracy']:.2f} ± 0.00 | ")
-    tail = f" | {simulate['bytes_up'] / 1e6:.3f} | - | {simulate['wall_seconds']:.0f} | 2.50 | yes | 1 |"
+    above = int(simulate["final_accuracy"] > simulate["baselines"]["random_subset"]["accuracy"])
+    tail = f" | {above}/1 | {simulate['bytes_up'] / 1e6:.3f} | - | {simulate['wall_seconds']:.0f} | 2.50 | yes | 1 |"
     assert table[sim].endswith(tail), table[sim]  # alone on the front
     failed = md.split("## Failed or incomplete runs", 1)[1]
     for name, status in (("interrupted", "distilling"), ("crashed", "no summary.json"), ("failed", "failed")):
         assert re.search(rf"\| \S*{name} \| [^|]+ \| \d \| {status} \|", failed), (name, failed)
     assert "round 1: only 0 of 2 sampled clients succeeded" in failed
+    assert re.search(r"\| \S*crashed \| [^|]+ \| \d \| no summary.json \| RuntimeError: out of memory \|", failed)
 
     page = (out / "report.html").read_text()
     images = re.findall(r"src='data:image/png;base64,([A-Za-z0-9+/=]+)'", page)
