@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import pytest
 import torch
+from claims import assert_beats, margins
 
 from fedistill.data import Split
 from fedistill.engines import ENGINES, build_engine
 from fedistill.engines.matching import RealSampler, real_class_means
-from fedistill.evaluation import EvalRecipe, ModelSpec, evaluate_synthetic
+from fedistill.evaluation import EvalRecipe, ModelSpec
 from fedistill.models import build_model
 from fedistill.seeding import torch_generator
 
@@ -132,18 +133,16 @@ def test_unknown_option_lists_valid_ones():
 
 @pytest.mark.slow
 def test_dm_beats_random_subset_at_ipc10(digits):
-    """DM at IPC 10 beats the random real subset of the same size (same evaluator, 2 evaluation seeds).
+    """DM at IPC 10 beats the random real subset of the same size (same evaluator, 3 seeds).
 
     The central digits model (two ConvNet blocks, configs/dataset_model/digits_convnet.yaml),
     300 iterations over 20 cached releases (as `simulate` runs DM), evaluated for 150 epochs.
-    Measured on the dev machine: 97.08 vs 95.68 (300 epochs x 3 runs: 97.49 vs 95.91; a fresh
+    Margins over seeds (``tests/claims.py``), measured on the dev machine: 2.5, 3.1, 3.6 points on
+    seeds 0-2 (seed 0 before, 2 runs: 97.08 vs 95.68; 300 epochs x 3 runs: 97.49 vs 95.91; a fresh
     release every iteration: 97.96, 9x the distillation time); the asserted margin is about half.
     """
     two_blocks = {"depth": 2}
-    syn = build_engine("dm", iterations=300, releases=20, model_kwargs=two_blocks).distill(digits.train, 10, seed=0)
-    res = evaluate_synthetic(
-        syn, digits, models=[ModelSpec("convnet", two_blocks)], recipe=EvalRecipe(epochs=150), runs=2, seed=0
-    )
-    dm, rnd = res["accuracy"]["mean"], res["baselines"]["random_subset"]["mean"]
-    print(f"DM {dm:.2f} vs random subset {rnd:.2f}")
-    assert dm > rnd + 0.75, (dm, rnd)
+    engine = build_engine("dm", iterations=300, releases=20, model_kwargs=two_blocks)
+    spec, recipe = ModelSpec("convnet", two_blocks), EvalRecipe(epochs=150)
+    gains = margins(lambda seed: engine.distill(digits.train, 10, seed=seed), digits, spec=spec, recipe=recipe)
+    assert_beats(gains, floor=1.5, what="DM vs random subset")

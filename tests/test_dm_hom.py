@@ -6,10 +6,11 @@ import math
 
 import pytest
 import torch
+from claims import assert_beats, margins
 
 from fedistill.engines import ENGINES, build_engine
 from fedistill.engines.dm_hom import random_fourier_features
-from fedistill.evaluation import EvalRecipe, ModelSpec, evaluate_synthetic
+from fedistill.evaluation import EvalRecipe, ModelSpec
 
 NET = {"width": 32, "depth": 2}
 FAST = {"iterations": 200, "batch_real": 64, "lr_img": 10.0, "model_kwargs": NET, "compile": False, "log_every": 50}
@@ -42,11 +43,9 @@ def test_zero_mmd_weight_is_dm(digits):
 
 @pytest.mark.slow
 def test_beats_random_subset_at_ipc1(digits):
-    """IPC 1, 200 iterations. Measured on the dev machine: 88.9 vs random subset 64.4 (DM: 88.7)."""
-    syn = build_engine("dm_hom", **FAST).distill(digits.train, 1, seed=0)
-    res = evaluate_synthetic(
-        syn, digits, models=[ModelSpec("convnet", NET)], recipe=EvalRecipe(epochs=100), runs=2, seed=0
-    )
-    acc, rnd = res["accuracy"]["mean"], res["baselines"]["random_subset"]["mean"]
-    print(f"dm_hom {acc:.2f} vs random subset {rnd:.2f}")
-    assert acc > rnd + 5.0, (acc, rnd)
+    """IPC 1, 200 iterations, margins over seeds (``tests/claims.py``). Measured on the dev machine:
+    20.1, 19.8, 18.1 points over the random subset on seeds 0-2 (one seed before: 88.9 vs 64.4; DM 88.7)."""
+    engine = build_engine("dm_hom", **FAST)
+    spec, recipe = ModelSpec("convnet", NET), EvalRecipe(epochs=100)
+    gains = margins(lambda seed: engine.distill(digits.train, 1, seed=seed), digits, spec=spec, recipe=recipe)
+    assert_beats(gains, floor=10.0, what="dm_hom vs random subset")

@@ -197,3 +197,24 @@ def test_server_distillation_keeps_the_classes_with_enough_noisy_records_and_is_
     assert meta["noisy_counts"] == {str(c): round(float(n), 2) for c, n in enumerate(counts)}
     total[..., -1] = 0.0
     assert distill_from_sums(total, seed=3, **kwargs) is None
+
+
+@pytest.mark.parametrize("accountant", ["rdp", "prv"])
+def test_release_bound_is_the_sample_bound_plus_six_calibrated_noise_stds(accountant):
+    """The public bound that secure aggregation clips at: the Poisson sample's mean plus 6 stds, plus 6
+    noise stds, times the clip; the noise calibrated for the method's own sample rate, accountant and
+    planned releases (one round, ``releases`` per round, when ``planned_rounds`` is unset)."""
+    from fedistill.federated.dp_stats import release_bound
+    from fedistill.privacy import calibrate_noise
+
+    method = {"name": "dp_dm", "epsilon": 2.0, "delta": 1e-5, "clip": 3.0, "batch_real": 16}
+    method |= {"iterations": 40, "releases": 8, "sample_rate": 0.25, "accountant": accountant}
+    sigma = calibrate_noise(epsilon=2.0, delta=1e-5, sample_rate=0.25, steps=8, accountant=accountant)
+    records = 16 + 6 * math.sqrt(16) + 6
+    assert release_bound(method, rounds=1, noise_share=0.5) == pytest.approx(3.0 * (records + 6 * sigma * 0.5))
+    # three planned rounds spread the budget over three times the releases: more noise per release
+    sigma3 = calibrate_noise(epsilon=2.0, delta=1e-5, sample_rate=0.25, steps=24, accountant=accountant)
+    assert sigma3 > sigma
+    assert release_bound(method, rounds=3, noise_share=1.0) == pytest.approx(3.0 * (records + 6 * sigma3))
+    # a fixed sigma is used as given
+    assert release_bound(method | {"sigma": 1.5}, rounds=1, noise_share=1.0) == pytest.approx(3.0 * (records + 9.0))

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from claims import assert_beats, margins
 
 from fedistill.data import SyntheticSet
 from fedistill.engines import ENGINES, build_engine
@@ -57,15 +58,13 @@ def test_generator_state_dict_can_be_averaged(digits):
 
 @pytest.mark.slow
 def test_gen_beats_random_subset_at_ipc2(digits):
-    """Hard labels, same evaluator and seeds. Measured: 78.41 vs 60.17 (decoded encoder means
+    """Hard labels, same evaluator and seeds (``tests/claims.py``). Measured: 16.4, 8.6, 11.7 points over
+    the random subset on seeds 0-2 (seed 0 before, 2 runs: 78.41 vs 60.17; decoded encoder means
     before any latent step: 75.49)."""
-    from fedistill.evaluation import EvalRecipe, ModelSpec, evaluate_synthetic
+    from fedistill.evaluation import EvalRecipe, ModelSpec
 
     opts = {"iterations": 100, "gen_epochs": 30, "batch_real": 128, "model_kwargs": {"width": 32}}
-    syn = build_engine("gen", **opts).distill(digits.train, 2, seed=0)
-    res = evaluate_synthetic(
-        syn, digits, models=[ModelSpec("convnet", {"width": 32})], recipe=EvalRecipe(epochs=150), runs=2, seed=0
-    )
-    gen, rnd = res["accuracy"]["mean"], res["baselines"]["random_subset"]["mean"]
-    print(f"gen {gen:.2f} vs random subset {rnd:.2f}")
-    assert gen > rnd + 8.0, (gen, rnd)
+    engine = build_engine("gen", **opts)
+    spec, recipe = ModelSpec("convnet", {"width": 32}), EvalRecipe(epochs=150)
+    gains = margins(lambda seed: engine.distill(digits.train, 2, seed=seed), digits, spec=spec, recipe=recipe)
+    assert_beats(gains, floor=6.0, what="gen vs random subset")

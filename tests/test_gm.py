@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import pytest
 import torch
+from claims import assert_beats, margins
 
 from fedistill.augment import DSA
 from fedistill.data import Split
 from fedistill.engines import ENGINES, build_engine
 from fedistill.engines.base import init_synthetic
 from fedistill.engines.gm import gradient_distance, loop_schedule, matching_loss
-from fedistill.evaluation import EvalRecipe, ModelSpec, evaluate_synthetic
+from fedistill.evaluation import EvalRecipe, ModelSpec
 from fedistill.models import build_model
 
 # Depth 2: on 8x8 digits a third block would instance-normalize 2x2 maps, which makes
@@ -86,10 +87,9 @@ def test_same_seed_same_set(digits):
 @pytest.mark.slow
 @pytest.mark.parametrize("method", ["dc", "dsa"])
 def test_beats_random_subset_at_ipc1(digits, method):
-    """IPC 1, 40 iterations. Measured on the dev machine: DC 88.4 vs random subset 63.9."""
-    syn = build_engine(method, **FAST).distill(digits.train, 1, seed=0)
-    recipe = EvalRecipe(epochs=100)
-    res = evaluate_synthetic(syn, digits, models=[ModelSpec("convnet", NET)], recipe=recipe, runs=2, seed=0)
-    acc, rnd = res["accuracy"]["mean"], res["baselines"]["random_subset"]["mean"]
-    print(f"{method} {acc:.2f} vs random subset {rnd:.2f}")
-    assert acc > rnd + 5.0, (acc, rnd)
+    """IPC 1, 40 iterations, margins over seeds (``tests/claims.py``). Measured on the dev machine:
+    DC 18.4, 19.2, 17.6 and DSA 17.0, 18.9, 17.0 points over the random subset on seeds 0-2."""
+    engine = build_engine(method, **FAST)
+    spec, recipe = ModelSpec("convnet", NET), EvalRecipe(epochs=100)
+    gains = margins(lambda seed: engine.distill(digits.train, 1, seed=seed), digits, spec=spec, recipe=recipe)
+    assert_beats(gains, floor=9.0, what=f"{method} vs random subset")

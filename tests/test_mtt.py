@@ -7,6 +7,7 @@ from collections.abc import Callable
 
 import pytest
 import torch
+from claims import SEEDS, assert_beats, margins
 
 from fedistill.augment import DSA
 from fedistill.engines import ENGINES, build_engine
@@ -173,20 +174,28 @@ def test_tesla_records_its_expert_as_the_teacher_of_its_soft_labels(digits, cach
     assert "teacher" not in mtt.metadata
 
 
+#: TESLA at IPC 1 needs a longer run than MTT to beat random images on every seed: at MTT's 60
+#: iterations of 10 steps its margins over the random subset on seeds 0-2 were 5.3, -6.7 and 6.1.
+TESLA = {"iterations": 120, "syn_steps": 20}
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("method", ["mtt", "tesla"])
 def test_beats_random_subset_at_ipc1(digits, cache, method):
-    """IPC 1, 60 iterations. Measured on the dev machine: MTT 86.5, TESLA 76.5 (soft labels) vs 63.9
-    for the random subset; TESLA's soft labels also face the same random subset labelled by the same
-    expert at the same temperature (56.0: a weak expert's labels do not carry TESLA's result)."""
-    engine = build_engine(method, **FAST | {"cache_dir": cache})
-    syn = engine.distill(digits.train, 1, seed=0)
+    """IPC 1 on digits, margins over seeds 0-2 (``tests/claims.py``). Measured on the dev machine: MTT
+    (60 iterations) 18.7, 13.7, 13.4 points over the random subset. TESLA (120 iterations of 20 steps,
+    soft labels) 9.2, 1.7, 7.0, and 18.1, 4.2, 2.8 over the same random subsets labelled by the expert
+    the set records as its teacher at the same temperature (a weak expert's labels do not carry TESLA's
+    result). TESLA's claim is the weaker one (every seed above, not a significant mean): its margins
+    vary too much for 3 seeds, and on 5 seeds (9.2, 1.7, 7.0, 8.9, 9.2 and 18.1, 4.2, 2.8, 6.1, 7.5:
+    95% lower bounds 4.1 and 2.0 points) the test took 110 s, ~19 s per distillation. Its gradient is
+    MTT's (``test_tesla_gradient_equals_unrolled_gradient``), whose claim is significant."""
+    tesla = method == "tesla"
+    engine = build_engine(method, **FAST | {"cache_dir": cache} | (TESLA if tesla else {}))
+    sets = {seed: engine.distill(digits.train, 1, seed=seed) for seed in SEEDS}  # the experts are shared
     spec, recipe = ModelSpec("convnet", NET), EvalRecipe(epochs=100)
-    res = evaluate_synthetic(syn, digits, models=[spec], recipe=recipe, runs=2, seed=0)
-    acc, rnd = res["accuracy"]["mean"], res["baselines"]["random_subset"]["mean"]
-    print(f"{method} {acc:.2f} vs random subset {rnd:.2f}")
-    assert acc > rnd + 5.0, (acc, rnd)
-    if method == "tesla":  # the random subset relabelled by the expert the set records as its teacher
-        soft = res["baselines"]["random_subset_soft"]["mean"]
-        print(f"tesla {acc:.2f} vs expert-relabelled random subset {soft:.2f}")
-        assert acc > soft + 5.0, (acc, soft)
+    gains = margins(sets.__getitem__, digits, spec=spec, recipe=recipe)
+    assert_beats(gains, floor=3.0 if tesla else 6.0, what=f"{method} vs random subset", significant=not tesla)
+    if tesla:  # the random subset relabelled by the expert the set records as its teacher
+        soft = margins(sets.__getitem__, digits, spec=spec, recipe=recipe, baseline="random_subset_soft")
+        assert_beats(soft, floor=3.0, what="tesla vs expert-relabelled random subset", significant=False)

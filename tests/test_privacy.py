@@ -6,12 +6,14 @@ import json
 
 import pytest
 import torch
+from claims import assert_beats, margins
 from opacus.accountants import RDPAccountant
 from opacus.accountants.utils import get_noise_multiplier
 
+from fedistill.data import SyntheticSet
 from fedistill.engines import ENGINES, build_engine
 from fedistill.engines.dp import PoissonClassSampler
-from fedistill.evaluation import EvalRecipe, ModelSpec, evaluate_synthetic
+from fedistill.evaluation import EvalRecipe, ModelSpec
 from fedistill.privacy import (
     BudgetExceededError,
     ClientLedgers,
@@ -221,16 +223,17 @@ def test_dp_dc_release_does_not_depend_on_the_per_sample_chunk(digits):
 @pytest.mark.slow
 def test_dp_dm_at_epsilon_10_beats_the_random_real_subset(digits):
     """IPC 1, epsilon 10 (delta 1e-5), the CPU defaults of configs/method/dp_dm.yaml.
-    Measured on the dev machine: 89.0% vs 63.9% for the random real subset (2 runs)."""
+    Measured on the dev machine: 19.5, 20.9, 17.3 points over the random real subset on seeds 0-2
+    (``tests/claims.py``; seed 0 before, 2 runs: 89.0% vs 63.9%)."""
     engine = build_engine("dp_dm", model_kwargs=NET, iterations=400, releases=50, batch_real=64, clip=10.0)
-    syn = engine.distill(digits.train, 1, seed=0)
-    assert syn.metadata["privacy"]["epsilon_spent"] <= 10.0 * 1.01
-    res = evaluate_synthetic(
-        syn, digits, models=[ModelSpec("convnet", NET)], recipe=EvalRecipe(epochs=100), runs=2, seed=0
-    )
-    acc, rnd = res["accuracy"]["mean"], res["baselines"]["random_subset"]["mean"]
-    print(f"dp_dm eps 10: {acc:.2f} vs random subset {rnd:.2f}")
-    assert acc > rnd + 10.0, (acc, rnd)
+
+    def distill(seed: int) -> SyntheticSet:
+        syn = engine.distill(digits.train, 1, seed=seed)
+        assert syn.metadata["privacy"]["epsilon_spent"] <= 10.0 * 1.01
+        return syn
+
+    gains = margins(distill, digits, spec=ModelSpec("convnet", NET), recipe=EvalRecipe(epochs=100))
+    assert_beats(gains, floor=10.0, what="dp_dm eps 10 vs random subset")
 
 
 # ------------------------------------------------------------------ the client keeps its ledger

@@ -6,10 +6,12 @@ import json
 
 import pytest
 import torch
+from claims import assert_beats, margins
 
 from fedistill.engines import ENGINES, build_engine
 from fedistill.engines.rded import random_resized_crops, stitch
-from fedistill.evaluation import EvalRecipe, ModelSpec, evaluate_synthetic
+from fedistill.evaluation import EvalRecipe, ModelSpec
+from fedistill.ranking import label_robust_score
 
 SMALL_TEACHER = {"width": 32, "norm": "batch", "epochs": 15}
 
@@ -61,15 +63,20 @@ def test_same_seed_same_set(digits):
 def test_rded_soft_labels_beat_teacher_relabelled_random_subset(digits):
     """Same teacher, temperature, KD recipe (lr 0.1) and seeds for both, at IPC 2.
 
-    Measured on the dev machine: 77.99 vs 45.13. At IPC 10 RDED loses to the
+    Measured on the dev machine: 27.3, 15.9, 17.0 points over it on seeds 0-2 (``tests/claims.py``;
+    seed 0 before, 2 runs: 77.99 vs 45.13). At IPC 10 RDED loses to the
     relabelled random subset on digits (configs/method/rded.yaml).
     """
-    syn = build_engine("rded", teacher=SMALL_TEACHER).distill(digits.train, 2, seed=0)
-    recipe = EvalRecipe(epochs=150, soft_lr=0.1)
-    res = evaluate_synthetic(syn, digits, models=[ModelSpec("convnet", {"width": 32})], recipe=recipe, runs=2, seed=0)
-    rded, rdm = res["accuracy"]["mean"], res["baselines"]["random_subset_soft"]["mean"]
-    print(f"RDED soft {rded:.2f} vs random subset with the same teacher {rdm:.2f}")
-    assert rded > rdm + 10.0, (rded, rdm)
+    engine = build_engine("rded", teacher=SMALL_TEACHER)
+    spec, recipe = ModelSpec("convnet", {"width": 32}), EvalRecipe(epochs=150, soft_lr=0.1)
+    gains = margins(
+        lambda seed: engine.distill(digits.train, 2, seed=seed),
+        digits,
+        spec=spec,
+        recipe=recipe,
+        baseline="random_subset_soft",
+    )
+    assert_beats(gains, floor=10.0, what="RDED soft vs random subset with the same teacher")
 
 
 @pytest.mark.slow
@@ -90,7 +97,14 @@ def test_cli_central_method_rded(tmp_path):
     summary = json.loads((out / "summary.json").read_text())
     assert summary["method"] == "rded" and summary["labels"] == "soft" and summary["status"] == "done"
     assert {"random_subset", "random_subset_soft", "whole_dataset"} <= set(summary["baselines"])
-    assert 0 <= summary["ranking"]["lrs"]["lrs"] <= 100 and "test" in summary["teacher"]
+    assert "test" in summary["teacher"]
+    # LRS is DD-Ranking's formula over the accuracies this summary reports
+    assert summary["ranking"]["lrs"] == label_robust_score(
+        real_hard=summary["baselines"]["whole_dataset"],
+        syn_hard=summary["hard_label"],
+        syn_any=summary["accuracy"],
+        rdm_any=summary["baselines"]["random_subset_soft"],
+    )
     # re-evaluation reloads the same teacher from the set's metadata (cache hit)
     ev = tmp_path / "ev"
     fedistill(

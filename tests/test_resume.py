@@ -191,26 +191,44 @@ DP_ONESHOT = [
 
 
 def test_dp_oneshot_killed_after_round_1_resumes_with_every_clients_ledger(tmp_path):
-    """`method=dp_dm` in two rounds through Ray, SIGKILLed after round 1 and resumed in a fresh Ray
-    (fresh nodes: their own ledgers are gone): each client's epsilon still grows from round 1 to
-    round 2 (the server's checkpointed mirror of the ledgers reaches the new nodes) and ends at the
-    per-client budget, never above it; round 1's record is the killed run's."""
+    """`method=dp_dm` in two rounds through Ray, beside an uninterrupted twin. In the twin, each node's
+    ledger survives from round 1 to round 2 in its own node state. The other run is SIGKILLed after
+    round 1 and resumed in a fresh Ray (fresh nodes: their own ledgers are gone): the server's
+    checkpointed mirror carries every client's ledger, so the resumed run ends with the twin's
+    per-client epsilon (growing from round 1 to 2, at the budget, never above), accuracy and model."""
     from test_simulate import _check_contract, _rounds
 
-    run = tmp_path / "dp"
+    from fedistill.io import load_tensors
+
+    full, run = tmp_path / "full", tmp_path / "dp"
+    whole = _spawn(["simulate", *DP_ONESHOT, f"hydra.run.dir={full}"], tmp_path, log=tmp_path / "full.log")
     proc = _spawn(["simulate", *DP_ONESHOT, f"hydra.run.dir={run}"], tmp_path)
     _kill_when(proc, lambda: _checkpoint_rounds(run / "checkpoint.safetensors") >= 1)
     before = _rounds(run)
     assert len(before) == 1 and json.loads((run / "summary.json").read_text())["status"] == "running"
+    _finished(whole, tmp_path / "full.log")
     fedistill("simulate", f"resume={run}", cwd=tmp_path)
     summary = _check_contract(run, synthetic=True)
-    rounds = _rounds(run)
+    rounds, twin = _rounds(run), _rounds(full)
     assert [r["round"] for r in rounds] == [1, 2] and rounds[0] == before[0]
     first, second = (r["epsilon"] for r in rounds)
     assert set(first) == set(second) == {"p0", "p1", "p2"}
     assert all(0 < first[c] < second[c] <= 4.0 * 1.01 for c in first)
+    assert [r["epsilon"] for r in twin] == [first, second]  # the same ledgers as without the kill
+
+    def node_releases(rnd: dict) -> dict[str, float]:
+        return {c: m["node_ledger_releases"] for c, m in rnd["client_metrics"].items()}
+
+    # round 2 of the twin read each node's own ledger (round 1's releases); the resumed run's fresh
+    # nodes had none, and only the server's mirror kept their budget
+    assert node_releases(twin[0]) == node_releases(rounds[0]) == dict.fromkeys(first, 0)
+    assert node_releases(twin[1]) == dict.fromkeys(first, 10) and node_releases(rounds[1]) == dict.fromkeys(first, 0)
     privacy = summary["privacy"]
     assert privacy["epsilon_max"] == pytest.approx(4.0, rel=0.02) and privacy["delta"] == 1e-5
     assert any("class_counts" in p for p in privacy["public"])
+    sa = json.loads((full / "summary.json").read_text())
+    assert summary["privacy"] == sa["privacy"] and summary["final_accuracy"] == sa["final_accuracy"]
+    a, b = load_tensors(full / "global_model.safetensors"), load_tensors(run / "global_model.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     events = [json.loads(line)["event"] for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert events.count("resumed") == 1

@@ -18,6 +18,17 @@ pytestmark = pytest.mark.slow
 FEW = ["clients=4", "device=cpu"]
 
 
+DYNAFED = [
+    "strategy=dynafed",
+    *FEW,
+    "rounds=5",
+    "ipc=2",
+    "strategy.trajectory_rounds=3",
+    "strategy.distill.iterations=20",
+    "strategy.distill.syn_steps=5",
+    "strategy.distill.max_start_epoch=1",
+    "strategy.server.epochs=200",
+]
 FEDAF = ["strategy=fedaf", *FEW, "rounds=2", "ipc=1", "method.iterations=100", "strategy.server.epochs=100"]
 
 
@@ -63,19 +74,7 @@ def test_fedaf_killed_after_round_1_resumes_to_the_same_model(fedaf_run, tmp_pat
 
 
 def test_dynafed_distills_on_the_server_and_beats_random_real_images(tmp_path):
-    run, _ = _simulate(
-        tmp_path,
-        "dynafed",
-        "strategy=dynafed",
-        *FEW,
-        "rounds=5",
-        "ipc=2",
-        "strategy.trajectory_rounds=3",
-        "strategy.distill.iterations=20",
-        "strategy.distill.syn_steps=5",
-        "strategy.distill.max_start_epoch=1",
-        "strategy.server.epochs=200",
-    )
+    run, _ = _simulate(tmp_path, "dynafed", *DYNAFED)
     summary = _check_contract(run, synthetic=True)
     events = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     (distilled,) = [e for e in events if e["event"] == "dynafed_distilled"]

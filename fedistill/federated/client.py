@@ -34,6 +34,7 @@ __all__ = [
     "evaluate_task",
     "fit_task",
     "model_spec",
+    "node_ledger_releases",
     "release_task",
     "stats_task",
     "task_request",
@@ -72,6 +73,15 @@ def client_ledger(
     return ledger
 
 
+def node_ledger_releases(node_state: Mapping[str, Any] | None) -> int:
+    """Releases in the node's own ledger copy (``0``: none yet, or a restarted node that lost it).
+
+    Reported with every DP reply (``node_ledger_releases``), so a run shows whether the node's
+    state or only the server's mirror carried the ledger into a round.
+    """
+    return PrivacyLedger.from_state(node_state).releases if node_state else 0
+
+
 def task_request(split: Split, task: Mapping[str, Any], device: torch.device, **inputs: Any) -> DistillRequest:
     """The engine request of a client task: its ``ipc``, ``init`` and ``seed`` on ``split``, plus ``inputs``."""
     return DistillRequest(
@@ -102,7 +112,7 @@ def distill_task(
     synthetic, metrics
         The synthetic set (``None`` when no class has enough samples for the engine:
         the client succeeds with nothing to contribute) and
-        ``{"examples", "class_counts", "seconds", "rows", "epsilon"?}``.
+        ``{"examples", "class_counts", "seconds", "rows", "epsilon"?, "node_ledger_releases"?}``.
     """
     device = _setup(task)
     start = time.perf_counter()
@@ -124,7 +134,7 @@ def distill_task(
     except NothingToDistillError:
         syn = None
     if ledger is not None:
-        metrics["epsilon"] = round(ledger.epsilon, 6)
+        metrics |= {"epsilon": round(ledger.epsilon, 6), "node_ledger_releases": node_ledger_releases(ledger_state)}
     if syn is not None:
         syn.metadata.pop("loss_history", None)
     metrics.update(seconds=round(time.perf_counter() - start, 3), rows=0 if syn is None else len(syn))
@@ -212,7 +222,7 @@ def release_task(
     tensors, privacy, metrics
         ``{"sums": [R, K, D + 1]}`` (all ``K`` classes, the last column the noisy count),
         the release's privacy report (with the updated ledger; its ``public`` side channels
-        are :data:`RELEASE_PUBLIC`) and ``{"epsilon", "releases", "seconds"}`` (no record
+        are :data:`RELEASE_PUBLIC`) and ``{"epsilon", "releases", "node_ledger_releases", "seconds"}`` (no record
         or class counts: those go out only as the noisy count column).
     """
     device = _setup(task)
@@ -237,6 +247,7 @@ def release_task(
     metrics = {
         "epsilon": round(ledger.epsilon, 6),
         "releases": len(sums),
+        "node_ledger_releases": node_ledger_releases(ledger_state),
         "seconds": round(time.perf_counter() - start, 3),
     }
     return {"sums": sums.cpu().contiguous()}, release.report() | {"public": list(RELEASE_PUBLIC)}, metrics
