@@ -30,6 +30,10 @@ SMALL = ["clients=10", "ipc=1", "device=cpu", "method.iterations=150", "strategy
 ONESHOT = ["strategy=oneshot", *SMALL]
 FEDDM = ["strategy=feddm", "rounds=2", *SMALL]
 NO_CONTROL = ["strategy.random_baseline=false"]
+#: points over the random real subset that seed 0 of each claim must beat: max(2, mean - 2 std) of the
+#: margins on seeds 0-2 (benchmarks/results/margins_digits-2026-12-02.md, points: oneshot 46.8, 24.0,
+#: 29.8; feddm 28.1, 66.6, 44.9; fedaf 15.3, 22.0, 2.2; dynafed 27.3, 18.7, 12.0)
+MARGIN = {"oneshot": 10.0, "feddm": 8.0, "fedaf": 2.0, "dynafed": 4.0}
 SUMMARY_KEYS = {
     "strategy",
     "method",
@@ -98,7 +102,7 @@ def test_oneshot_beats_random_real_images(tmp_path):
     base = summary["baselines"]["random_subset"]
     assert base["images"] == len(syn)
     assert summary["final_accuracy"] > 30  # chance is 10
-    assert summary["final_accuracy"] > base["accuracy"] + 2, (summary["final_accuracy"], base)
+    assert summary["final_accuracy"] > base["accuracy"] + MARGIN["oneshot"], (summary["final_accuracy"], base)
 
 
 def test_feddm_rounds_beat_random_real_images(tmp_path):
@@ -110,7 +114,7 @@ def test_feddm_rounds_beat_random_real_images(tmp_path):
     assert rounds[1]["bytes_down"] > 10 * 10_000
     base = summary["baselines"]["random_subset"]
     assert summary["final_accuracy"] > 30
-    assert summary["final_accuracy"] > base["accuracy"] + 2, (summary["final_accuracy"], base)
+    assert summary["final_accuracy"] > base["accuracy"] + MARGIN["feddm"], (summary["final_accuracy"], base)
 
 
 def test_faulty_clients_are_rejected_with_reasons_and_the_run_completes(tmp_path):
