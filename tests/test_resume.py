@@ -187,6 +187,7 @@ DP_ONESHOT = [
     "method.releases=10",
     "method.epsilon=4",
     "strategy.server.epochs=50",
+    "ray.num_cpus=1",  # one actor for 3 tiny clients: the twin and the killed run share the 2 cores
 ]
 
 
