@@ -111,6 +111,11 @@ def _tree_rss(root: int) -> int:
     return sum(rss.get(p, 0) for p in tree)
 
 
+def point_status(summary: dict, code: int, wall: float) -> str:
+    """``done in N s``, or a failed point's error (the last stderr line :func:`run_point` recorded) and its time."""
+    return f"{summary['error'] if code else 'done'} in {wall:.0f} s"
+
+
 def run_point(args: list[str], out: Path, *, command: str = "simulate") -> tuple[dict, float, int, int]:
     """Run one ``fedistill <command>`` into ``out``; its summary, wall seconds, peak tree RSS and exit code.
 

@@ -23,7 +23,7 @@ from __future__ import annotations
 import argparse
 import itertools
 
-from _common import report_results, results_header, run_point, workdir
+from _common import point_status, report_results, results_header, run_point, workdir
 
 ENGINES = "dm,dm_hom,dc,dsa,mtt,tesla,rded,sre2l,gen,dp_dm,dp_dc,dp_dsa"
 
@@ -53,8 +53,8 @@ def main() -> None:
     for engine, ipc, seed in grid:
         args = [f"dataset={opts.dataset}", f"method={engine}", f"ipc={ipc}", f"seed={seed}", *extra]
         summary, wall, _, rc = run_point(args, work / f"{engine}-{ipc}-{seed}", command="central")
-        status = summary.get("error", "failed") if rc else "done"
-        print(f"{engine} ipc={ipc} seed={seed}: {status} in {wall:.0f} s; {report_results([work], name, header)}")
+        status = point_status(summary, rc, wall)
+        print(f"{engine} ipc={ipc} seed={seed}: {status}; {report_results([work], name, header)}")
 
 
 if __name__ == "__main__":

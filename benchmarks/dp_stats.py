@@ -19,7 +19,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from _common import machine_info, report_results, run_point
+from _common import machine_info, point_status, report_results, run_point
 
 #: mode -> overrides (on top of dataset, clients, alpha, epsilon, seed).
 MODES: dict[str, list[str]] = {
@@ -57,8 +57,8 @@ def main() -> None:
         for mode in args.modes.split(","):
             for seed in args.seeds.split(","):
                 overrides = [*common, *MODES[mode], f"method.epsilon={eps}", f"seed={seed}"]
-                summary, _, _, rc = run_point(overrides, work / f"{mode}-e{eps}-s{seed}")
-                status = summary.get("error", "failed") if rc else "done"
+                summary, wall, _, rc = run_point(overrides, work / f"{mode}-e{eps}-s{seed}")
+                status = point_status(summary, rc, wall)
                 print(f"{mode} epsilon={eps} seed={seed}: {status}; {report_results([work], args.out, header)}")
 
 

@@ -26,7 +26,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from _common import machine_info, report_results, run_point
+from _common import machine_info, point_status, report_results, run_point
 
 MODEL_STRATEGIES = {"fedavg", "dynafed"}
 """Strategies whose clients send models: the server policy does not apply."""
@@ -68,8 +68,8 @@ def main() -> None:
             args += [f"seed={seed}"] + ([] if policy == "-" else [f"policy={policy}"])
             out = work / f"{strategy}-{policy}-c{clients}-a{alpha}-s{seed}"
             s, wall, _, rc = run_point([*args, *extra], out)
-            status = "ok" if rc == 0 else s.get("error", "failed")
-            print(f"{out.name}: {status} in {wall:.0f} s; {report_results([work], opts.out, header)}", flush=True)
+            status = point_status(s, rc, wall)
+            print(f"{out.name}: {status}; {report_results([work], opts.out, header)}", flush=True)
 
 
 if __name__ == "__main__":

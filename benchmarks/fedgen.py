@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import argparse
 
-from _common import report_results, results_header, run_point, workdir
+from _common import point_status, report_results, results_header, run_point, workdir
 
 from fedistill.report_render import Table
 
@@ -67,9 +67,9 @@ def main() -> None:
         out = work / f"{strategy}-{method}"
         s, wall, _, rc = run_point([f"strategy={strategy}", *args, *common], out)
         rows.append(row(strategy, method, s))
-        status = s.get("error", "failed") if rc else "done"
+        status = point_status(s, rc, wall)
         table = Table("Payloads", HEADERS, rows)
-        print(f"{out.name}: {status} in {wall:.0f} s; {report_results([work], opts.out, header, [table])}")
+        print(f"{out.name}: {status}; {report_results([work], opts.out, header, [table])}")
 
 
 if __name__ == "__main__":

@@ -16,7 +16,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from _common import REPO, report_results, results_header, run_point, workdir
+from _common import REPO, point_status, report_results, results_header, run_point, workdir
 
 sys.path.insert(0, str(REPO / "tests"))
 
@@ -47,8 +47,8 @@ def main() -> None:
     for name in names:
         for seed in opts.seeds.split(","):
             out = work / f"{name}-s{seed}"
-            _, wall, _, code = run_point([*CLAIMS[name], f"seed={seed}"], out)
-            print(f"{name} seed {seed}: {wall:.0f} s, exit {code}", flush=True)
+            summary, wall, _, code = run_point([*CLAIMS[name], f"seed={seed}"], out)
+            print(f"{name} seed {seed}: {point_status(summary, code, wall)}", flush=True)
             print(report_results([work], opts.out, header), flush=True)
 
 

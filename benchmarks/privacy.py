@@ -25,8 +25,9 @@ import argparse
 import json
 from pathlib import Path
 
-from _common import report_results, results_header, run_point, workdir
+from _common import point_status, report_results, results_header, run_point, workdir
 
+from fedistill.privacy.report import AUDITED
 from fedistill.report_render import Table
 
 #: CPU protocol per mode: the CLI command and its overrides (width-32 ConvNet everywhere).
@@ -62,15 +63,13 @@ AUDIT_HEADERS = (
     "LiRA AUC",
     "LiRA TPR@1%FPR",
 )
-#: the audited models of an ``audit.json``: key -> what it was trained on
-AUDITED = {"synthetic": "synthetic set", "matched_real_subset": "real subset, matched acc"}
 
 
 def audit_table(audits: dict[str, dict]) -> Table:
     """The membership audits (point -> its ``audit.json``) as a table: one row per audited model."""
     rows = []
     for point, result in audits.items():
-        for r, name in ((result[key], name) for key, name in AUDITED.items() if key in result):
+        for r, name in ((result[key], name) for key, name in AUDITED if key in result):
             loss, lira = r["loss_attack"], r["lira"]
             attacks = (loss["auc"], loss["tpr_at_1pct_fpr"], lira["auc"], lira["tpr_at_1pct_fpr"])
             rows.append(
@@ -113,7 +112,7 @@ def main() -> None:
                 status = "done (kept)"
             else:
                 summary, wall, _, rc = run_point([*common, *extra, *_eps_args(eps)], run, command=cmd)
-                status = f"{summary.get('error', 'failed') if rc else 'done'} in {wall:.0f} s"
+                status = point_status(summary, rc, wall)
             print(f"{mode} epsilon={eps}: {status}; {report_results([work], args.out, header)}", flush=True)
     for point in filter(None, args.audit.split(",")):
         mode, eps = point.split("@")
@@ -122,9 +121,8 @@ def main() -> None:
         summary, wall, _, rc = run_point(audit_args, run / "audit", command="audit")
         if rc == 0:
             audits[point] = json.loads((run / "audit" / "audit.json").read_text())
-        status = summary.get("error", "failed") if rc else "done"
         results = report_results([work], args.out, header, [audit_table(audits)])
-        print(f"audit {point}: {status} in {wall:.0f} s; {results}", flush=True)
+        print(f"audit {point}: {point_status(summary, rc, wall)}; {results}", flush=True)
 
 
 if __name__ == "__main__":

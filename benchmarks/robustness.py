@@ -23,7 +23,7 @@ import argparse
 import json
 from pathlib import Path
 
-from _common import report_results, results_header, run_point, workdir
+from _common import point_status, report_results, results_header, run_point, workdir
 from federated import MODEL_STRATEGIES
 
 from fedistill.report_render import Table
@@ -140,8 +140,8 @@ def main() -> None:
                 clean[defense] = {"accuracy": s.get("final_accuracy"), "asr": att.get("attack_success_rate")}
             rows.append(_row((strategy, attack, frac, defense), s, clean.get(defense, {}), out))
             table = Table("Attacks and defences", HEADERS, rows)
-            status = s.get("error", "failed") if rc else "done"
-            print(f"{out.name}: {status} in {wall:.0f} s; {report_results([work], opts.out, header, [table])}")
+            status = point_status(s, rc, wall)
+            print(f"{out.name}: {status}; {report_results([work], opts.out, header, [table])}")
 
 
 if __name__ == "__main__":

@@ -29,7 +29,7 @@ import json
 import statistics
 from pathlib import Path
 
-from _common import report_results, results_header, results_path, run_point, workdir
+from _common import point_status, report_results, results_header, results_path, run_point, workdir
 
 from fedistill.report_render import Table, markdown_table
 
@@ -147,7 +147,7 @@ def main() -> None:
             point = {"clients": int(clients), "seed": int(seed), "synthetic_images": s.get("synthetic_images")}
             point |= {"wall_seconds": round(wall, 1), "peak_gb": round(peak / 1e9, 2), "run": str(out), **prof}
             points.append(point)
-            print(f"{out.name}: {s.get('error', 'failed') if rc else 'done'} in {wall:.0f} s", flush=True)
+            print(f"{out.name}: {point_status(s, rc, wall)}", flush=True)
             _write(points, [work], opts.out, header)
 
 

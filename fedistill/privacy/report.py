@@ -8,7 +8,7 @@ from typing import Any
 
 from fedistill.privacy.accounting import PrivacyLedger
 
-__all__ = ["ClientLedgers", "audit_line", "audit_table", "privacy_line", "privacy_summary"]
+__all__ = ["AUDITED", "ClientLedgers", "audit_line", "audit_table", "privacy_line", "privacy_summary"]
 
 _KEYS = ("epsilon_spent", "delta", "sigma", "sample_rate", "releases", "accountant", "clip", "epsilon", "public")
 
@@ -69,8 +69,8 @@ class ClientLedgers:
         self.public = list(state.get("public", []))
 
 
-#: what an audit attacks (its result's keys) and how the terminal names them
-_AUDITED = (("synthetic", "synthetic set"), ("matched_real_subset", "real subset (matched acc)"))
+#: what an audit attacks (its result's keys) and how tables name them
+AUDITED = (("synthetic", "synthetic set"), ("matched_real_subset", "real subset (matched acc)"))
 
 
 def audit_table(result: Mapping[str, Any]) -> Any:
@@ -85,7 +85,7 @@ def audit_table(result: Mapping[str, Any]) -> Any:
     table = Table(title=title)
     for col in ("trained on", "images", "test acc %", "attack", "AUC", "TPR@1%FPR", "TPR@0.1%FPR"):
         table.add_column(col)
-    for key, name in _AUDITED:
+    for key, name in AUDITED:
         if key not in result:
             continue
         r = result[key]
@@ -107,7 +107,7 @@ def audit_line(result: Mapping[str, Any]) -> str:
     """An audit's headline: the attacks' AUC per audited model (``synthetic set: loss AUC 0.514, LiRA AUC 0.600``)."""
     parts = [
         f"{name}: loss AUC {result[key]['loss_attack']['auc']:.3f}, LiRA AUC {result[key]['lira']['auc']:.3f}"
-        for key, name in _AUDITED
+        for key, name in AUDITED
         if key in result
     ]
     return "; ".join(parts)
