@@ -13,6 +13,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from fedistill.config import ConfigError, compose_config, config_dir, hydra_error_line, validate_config
+from fedistill.config_store import register_defaults
 from fedistill.registry import Registry, UnknownNameError
 
 __all__ = ["COMMANDS", "compose_config", "config_dir", "main"]
@@ -71,6 +72,7 @@ def _hydra_app(
             raise SystemExit(1) from None
 
     job.__module__ = f"fedistill.{config_name}"
+    register_defaults()  # the groups' code defaults, which their YAML options extend
     app = hydra.main(config_path=str(config_dir()), config_name=config_name, version_base="1.3")(job)
     saved = sys.argv
     sys.argv = [prog, *args]

@@ -6,11 +6,16 @@ checks a composed config against the typed schema of its command (:data:`SCHEMAS
 dataclasses whose fields carry their type and allowed range, checked by the machinery of
 :mod:`fedistill.schema`) and returns the typed view; a bad value raises :class:`ConfigError`
 whose one-line message names the key, the value, what is allowed and an example fix. Every
-default stays stated once, in the YAML: the schemas state types and ranges only.
+default is stated once: an engine's, policy's or defence's in its code (the config dataclass,
+the function's keyword-only parameters; :mod:`fedistill.config_store` registers them for the
+YAML options to extend), the rest (top level, strategies, datasets) in the YAML, whose schemas
+here state types and ranges only.
 
-No Flower and no torch here: ``fedistill simulate``/``central`` validate the user's
-overrides with this module before Hydra creates a run directory and before Ray, Flower or
-torch start; the ServerApp validates the config it composes from a Flower run config too.
+No Flower here: ``fedistill simulate``/``central`` validate the user's overrides with this
+module before Hydra creates a run directory and before Ray or Flower start (about 2 s for a
+refusal on 2 cores; composing imports the engines, whose config dataclasses state the method
+group's defaults, :mod:`fedistill.config_store`); the ServerApp validates the config it
+composes from a Flower run config too.
 """
 
 from __future__ import annotations
@@ -18,16 +23,16 @@ from __future__ import annotations
 import dataclasses
 import math
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from fedistill.schema import ConfigError, above, at_least, build, check, check_value, choice, refusal, shown, type_ok
+from fedistill.config_faults import check_faults
+from fedistill.schema import ConfigError, above, at_least, build, check, check_value, choice
 from fedistill.tracking import TRACKERS, missing_extra
 
 __all__ = [
     "COMMAND_GROUPS",
-    "FAULT_OPTIONS",
     "GROUP_RULES",
     "SCHEMAS",
     "STRATEGY_SCHEMAS",
@@ -37,16 +42,13 @@ __all__ = [
     "ConfigError",
     "DPStatsConfig",
     "DataConfig",
-    "FaultOptions",
     "SimulateConfig",
     "StrategyConfig",
     "TrackingConfig",
-    "check_faults",
     "check_groups",
     "check_strategy",
     "compose_config",
     "config_dir",
-    "fault_fraction",
     "hydra_error_line",
     "validate_config",
 ]
@@ -66,6 +68,9 @@ def compose_config(config_name: str, overrides: list[str]) -> dict:
     from hydra import compose, initialize_config_dir
     from omegaconf import OmegaConf
 
+    from fedistill.config_store import register_defaults
+
+    register_defaults()  # the groups' code defaults, which their YAML options extend
     with initialize_config_dir(config_dir=str(config_dir()), version_base="1.3"):
         cfg = compose(config_name=config_name, overrides=overrides)
     return OmegaConf.to_container(cfg, resolve=True)  # type: ignore[return-value]
@@ -229,108 +234,6 @@ class SimulateConfig:
     client: ClientResources
     attack: AttackConfig
     tracking: TrackingConfig
-
-
-@dataclass(frozen=True)
-class FaultOptions:
-    """The options of the ``faults`` group; its other keys plan the faults themselves
-    (:func:`fedistill.federated.server.assign_faults` skips these fields).
-
-    Attributes
-    ----------
-    start_round
-        The first round in which planned faults act (earlier rounds run clean).
-    slow_seconds
-        How long a ``slow`` client sleeps before it works.
-    """
-
-    start_round: int = field(default=1, metadata=at_least(1, 2))
-    slow_seconds: float = field(default=3.0, metadata=above(0, 3.0))
-
-    @classmethod
-    def of(cls, faults: Mapping[str, Any]) -> FaultOptions:
-        """The options given in a ``faults`` group (a Flower run config's strings cast to the field's
-        type), checked; defaults for the rest.
-
-        Raises
-        ------
-        ConfigError
-            One line naming the option, its value, the allowed range and an example.
-        """
-        values: dict[str, Any] = {}
-        for f in fields(cls):
-            if f.name in faults:
-                tp, raw = type(f.default), faults[f.name]
-                try:
-                    value = tp(raw) if isinstance(raw, str) else raw
-                except ValueError:
-                    value = raw
-                values[f.name] = check_value(f"faults.{f.name}", value, tp, f.metadata)
-        return cls(**values)
-
-
-#: Reserved keys of the ``faults`` group (:class:`FaultOptions`' fields), not partition ids or kinds.
-FAULT_OPTIONS = tuple(f.name for f in fields(FaultOptions))
-
-
-def fault_fraction(kind: str, value: Any) -> float:
-    """The value of ``faults.<kind>``: the fraction of clients that get fault ``kind``, a number in [0, 1].
-
-    Raises
-    ------
-    ConfigError
-        One line naming the key, the value, the range and an example.
-    """
-    if not (type_ok(value, float) and 0 <= value <= 1):
-        raise refusal(
-            f"faults.{kind}",
-            value,
-            f"faults.{kind} is the fraction of clients with fault {kind} "
-            "and must be a number in [0, 1] (or a partition id as the key)",
-            f"e.g. +faults.{kind}=0.2",
-        )
-    return float(value)
-
-
-def check_faults(cfg: Mapping[str, Any]) -> FaultOptions:
-    """The ``faults`` group of a ``simulate`` config, checked before anything starts; its options.
-
-    Besides the options (:class:`FaultOptions`), a key is a partition id below ``clients``
-    (``+faults.3=crash``) or a fault kind whose value is the fraction of clients that get it,
-    in [0, 1] (``+faults.crash=0.2``); the fractions sum to at most 1, since a client gets at
-    most one fault. Which kinds the strategy's clients can act out is checked when the server
-    plans them (:func:`fedistill.federated.server.assign_faults`).
-
-    Raises
-    ------
-    ConfigError
-        One line naming the key, the value, the problem and the fix.
-    """
-    faults = cfg["faults"] or {}
-    if not isinstance(faults, Mapping):
-        raise refusal("faults", faults, "faults must be a group of keys", "e.g. +faults.crash=0.2 or +faults.3=crash")
-    options = FaultOptions.of(faults)
-    clients, total = int(cfg["clients"]), 0.0
-    for key, value in faults.items():
-        key = str(key)
-        if key in FAULT_OPTIONS:
-            continue
-        if key.isdigit():
-            if int(key) >= clients:
-                raise refusal(
-                    f"faults.{key}",
-                    value,
-                    f"no client has partition id {key} with clients={clients}",
-                    f"give an id in [0, {clients}) or a fraction of clients, e.g. +faults.{shown(value)}=0.2",
-                )
-        else:
-            total += fault_fraction(key, value)
-    if total > 1 + 1e-9:
-        raise ConfigError(
-            f"faults: the fractions of clients sum to {total:g}, but a client gets at most one fault; "
-            "lower them to a sum of at most 1"
-        )
-    return options
 
 
 def _fraction(allowed: str, ok: Callable[[float], bool], example: float) -> tuple[Any, dict[str, Any]]:

@@ -63,7 +63,7 @@ class DynaFed(FedAvg):
                 spec=self.global_model.spec,
                 seed=derive_seed(self.seed, "dynafed-distill"),
                 device=self.device,
-                **dict(self.opts["distill"]),
+                **{k: v for k, v in self.opts["distill"].items() if k != "name"},  # the mtt group's keys
             )
             rec["distill_seconds"] = round(time.perf_counter() - start, 3)
             self.run.log("dynafed_distilled", round=round_, images=len(self.synthetic), **rec)

@@ -29,10 +29,11 @@ BAD = [
 
 def test_the_cli_refuses_invalid_configs_in_one_line_before_any_run_dir(tmp_path):
     """Each bad override exits 2 with one line naming the key, before Hydra makes a run
-    directory and before torch, Ray or Flower is imported: the processes run with stand-in
-    packages of those names that fail on import, so reaching them would be a traceback."""
+    directory and before Ray or Flower is imported: the processes run with stand-in packages of
+    those names that fail on import, so reaching them would be a traceback. (Composing imports
+    torch: the groups' defaults are the engines' config dataclasses, see fedistill/config_store.py.)"""
     poison = tmp_path / "poison"
-    for name in ("torch", "ray", "flwr"):
+    for name in ("ray", "flwr"):
         (poison / name).mkdir(parents=True)
         (poison / name / "__init__.py").write_text(f"raise ImportError('{name} imported before validation')\n")
     path = [str(poison), str(ROOT), os.environ.get("PYTHONPATH")]
@@ -208,10 +209,81 @@ def test_faults_are_checked_before_the_run_starts(overrides, message):
 
 
 def test_faults_that_fit_the_federation_pass_with_their_options():
-    from fedistill.config import check_faults
+    from fedistill.config_faults import check_faults
 
     ok = ["clients=4", "+faults.3=nan", "+faults.crash=0.5", "+faults.slow=0.5", "+faults.start_round=2"]
     cfg = compose_config("simulate", ok)
     validate_config("simulate", cfg)
     assert check_faults(cfg).start_round == 2 and check_faults(cfg).slow_seconds == 3.0
     assert check_faults(compose_config("simulate", ["+faults.slow_seconds=0.5"])).slow_seconds == 0.5
+
+
+def _option_files() -> list[tuple[str, Path]]:
+    return [(g, p) for g in ("method", "policy", "defense") for p in sorted((ROOT / "configs" / g).glob("*.yaml"))]
+
+
+@pytest.mark.parametrize(("group", "path"), _option_files(), ids=lambda v: getattr(v, "stem", v))
+def test_a_group_option_restates_no_code_default(group, path):
+    """Every default of an engine, policy or defence is stated once, in its code: the YAML option
+    extends the registered code defaults and holds only keys the code has no default for, or
+    whose value the command line deliberately changes."""
+    import yaml
+
+    from fedistill.config_store import group_defaults
+
+    raw = yaml.safe_load(path.read_text())
+    name = path.stem
+    code = {(g, n): d for g, n, d in group_defaults()}[(group, name)]
+    assert raw["defaults"][0] == f"/defaults/{group}/{name}@_here_", path
+    restated = {k: v for k, v in raw.items() if k != "defaults" and k in code and code[k] == v}
+    assert not restated, f"{path.name} restates the code's defaults {restated}"
+
+
+def test_the_training_recipe_is_stated_once_for_evaluation_and_every_server():
+    """``eval`` and the strategies' ``server`` block extend EvalRecipe's defaults; their YAML states
+    only what differs (the server's batch and step cap), and composing gives the recipe's fields."""
+    import dataclasses
+
+    import yaml
+
+    from fedistill.training import EvalRecipe
+
+    recipe = dataclasses.asdict(EvalRecipe())
+    files = {
+        "eval/default.yaml": lambda raw: raw,
+        "strategy_base/server.yaml": lambda raw: raw["server"],
+        "strategy/feddm.yaml": lambda raw: raw["server"],
+        "strategy/fedaf.yaml": lambda raw: raw["server"],
+    }
+    for name, block in files.items():
+        values = block(yaml.safe_load((ROOT / "configs" / name).read_text()))
+        restated = {k: v for k, v in values.items() if k in recipe and recipe[k] == v}
+        assert not restated, f"{name} restates EvalRecipe's defaults {restated}"
+    server = compose_config("simulate", [])["strategy"]["server"]
+    assert set(server) == set(recipe) and server["batch_size"] == 64 and server["lr"] == recipe["lr"]
+    evaluation = compose_config("central", [])["eval"]
+    assert {k: evaluation[k] for k in recipe} == {**recipe, "soft_lr": 0.1}  # the one key the YAML chooses
+
+
+def test_composing_a_group_option_gives_the_code_defaults_and_follows_them(monkeypatch):
+    """``method=X`` composes to the engine config's defaults (nothing from the YAML on Fashion-MNIST,
+    where no dataset preset applies); a changed code default is what the next composition gives."""
+    from fedistill.config_store import engine_defaults, function_defaults
+    from fedistill.engines import ENGINES
+    from fedistill.engines.dm_config import DMConfig
+    from fedistill.federated.policies import POLICIES
+
+    for name in ENGINES.names():
+        cfg = compose_config("central", [f"method={name}", "dataset=fashion_mnist"])
+        assert cfg["method"] == engine_defaults(name), name
+    screen = compose_config("simulate", ["policy=screen"])["policy"]
+    assert screen == function_defaults("screen", POLICIES.get("screen")) and screen["threshold"] == 3.5
+    import yaml  # DynaFed's server distillation extends the mtt group: it states only its choices
+
+    choices = yaml.safe_load((ROOT / "configs" / "strategy" / "dynafed.yaml").read_text())["distill"]
+    assert choices and all(engine_defaults("mtt")[k] != v for k, v in choices.items())
+    distill = compose_config("simulate", ["strategy=dynafed"])["strategy"]["distill"]
+    assert distill == {**engine_defaults("mtt"), **choices}
+    field = DMConfig.__dataclass_fields__["iterations"]
+    monkeypatch.setattr(field, "default", 77)
+    assert compose_config("central", ["dataset=fashion_mnist"])["method"]["iterations"] == 77

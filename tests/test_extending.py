@@ -19,7 +19,7 @@ def test_the_page_builds_an_engine_and_a_strategy_that_pass_their_tests(tmp_path
     # engine module, engine test, a strategy in a Flower user's ServerApp, strategy module, strategy test
     assert len(blocks) == 5
     from fedistill.engines import ENGINES
-    from strategies.base import STRATEGIES
+    from strategies.app import STRATEGIES  # every strategy module imported (registered) before the copy
 
     for registry in (ENGINES, STRATEGIES):  # the page's registrations end with this test
         monkeypatch.setattr(registry, "_items", dict(registry._items))
@@ -32,6 +32,10 @@ def test_the_page_builds_an_engine_and_a_strategy_that_pass_their_tests(tmp_path
     finally:
         del sys.modules[module.__name__]
     assert module.summary["final_accuracy"] > 10
+    from fedistill.config_store import engine_defaults
+
+    # the page's YAML option restates nothing: its keys come from the config dataclass
+    assert engine_defaults("herding_doc") == {"name": "herding_doc", "min_class_samples": 1}
     from flwr.serverapp import ServerApp
 
     assert isinstance(module.app, ServerApp)  # the page's own ServerApp (tests/test_flower_strategy.py runs one)

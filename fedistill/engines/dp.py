@@ -59,8 +59,21 @@ class DPDMConfig(PrivacyConfig, DMConfig):
     synthetic side alike. A random ReLU network embeds every image near one common vector;
     without centering the clip spends most of its norm on that shared offset instead of on
     what tells the classes apart. ``none`` clips raw embeddings.
+
+    Defaults that differ from DM's: ``clip`` 10, near the embedding norm where it works best
+    (a random width-32 ConvNet embeds digits at norm ~6; digits IPC 10, 200 iterations: clip 1
+    -> 57.0%, clip 10 -> 85.1%); ``batch_real`` 64, the expected records per class in a
+    release (the Poisson rate is ``batch_real`` over the largest class); 50 ``releases``
+    cycled over 400 iterations (reuse is free post-processing); an fp32, uncompiled real branch.
     """
 
+    iterations: int = 400
+    batch_real: int = 64
+    real_dtype: str = "fp32"
+    real_chunk: int = 256
+    compile: bool | str = False
+    clip: float = 10.0
+    releases: int | None = 50
     center: str = "noise"
 
 
@@ -74,6 +87,7 @@ class DPGMConfig(PrivacyConfig, GMConfig):
     not depend on the chunk.
     """
 
+    batch_real: int = 64
     per_sample_chunk: int = 256
 
 

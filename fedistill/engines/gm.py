@@ -51,7 +51,8 @@ class GMConfig:
     Attributes
     ----------
     iterations
-        Fresh networks sampled (the reference's outer iterations).
+        Fresh networks sampled (the reference's outer iterations). The default is the CPU
+        budget; the reference's 1,000 are ``preset=paper``.
     outer_loop, inner_loop
         Matching steps per network and training epochs on the synthetic set between
         them; ``None`` takes the reference schedule for the IPC (see :func:`loop_schedule`).
@@ -73,7 +74,7 @@ class GMConfig:
         Report the loss every this many iterations.
     """
 
-    iterations: int = 1000
+    iterations: int = 30
     outer_loop: int | None = None
     inner_loop: int | None = None
     lr_img: float = 0.1
@@ -85,7 +86,7 @@ class GMConfig:
     model_kwargs: dict[str, Any] = field(default_factory=dict)
     dsa: bool = False
     min_class_samples: int = 1
-    log_every: int = 10
+    log_every: int = 1
 
 
 @dataclass(frozen=True)

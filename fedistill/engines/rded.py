@@ -64,7 +64,7 @@ class RDEDConfig:
     crop_scale: tuple[float, float] = (0.8, 1.0)
     crop_ratio: tuple[float, float] = (0.75, 4 / 3)
     temperature: float = 4.0
-    teacher: dict[str, Any] = field(default_factory=dict)
+    teacher: dict[str, Any] = field(default_factory=TeacherConfig.options)
     model: str = "convnet"
     model_kwargs: dict[str, Any] = field(default_factory=dict)
     min_class_samples: int = 1

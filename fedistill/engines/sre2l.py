@@ -73,7 +73,7 @@ class SRe2LConfig:
     cda: bool = False
     cda_start: float = 1.0
     temperature: float = 4.0
-    teacher: dict[str, Any] = field(default_factory=dict)
+    teacher: dict[str, Any] = field(default_factory=TeacherConfig.options)
     model: str = "convnet"
     model_kwargs: dict[str, Any] = field(default_factory=dict)
     min_class_samples: int = 1

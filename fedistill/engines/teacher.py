@@ -66,6 +66,14 @@ class TeacherConfig:
     cache_dir: str | None = None
 
     @classmethod
+    def options(cls) -> dict[str, Any]:
+        """The default teacher as the flat option mapping :meth:`from_dict` reads (an engine's
+        ``teacher`` option; ``method.teacher.width=32`` overrides one key)."""
+        base = cls()
+        recipe = {k: getattr(base, k) for k in _RECIPE_KEYS if getattr(base, k) is not None}
+        return {**recipe, **base.model_kwargs}
+
+    @classmethod
     def from_dict(cls, options: dict[str, Any] | None) -> TeacherConfig:
         """From a flat config mapping: recipe keys, everything else is an architecture option.
 

@@ -24,7 +24,7 @@ from typing import Any
 
 import torch
 
-from fedistill.config import FaultOptions
+from fedistill.config_faults import FaultOptions
 from fedistill.federated.attacks import noise_like, repeat_tensors
 from fedistill.registry import Registry
 

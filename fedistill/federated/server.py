@@ -17,7 +17,7 @@ from typing import Any
 
 import torch
 
-from fedistill.config import FAULT_OPTIONS, fault_fraction
+from fedistill.config_faults import FAULT_OPTIONS, fault_fraction
 from fedistill.data.base import DataBundle, DatasetInfo
 from fedistill.data.synthetic import SyntheticSet, SyntheticSetError
 from fedistill.io import atomic_save_tensors
@@ -261,7 +261,7 @@ def assign_faults(
     FederationError
         For an unknown kind (naming the valid kinds) or a partition id no client has.
     ConfigError
-        For a fraction outside [0, 1] (:func:`fedistill.config.fault_fraction`, the check
+        For a fraction outside [0, 1] (:func:`fedistill.config_faults.fault_fraction`, the check
         ``fedistill simulate`` makes before it starts).
     """
     import numpy as np
