@@ -2,7 +2,7 @@
 
 Each point is one ``fedistill central`` subprocess with nothing but the dataset, the engine,
 the IPC and the seed on the command line, so the results show exactly what a new user gets
-(the defaults of ``configs/method/<engine>.yaml``, the dataset-aware defaults of
+(the engine's defaults: its config dataclass, through ``configs/method/<engine>.yaml``, the dataset-aware defaults of
 ``configs/dataset_model`` and ``configs/dataset_method``, the central evaluation recipe).
 The results are ``fedistill report`` over the run directories (``--workdir``, kept),
 rewritten after every point, so a stopped benchmark keeps what it measured:

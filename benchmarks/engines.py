@@ -201,7 +201,7 @@ def header(args: argparse.Namespace) -> list[str]:
         f"(MTT/TESLA add `{experts}`), run in a fresh child process with 1 torch thread.",
         "",
         f"Protocol (all engines): ConvNet-3 width {args.width} (instance norm, avg pool) for distillation and "
-        f"evaluation; each engine's `configs/method/<engine>.yaml` defaults (DC/DSA: the reference (outer, inner) "
+        f"evaluation; each engine's defaults (its config dataclass; DC/DSA: the reference (outer, inner) "
         f"schedule by IPC); seed {args.seed}; iterations: {iters}. MTT/TESLA expert buffer: "
         f"`{experts}` (the digits defaults are 3 experts x 10 epochs at batch 32; the paper's 100 x 50 at "
         f"batch 256). Evaluation: `evaluate_synthetic` with the central eval config: {args.epochs} epochs with "

@@ -101,7 +101,7 @@ def _precheck(command: str, args: list[str]) -> int | None:
     """Compose and validate the config of ``args`` before Hydra runs the job (``2``: invalid).
 
     So an invalid value or unknown key fails in a second with one line on stderr, before
-    Hydra creates a run directory and before torch, Ray or Flower start. Skipped for a
+    Hydra creates a run directory and before Ray or Flower start. Skipped for a
     resumed run (its own config.yaml is used), for Hydra flags (``--help``, ``--cfg job``,
     ``-m`` sweeps: each job of a sweep is checked when it starts) and for commands
     without a typed schema.

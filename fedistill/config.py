@@ -250,7 +250,8 @@ _SCREENING: dict[str, tuple[Any, dict[str, Any]]] = {
 }
 #: Type and range of the keys of the selectable groups, checked wherever a key occurs in its
 #: group (a group's options differ in which keys they have: ``model=lenet`` has no ``depth``).
-#: The values stay stated once, in each option's YAML.
+#: The values stay stated once: in the code for engines, policies and defences
+#: (:mod:`fedistill.config_store`), in each option's YAML for models.
 GROUP_RULES: dict[str, dict[str, tuple[Any, dict[str, Any]]]] = {
     "model": {
         "width": (int, at_least(1, 32)),

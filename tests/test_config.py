@@ -1,4 +1,5 @@
-"""Typed config validation: invalid values fail in the CLI before Hydra, torch, Ray or Flower start."""
+"""Typed config validation: invalid values fail in the CLI before Hydra makes a run directory and before
+Ray or Flower start; every default is stated once."""
 
 from __future__ import annotations
 
