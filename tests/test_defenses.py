@@ -147,3 +147,18 @@ def test_median_statistics_recover_fedaf_from_poisoned_statistics(tmp_path, grid
     attacked, _ = _run(tmp_path, grid, "attacked", "fedaf", *common)
     defended, _ = _run(tmp_path, grid, "defended", "fedaf", *common, "defense=robust_proto")
     assert defended["final_accuracy"] >= attacked["final_accuracy"] + 10.0, (attacked, defended)
+
+
+def test_each_noise_attacker_sends_its_own_noise(digits):
+    """The noise attack draws from the set's own distillation seed: two attackers never send the same
+    pattern (which dedup would catch as duplicates), and the same client's attack is reproducible."""
+
+    def attacked(seed: int) -> torch.Tensor:
+        syn = _real(digits, 0)
+        syn.metadata["seed"] = seed
+        return ATTACKS.get("noise").after(syn, {}).images
+
+    a, b = attacked(1), attacked(2)
+    assert a.shape == _real(digits, 0).images.shape and not torch.equal(a, b)
+    assert torch.equal(a, attacked(1))
+    assert abs(float(a.std()) - float(_real(digits, 0).images.std())) < 0.05

@@ -25,7 +25,7 @@ from torch import nn
 from fedistill.data.base import DatasetInfo, Split
 from fedistill.data.synthetic import SyntheticSet
 from fedistill.registry import Registry
-from fedistill.seeding import torch_generator
+from fedistill.seeding import derive_seed, torch_generator
 
 __all__ = [
     "ATTACKS",
@@ -120,7 +120,9 @@ def noise_images(syn: SyntheticSet, *, seed: int = 0) -> SyntheticSet:
 
 
 def _noise(syn: SyntheticSet, options: Mapping[str, Any]) -> SyntheticSet:
-    return noise_images(syn, seed=int(options.get("seed", 0)))
+    """Each attacker's own noise, from its distillation seed: attackers that all sent one pattern
+    would be caught as cross-client duplicates (``defense=dedup``), which real noise is not."""
+    return noise_images(syn, seed=derive_seed(int(syn.metadata["seed"]), "noise-attack"))
 
 
 def _stats_poison(stats: dict[str, torch.Tensor], options: Mapping[str, Any]) -> dict[str, torch.Tensor]:
