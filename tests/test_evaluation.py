@@ -64,7 +64,7 @@ def test_whole_dataset_baseline_is_cached(digits, tmp_path, monkeypatch):
     syn = _real_set(digits)
     kw = {"models": [SPEC], "recipe": TINY, "runs": 1, "seed": 0, "whole_dataset": True, "cache_dir": tmp_path}
     first = evaluate_synthetic(syn, digits, whole_recipe=EvalRecipe(epochs=1), **kw)["baselines"]["whole_dataset"]
-    assert list(tmp_path.glob("whole-*.json"))
+    assert list(tmp_path.glob("whole-*.json")) and first["epochs"] == 1  # 1 pass = 7 steps, more than TINY's 4
     calls = []
     real = evaluation.evaluate_images
     monkeypatch.setattr(evaluation, "evaluate_images", lambda *a, **k: calls.append(k.get("label")) or real(*a, **k))
@@ -75,3 +75,18 @@ def test_whole_dataset_baseline_is_cached(digits, tmp_path, monkeypatch):
     rebuilt = evaluate_synthetic(syn, digits, whole_recipe=EvalRecipe(epochs=1), **kw)["baselines"]["whole_dataset"]
     assert rebuilt == first and any("whole" in (c or "") for c in calls)
     assert json.loads(cache.read_text())["result"] == first
+
+
+def test_the_whole_set_baseline_trains_at_least_the_steps_the_set_gets():
+    """The whole-set baseline follows the set's rules: at least as many optimizer steps as the set
+    gets (digits: 20 epochs of 7 batches undertrain against a 100-image set's 300 steps)."""
+    from dataclasses import replace
+
+    from fedistill.evaluation import whole_set_recipe
+
+    recipe, whole = EvalRecipe(epochs=300, batch_size=256), EvalRecipe(epochs=20, batch_size=256)
+    assert whole_set_recipe(recipe, whole, synthetic=100, real=1617).epochs == 43  # ceil(300 / 7)
+    assert whole_set_recipe(recipe, whole, synthetic=1000, real=1617).epochs == 172  # 4 batches x 300
+    assert whole_set_recipe(recipe, whole, synthetic=100, real=54000).epochs == 20  # 211 steps a pass
+    assert whole_set_recipe(replace(recipe, max_steps=70), whole, synthetic=100, real=1617).epochs == 20
+    assert whole_set_recipe(recipe, None, synthetic=100, real=1617) == recipe  # 300 passes: more already
